@@ -1,0 +1,1 @@
+//! safetensors in (validated, memory-mapped) and out (streamed, atomic). PLACEHOLDER.

@@ -1,0 +1,1 @@
+//! One tensor's HIGGS format. PLACEHOLDER (the lead writes this).
