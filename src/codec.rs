@@ -1,1 +1,606 @@
-//! One tensor's HIGGS format. PLACEHOLDER (the lead writes this).
+//! One tensor in the HIGGS format: rotate each row, scale per group, assign each p-tuple
+//! to its nearest grid point, pack the codes; and the way back.
+//!
+//! Layout of a quantized `rows × cols` weight (the checkpoint stores exactly these arrays):
+//! - Each row is zero-padded to `padded_cols`, the next multiple of the Hadamard order `h`
+//!   (no padding when `h` divides `cols`, which the automatic choice of `h` ensures whenever it can).
+//! - With a seed, the padded row is multiplied by `hadamard::random_signs(seed, padded_cols)`.
+//! - Each block of `h` values is transformed by `hadamard::forward` (orthonormal).
+//! - Group `j` of `group_size` consecutive rotated values gets the scale
+//!   `s = f16(sqrt(mean(x²)))` (the last group may be shorter); values are divided by `s`.
+//! - The scaled row, zero-extended to a multiple of `p`, is cut into p-tuples; each becomes the
+//!   index of its nearest grid point, `log2(n)` bits, packed LSB-first into a little-endian
+//!   bit stream; each row's stream is padded to whole bytes (`row_bytes`).
+//!
+//! Dequantization reverses it: grid point × scale, `hadamard::inverse`, signs, crop.
+#![forbid(unsafe_code)]
+
+use crate::assign::Assigner;
+use crate::grid::Grid;
+use crate::{hadamard, HiggsError, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// What to quantize a tensor to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantSpec {
+    /// Grid dimension (1 = scalar).
+    pub p: usize,
+    /// Grid size; bits per weight before scales = log2(n) / p.
+    pub n: usize,
+    /// Hadamard order; `None` picks the largest supported order dividing the row width.
+    pub hadamard_size: Option<usize>,
+    /// Rotated values per scale.
+    pub group_size: usize,
+    /// Seed of the random ±1 signs applied before the rotation; `None` for none.
+    pub seed: Option<u64>,
+}
+
+impl QuantSpec {
+    /// The grid size for `bits` per weight in `p` dimensions: n = 2^(p·bits), which must be a
+    /// whole power of two (3.25 bits with p = 4 gives n = 8192).
+    pub fn grid_size_for_bits(bits: f64, p: usize) -> Result<usize> {
+        let code_bits = bits * p as f64;
+        let rounded = code_bits.round();
+        if !(1.0..=16.0).contains(&rounded) || (code_bits - rounded).abs() > 1e-9 {
+            return Err(HiggsError::invalid(format!(
+                "{bits} bits per weight with p = {p} gives {code_bits} bits per code; it must be a whole number from 1 to 16"
+            )));
+        }
+        Ok(1usize << rounded as u32)
+    }
+
+    /// Bits in one code.
+    pub fn code_bits(&self) -> u32 {
+        self.n.trailing_zeros()
+    }
+
+    /// Bits per weight of the codes alone (before scales and padding).
+    pub fn bits(&self) -> f64 {
+        self.code_bits() as f64 / self.p as f64
+    }
+
+    /// The layout this spec gives a `rows × cols` matrix, or why it cannot take it.
+    pub fn layout(&self, rows: usize, cols: usize) -> Result<Layout> {
+        if rows == 0 || cols == 0 {
+            return Err(HiggsError::invalid(format!(
+                "cannot quantize an empty matrix ({rows} × {cols})"
+            )));
+        }
+        if !self.n.is_power_of_two() || self.n < 2 {
+            return Err(HiggsError::invalid(format!(
+                "grid size n = {} must be a power of two >= 2",
+                self.n
+            )));
+        }
+        if self.group_size == 0 {
+            return Err(HiggsError::invalid("group_size must be at least 1"));
+        }
+        let block = match self.hadamard_size {
+            Some(h) => {
+                if !hadamard::is_supported_order(h) {
+                    return Err(HiggsError::invalid(format!(
+                        "Hadamard size {h} is not supported: use m·2^k with m in {{1, 12, 20, 28, 144, 240, 336, 400, 560, 784}}, 2 <= size <= {}",
+                        hadamard::MAX_ORDER
+                    )));
+                }
+                h
+            }
+            None => hadamard::largest_supported_divisor(cols)
+                .unwrap_or_else(|| cols.next_power_of_two().min(1024)),
+        };
+        let padded_cols = cols.div_ceil(block) * block;
+        let tuples = padded_cols.div_ceil(self.p);
+        let code_bits = self.code_bits() as usize;
+        Ok(Layout {
+            rows,
+            cols,
+            block,
+            padded_cols,
+            tuples,
+            groups: padded_cols.div_ceil(self.group_size),
+            row_bytes: (tuples * code_bits).div_ceil(8),
+        })
+    }
+}
+
+/// Sizes derived from a spec and a shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub rows: usize,
+    pub cols: usize,
+    /// Hadamard order actually used.
+    pub block: usize,
+    /// Row width after zero padding to a multiple of `block`.
+    pub padded_cols: usize,
+    /// p-tuples (codes) per row.
+    pub tuples: usize,
+    /// Scales per row.
+    pub groups: usize,
+    /// Packed code bytes per row.
+    pub row_bytes: usize,
+}
+
+/// The elements of a row-major matrix to quantize, borrowed without a copy.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+    /// Raw little-endian bytes of one of the float types (possibly unaligned, as in a mmap).
+    Bytes(ElemType, &'a [u8]),
+}
+
+/// Element types [`Source::Bytes`] can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ElemType {
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::F16 | ElemType::Bf16 => 2,
+        }
+    }
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::F32(v) => v.len(),
+            Source::F16(v) => v.len(),
+            Source::Bf16(v) => v.len(),
+            Source::Bytes(t, b) => b.len() / t.size(),
+        }
+    }
+
+    /// Elements [start, start + out.len()) as f32.
+    fn read(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            Source::F32(v) => out.copy_from_slice(&v[start..end]),
+            Source::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Source::Bf16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Source::Bytes(ElemType::F32, b) => {
+                for (o, c) in out.iter_mut().zip(b[start * 4..end * 4].chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Source::Bytes(ElemType::F16, b) => {
+                for (o, c) in out.iter_mut().zip(b[start * 2..end * 2].chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            Source::Bytes(ElemType::Bf16, b) => {
+                for (o, c) in out.iter_mut().zip(b[start * 2..end * 2].chunks_exact(2)) {
+                    // bf16 is the high half of an f32.
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// A quantized matrix: the arrays the checkpoint stores, and how it was made.
+#[derive(Clone, Debug)]
+pub struct QuantizedTensor {
+    pub spec: QuantSpec,
+    pub layout: Layout,
+    /// `rows × row_bytes` packed codes.
+    pub codes: Vec<u8>,
+    /// `rows × groups` scales.
+    pub scales: Vec<f16>,
+    /// Σ (Ŵ − W)² and Σ W², for the relative MSE.
+    pub squared_error: f64,
+    pub squared_norm: f64,
+}
+
+impl QuantizedTensor {
+    /// Bits per weight as stored: codes (padding included) and scales, over the real weights.
+    pub fn bits_per_weight(&self) -> f64 {
+        let bits = self.codes.len() as f64 * 8.0 + self.scales.len() as f64 * 16.0;
+        bits / (self.layout.rows * self.layout.cols) as f64
+    }
+
+    /// ‖Ŵ − W‖² / ‖W‖² (0 for an all-zero matrix quantized exactly).
+    pub fn relative_mse(&self) -> f64 {
+        if self.squared_norm == 0.0 {
+            self.squared_error
+        } else {
+            self.squared_error / self.squared_norm
+        }
+    }
+}
+
+/// Everything the per-row work needs, resolved once per tensor.
+struct Prepared {
+    spec: QuantSpec,
+    layout: Layout,
+    grid: Arc<Grid>,
+    assigner: Arc<Assigner>,
+    signs: Option<Vec<f32>>,
+}
+
+impl Prepared {
+    fn new(spec: &QuantSpec, rows: usize, cols: usize) -> Result<Prepared> {
+        let layout = spec.layout(rows, cols)?;
+        let assigner = Assigner::for_grid(spec.p, spec.n)?;
+        Ok(Prepared {
+            spec: spec.clone(),
+            layout,
+            grid: assigner.grid.clone(),
+            assigner,
+            signs: spec
+                .seed
+                .map(|seed| hadamard::random_signs(seed, layout.padded_cols)),
+        })
+    }
+}
+
+/// Per-thread buffers, reused across rows.
+struct Scratch {
+    row: Vec<f32>,
+    codes: Vec<u32>,
+    back: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(layout: &Layout, p: usize) -> Scratch {
+        Scratch {
+            row: vec![0.0; layout.tuples * p],
+            codes: vec![0; layout.tuples],
+            back: vec![0.0; layout.padded_cols],
+        }
+    }
+}
+
+/// Quantize a row-major `rows × cols` matrix. Rows run in parallel on the current rayon pool;
+/// the bytes out do not depend on the number of threads.
+pub fn quantize(source: Source<'_>, rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedTensor> {
+    if source.len() != rows.checked_mul(cols).unwrap_or(usize::MAX) {
+        return Err(HiggsError::invalid(format!(
+            "the data holds {} elements, but the shape {rows} × {cols} needs {}",
+            source.len(),
+            rows as u128 * cols as u128
+        )));
+    }
+    let prep = Prepared::new(spec, rows, cols)?;
+    let layout = prep.layout;
+    let mut codes = vec![0u8; rows * layout.row_bytes];
+    let mut scales = vec![f16::ZERO; rows * layout.groups];
+    let mut errors = vec![(0f64, 0f64); rows];
+    codes
+        .par_chunks_mut(layout.row_bytes)
+        .zip(scales.par_chunks_mut(layout.groups))
+        .zip(errors.par_iter_mut())
+        .enumerate()
+        .try_for_each_init(
+            || Scratch::new(&layout, spec.p),
+            |scratch, (r, ((row_codes, row_scales), err))| {
+                *err = quantize_row(&prep, source, r, scratch, row_codes, row_scales)?;
+                Ok::<(), HiggsError>(())
+            },
+        )?;
+    // Summed in row order so the result does not depend on the thread count.
+    let (squared_error, squared_norm) = errors
+        .iter()
+        .fold((0.0, 0.0), |(e, n), &(re, rn)| (e + re, n + rn));
+    Ok(QuantizedTensor {
+        spec: spec.clone(),
+        layout,
+        codes,
+        scales,
+        squared_error,
+        squared_norm,
+    })
+}
+
+/// One row: returns (Σ error², Σ w²) of the row in the original coordinates.
+fn quantize_row(
+    prep: &Prepared,
+    source: Source<'_>,
+    r: usize,
+    scratch: &mut Scratch,
+    row_codes: &mut [u8],
+    row_scales: &mut [f16],
+) -> Result<(f64, f64)> {
+    let layout = &prep.layout;
+    let Scratch { row, codes, back } = scratch;
+    let cols = layout.cols;
+    source.read(r * cols, &mut row[..cols]);
+    row[cols..].fill(0.0);
+    let mut norm = 0f64;
+    for (c, &x) in row[..cols].iter().enumerate() {
+        if !x.is_finite() {
+            return Err(HiggsError::NonFinite {
+                what: "the weights".into(),
+                row: r,
+                col: c,
+                value: x,
+            });
+        }
+        norm += (x as f64) * (x as f64);
+    }
+    let padded = &mut row[..layout.padded_cols];
+    if let Some(signs) = &prep.signs {
+        padded.iter_mut().zip(signs).for_each(|(x, s)| *x *= s);
+    }
+    hadamard::forward(padded, layout.block)?;
+    let g = prep.spec.group_size;
+    for (group, scale) in padded.chunks_mut(g).zip(row_scales.iter_mut()) {
+        let mean_square = group.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / group.len() as f64;
+        let s = f16::from_f64(mean_square.sqrt());
+        if s.is_infinite() {
+            return Err(HiggsError::Unsupported(format!(
+                "row {r}: a group's RMS {:.3e} overflows the f16 scale; weights this large are not supported",
+                mean_square.sqrt()
+            )));
+        }
+        *scale = s;
+        let inv = if s.to_f32() > 0.0 { 1.0 / s.to_f32() } else { 0.0 };
+        group.iter_mut().for_each(|x| *x *= inv);
+    }
+    prep.assigner.assign(row, codes);
+    pack_codes(codes, prep.spec.code_bits(), row_codes);
+
+    // Error in the original coordinates: exact, padding included, by dequantizing the row.
+    dequantize_row_into(prep, codes, row_scales, back)?;
+    let mut err = 0f64;
+    let mut start = 0;
+    // Re-read the source in chunks so no second full-row buffer is needed.
+    let mut chunk = [0f32; 256];
+    while start < cols {
+        let len = (cols - start).min(chunk.len());
+        source.read(r * cols + start, &mut chunk[..len]);
+        for (a, b) in chunk[..len].iter().zip(&back[start..start + len]) {
+            let d = (*a - *b) as f64;
+            err += d * d;
+        }
+        start += len;
+    }
+    Ok((err, norm))
+}
+
+/// Codes and scales of one row back to `padded_cols` values in the original coordinates.
+fn dequantize_row_into(prep: &Prepared, codes: &[u32], scales: &[f16], out: &mut [f32]) -> Result<()> {
+    let p = prep.spec.p;
+    let g = prep.spec.group_size;
+    let padded_cols = prep.layout.padded_cols;
+    for (t, &code) in codes.iter().enumerate() {
+        let point = &prep.grid.points[code as usize * p..code as usize * p + p];
+        for (k, &v) in point.iter().enumerate() {
+            let i = t * p + k;
+            if i < padded_cols {
+                out[i] = v * scales[i / g].to_f32();
+            }
+        }
+    }
+    hadamard::inverse(&mut out[..padded_cols], prep.layout.block)?;
+    if let Some(signs) = &prep.signs {
+        out.iter_mut().zip(signs).for_each(|(x, s)| *x *= s);
+    }
+    Ok(())
+}
+
+/// Dequantize to a row-major `rows × cols` f32 matrix.
+pub fn dequantize(q: &QuantizedTensor) -> Result<Vec<f32>> {
+    let layout = q.layout;
+    check_parts(&q.spec, &layout, &q.codes, &q.scales)?;
+    let prep = Prepared::new(&q.spec, layout.rows, layout.cols)?;
+    let mut out = vec![0f32; layout.rows * layout.cols];
+    out.par_chunks_mut(layout.cols)
+        .zip(q.codes.par_chunks(layout.row_bytes))
+        .zip(q.scales.par_chunks(layout.groups))
+        .try_for_each_init(
+            || (vec![0u32; layout.tuples], vec![0f32; layout.padded_cols]),
+            |(codes, back), ((out_row, row_codes), row_scales)| {
+                unpack_codes(row_codes, q.spec.code_bits(), codes);
+                dequantize_row_into(&prep, codes, row_scales, back)?;
+                out_row.copy_from_slice(&back[..layout.cols]);
+                Ok::<(), HiggsError>(())
+            },
+        )?;
+    Ok(out)
+}
+
+/// Check stored arrays against the layout (for tensors read from files or from Python).
+pub fn check_parts(spec: &QuantSpec, layout: &Layout, codes: &[u8], scales: &[f16]) -> Result<()> {
+    let expected = spec.layout(layout.rows, layout.cols)?;
+    if expected != *layout {
+        return Err(HiggsError::invalid(format!(
+            "layout {layout:?} does not follow from the spec, which gives {expected:?}"
+        )));
+    }
+    if codes.len() != layout.rows * layout.row_bytes {
+        return Err(HiggsError::invalid(format!(
+            "codes hold {} bytes; {} rows × {} bytes are needed",
+            codes.len(),
+            layout.rows,
+            layout.row_bytes
+        )));
+    }
+    if scales.len() != layout.rows * layout.groups {
+        return Err(HiggsError::invalid(format!(
+            "scales hold {} values; {} rows × {} groups are needed",
+            scales.len(),
+            layout.rows,
+            layout.groups
+        )));
+    }
+    Ok(())
+}
+
+/// Pack `codes` of `bits` bits each, LSB-first, into `out` (which is fully overwritten).
+pub fn pack_codes(codes: &[u32], bits: u32, out: &mut [u8]) {
+    match bits {
+        8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = c as u8),
+        4 => {
+            out.fill(0);
+            for (o, pair) in out.iter_mut().zip(codes.chunks(2)) {
+                *o = pair[0] as u8 | (pair.get(1).copied().unwrap_or(0) as u8) << 4;
+            }
+        }
+        _ => {
+            out.fill(0);
+            let mut acc = 0u64;
+            let mut filled = 0u32;
+            let mut pos = 0;
+            for &c in codes {
+                acc |= (c as u64) << filled;
+                filled += bits;
+                while filled >= 8 {
+                    out[pos] = acc as u8;
+                    pos += 1;
+                    acc >>= 8;
+                    filled -= 8;
+                }
+            }
+            if filled > 0 {
+                out[pos] = acc as u8;
+            }
+        }
+    }
+}
+
+/// Inverse of [`pack_codes`]: fills all of `codes`.
+pub fn unpack_codes(packed: &[u8], bits: u32, codes: &mut [u32]) {
+    match bits {
+        8 => codes.iter_mut().zip(packed).for_each(|(c, &b)| *c = b as u32),
+        _ => {
+            let mask = (1u64 << bits) - 1;
+            let mut acc = 0u64;
+            let mut filled = 0u32;
+            let mut pos = 0;
+            for c in codes.iter_mut() {
+                while filled < bits {
+                    acc |= (packed[pos] as u64) << filled;
+                    pos += 1;
+                    filled += 8;
+                }
+                *c = (acc & mask) as u32;
+                acc >>= bits;
+                filled -= bits;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn spec(p: usize, n: usize, h: Option<usize>, seed: Option<u64>) -> QuantSpec {
+        QuantSpec {
+            p,
+            n,
+            hadamard_size: h,
+            group_size: 64,
+            seed,
+        }
+    }
+
+    fn gaussian(len: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0f32; len];
+        SplitMix64::new(seed).fill_gaussian(&mut v);
+        v
+    }
+
+    #[test]
+    fn pack_roundtrip_all_widths() {
+        let mut rng = SplitMix64::new(3);
+        for bits in 1..=16u32 {
+            for len in [1usize, 2, 3, 7, 64, 101] {
+                let codes: Vec<u32> = (0..len).map(|_| (rng.next_u64() as u32) & ((1 << bits) - 1)).collect();
+                let mut packed = vec![0xAAu8; (len * bits as usize).div_ceil(8)];
+                pack_codes(&codes, bits, &mut packed);
+                let mut back = vec![0u32; len];
+                unpack_codes(&packed, bits, &mut back);
+                assert_eq!(codes, back, "bits {bits} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn gaussian_matrix_error_matches_grid_mse() {
+        // A Gaussian matrix stays Gaussian after rotation, so the relative error is close to the
+        // grid's per-dimension MSE (plus a little from f16 scales and estimated RMS).
+        let (rows, cols) = (64, 1024);
+        let w = gaussian(rows * cols, 11);
+        let q = quantize(Source::F32(&w), rows, cols, &spec(2, 256, None, Some(1))).unwrap();
+        let rel = q.relative_mse();
+        assert!(rel > 0.0070 && rel < 0.0095, "relative MSE {rel}");
+        assert!((q.bits_per_weight() - 4.25).abs() < 1e-12);
+        let back = dequantize(&q).unwrap();
+        let err: f64 = w.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let norm: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum();
+        assert!((err / norm - rel).abs() < 1e-6 * rel.max(1.0) + 1e-9, "{} vs {rel}", err / norm);
+    }
+
+    #[test]
+    fn padding_counts_in_bits_and_error_is_exact() {
+        let (rows, cols) = (5, 100);
+        let w = gaussian(rows * cols, 5);
+        let q = quantize(Source::F32(&w), rows, cols, &spec(2, 256, Some(64), None)).unwrap();
+        assert_eq!(q.layout.padded_cols, 128);
+        // 64 codes × 8 bits + 2 scales × 16 bits per row, over 100 weights.
+        assert!((q.bits_per_weight() - (64.0 * 8.0 + 32.0) / 100.0).abs() < 1e-12);
+        let back = dequantize(&q).unwrap();
+        let err: f64 = w.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        assert!((err - q.squared_error).abs() <= 1e-9 * err.max(1.0));
+    }
+
+    #[test]
+    fn deterministic_across_thread_counts() {
+        let (rows, cols) = (37, 576);
+        let w = gaussian(rows * cols, 9);
+        let s = spec(2, 256, None, Some(42));
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| quantize(Source::F32(&w), rows, cols, &s).unwrap())
+        };
+        let (a, b) = (run(1), run(2));
+        assert_eq!(a.codes, b.codes);
+        assert_eq!(a.scales, b.scales);
+        assert_eq!(a.squared_error.to_bits(), b.squared_error.to_bits());
+    }
+
+    #[test]
+    fn all_input_types_agree() {
+        let (rows, cols) = (3, 256);
+        let w: Vec<f32> = gaussian(rows * cols, 1).iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        let s = spec(1, 16, None, Some(0));
+        let a = quantize(Source::F32(&w), rows, cols, &s).unwrap();
+        let b16: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+        let b = quantize(Source::Bf16(&b16), rows, cols, &s).unwrap();
+        let bytes: Vec<u8> = b16.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+        let c = quantize(Source::Bytes(ElemType::Bf16, &bytes), rows, cols, &s).unwrap();
+        assert_eq!(a.codes, b.codes);
+        assert_eq!(a.codes, c.codes);
+        assert_eq!(a.scales, c.scales);
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let mut w = gaussian(4 * 64, 2);
+        w[2 * 64 + 5] = f32::NAN;
+        let err = quantize(Source::F32(&w), 4, 64, &spec(2, 256, None, None)).unwrap_err();
+        assert!(err.to_string().contains("row 2, column 5"), "{err}");
+        let err = quantize(Source::F32(&w), 0, 64, &spec(2, 256, None, None)).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        let err = quantize(Source::F32(&w), 5, 64, &spec(2, 256, None, None)).unwrap_err();
+        assert!(err.to_string().contains("shape"), "{err}");
+        let err = quantize(Source::F32(&w[..256]), 4, 64, &spec(2, 256, Some(48), None)).unwrap_err();
+        assert!(err.to_string().contains("Hadamard size 48"), "{err}");
+        assert!(QuantSpec::grid_size_for_bits(3.3, 2).is_err());
+        assert_eq!(QuantSpec::grid_size_for_bits(3.25, 4).unwrap(), 8192);
+    }
+}

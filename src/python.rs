@@ -1,0 +1,319 @@
+//! PyO3 bindings: convert arguments, release the GIL around the work, map errors to exceptions.
+//! The only file of the crate that knows Python.
+#![forbid(unsafe_code)]
+
+use crate::codec::{self, ElemType, QuantSpec, Source};
+use crate::grid::Grid;
+use crate::{hadamard, HiggsError};
+use half::{bf16, f16};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+
+create_exception!(
+    _core,
+    HiggsFormatError,
+    PyValueError,
+    "A malformed, truncated or inconsistent file (safetensors or HIGGS checkpoint)."
+);
+
+impl From<HiggsError> for PyErr {
+    fn from(err: HiggsError) -> PyErr {
+        let message = err.to_string();
+        match err {
+            HiggsError::InvalidArgument(_) | HiggsError::NonFinite { .. } => PyValueError::new_err(message),
+            HiggsError::Format { .. } => HiggsFormatError::new_err(message),
+            HiggsError::Io { .. } => PyOSError::new_err(message),
+            HiggsError::Unsupported(_) => PyNotImplementedError::new_err(message),
+        }
+    }
+}
+
+/// Run `work` on a rayon pool of `threads` threads (None: all cores), without the GIL.
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let result = py.detach(|| match threads {
+        None => work(),
+        Some(0) => Err(HiggsError::invalid("threads must be at least 1")),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| HiggsError::invalid(format!("cannot start {n} threads: {e}")))?
+            .install(work),
+    });
+    Ok(result?)
+}
+
+/// A quantized matrix: packed codes, scales and the spec that made them.
+#[pyclass(module = "higgs_rs._core", frozen)]
+pub struct QuantizedTensor {
+    inner: codec::QuantizedTensor,
+}
+
+#[pymethods]
+impl QuantizedTensor {
+    /// Rebuild from stored arrays (as read from a checkpoint); checks every size.
+    #[staticmethod]
+    #[pyo3(signature = (codes, scales, cols, p, n, hadamard_size, group_size, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        codes: PyReadonlyArray2<'_, u8>,
+        scales: PyReadonlyArray2<'_, f16>,
+        cols: usize,
+        p: usize,
+        n: usize,
+        hadamard_size: usize,
+        group_size: usize,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let spec = QuantSpec {
+            p,
+            n,
+            hadamard_size: Some(hadamard_size),
+            group_size,
+            seed,
+        };
+        let rows = codes.shape()[0];
+        let layout = spec.layout(rows, cols)?;
+        let codes = codes.as_array().iter().copied().collect::<Vec<u8>>();
+        let scales = scales.as_array().iter().copied().collect::<Vec<f16>>();
+        codec::check_parts(&spec, &layout, &codes, &scales)?;
+        Ok(QuantizedTensor {
+            inner: codec::QuantizedTensor {
+                spec,
+                layout,
+                codes,
+                scales,
+                squared_error: f64::NAN,
+                squared_norm: f64::NAN,
+            },
+        })
+    }
+
+    /// Packed codes, `rows × row_bytes` uint8.
+    #[getter]
+    fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let l = self.inner.layout;
+        Ok(PyArray1::from_slice(py, &self.inner.codes).reshape([l.rows, l.row_bytes])?)
+    }
+    /// Scales, `rows × groups` float16.
+    #[getter]
+    fn scales<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f16>>> {
+        let l = self.inner.layout;
+        Ok(PyArray1::from_slice(py, &self.inner.scales).reshape([l.rows, l.groups])?)
+    }
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.layout.rows, self.inner.layout.cols)
+    }
+    #[getter]
+    fn p(&self) -> usize {
+        self.inner.spec.p
+    }
+    #[getter]
+    fn n(&self) -> usize {
+        self.inner.spec.n
+    }
+    #[getter]
+    fn bits(&self) -> f64 {
+        self.inner.spec.bits()
+    }
+    #[getter]
+    fn hadamard_size(&self) -> usize {
+        self.inner.layout.block
+    }
+    #[getter]
+    fn group_size(&self) -> usize {
+        self.inner.spec.group_size
+    }
+    #[getter]
+    fn seed(&self) -> Option<u64> {
+        self.inner.spec.seed
+    }
+    #[getter]
+    fn padded_cols(&self) -> usize {
+        self.inner.layout.padded_cols
+    }
+    /// Stored bits per weight: codes (padding included) and f16 scales.
+    #[getter]
+    fn bits_per_weight(&self) -> f64 {
+        self.inner.bits_per_weight()
+    }
+    /// ‖Ŵ − W‖² / ‖W‖² measured when quantizing (NaN for tensors rebuilt from parts).
+    #[getter]
+    fn relative_mse(&self) -> f64 {
+        self.inner.relative_mse()
+    }
+    /// Name of the grid: "p2_n256_v1".
+    #[getter]
+    fn grid_id(&self) -> PyResult<String> {
+        Ok(Grid::load(self.inner.spec.p, self.inner.spec.n)?.id())
+    }
+    fn __repr__(&self) -> String {
+        let s = &self.inner;
+        format!(
+            "QuantizedTensor(shape=({}, {}), p={}, n={}, hadamard_size={}, group_size={}, seed={:?}, bits_per_weight={:.4})",
+            s.layout.rows, s.layout.cols, s.spec.p, s.spec.n, s.layout.block, s.spec.group_size, s.spec.seed, s.bits_per_weight()
+        )
+    }
+}
+
+/// Quantize a 2-D array. `array` is float32, float16, or uint16 holding bfloat16 bits
+/// (`is_bf16=True`); it is read in place when C-contiguous.
+#[pyfunction]
+#[pyo3(signature = (array, *, p, n, hadamard_size=None, group_size=64, seed=Some(0), is_bf16=false, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_tensor(
+    py: Python<'_>,
+    array: &Bound<'_, PyAny>,
+    p: usize,
+    n: usize,
+    hadamard_size: Option<usize>,
+    group_size: usize,
+    seed: Option<u64>,
+    is_bf16: bool,
+    threads: Option<usize>,
+) -> PyResult<QuantizedTensor> {
+    let spec = QuantSpec {
+        p,
+        n,
+        hadamard_size,
+        group_size,
+        seed,
+    };
+    let run = |source: Source<'_>, rows: usize, cols: usize| {
+        run_detached(py, threads, || codec::quantize(source, rows, cols, &spec))
+    };
+    let inner = if let Ok(a) = array.cast::<PyArray2<f32>>() {
+        let a = a.readonly();
+        let (rows, cols) = (a.shape()[0], a.shape()[1]);
+        match a.as_slice() {
+            Ok(s) => run(Source::F32(s), rows, cols)?,
+            Err(_) => run(Source::F32(&a.as_array().iter().copied().collect::<Vec<_>>()), rows, cols)?,
+        }
+    } else if let Ok(a) = array.cast::<PyArray2<f16>>() {
+        let a = a.readonly();
+        let (rows, cols) = (a.shape()[0], a.shape()[1]);
+        match a.as_slice() {
+            Ok(s) => run(Source::F16(s), rows, cols)?,
+            Err(_) => run(Source::F16(&a.as_array().iter().copied().collect::<Vec<_>>()), rows, cols)?,
+        }
+    } else if let (true, Ok(a)) = (is_bf16, array.cast::<PyArray2<u16>>()) {
+        let a = a.readonly();
+        let (rows, cols) = (a.shape()[0], a.shape()[1]);
+        let bits: Vec<bf16>;
+        let source = match a.as_slice() {
+            Ok(s) => Source::Bytes(ElemType::Bf16, as_le_bytes(s)),
+            Err(_) => {
+                bits = a.as_array().iter().map(|&b| bf16::from_bits(b)).collect();
+                Source::Bf16(&bits)
+            }
+        };
+        run(source, rows, cols)?
+    } else {
+        let described = array
+            .getattr("dtype")
+            .map(|d| d.to_string())
+            .unwrap_or_else(|_| array.get_type().to_string());
+        let ndim = array.getattr("ndim").map(|d| d.to_string()).unwrap_or_default();
+        return Err(PyValueError::new_err(format!(
+            "expected a 2-D numpy array of float32, float16 or bfloat16 bits (uint16 with is_bf16=True); got dtype {described}, ndim {ndim}"
+        )));
+    };
+    Ok(QuantizedTensor { inner })
+}
+
+/// u16 values as their little-endian bytes (a copy only on big-endian machines).
+fn as_le_bytes(values: &[u16]) -> &[u8] {
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck_cast(values)
+    }
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("big-endian hosts are not supported")
+}
+
+fn bytemuck_cast(values: &[u16]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+/// Dequantize to a float32 `rows × cols` array.
+#[pyfunction]
+#[pyo3(signature = (tensor, threads=None))]
+fn dequantize<'py>(
+    py: Python<'py>,
+    tensor: &QuantizedTensor,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let values = run_detached(py, threads, || codec::dequantize(&tensor.inner))?;
+    let l = tensor.inner.layout;
+    Ok(PyArray1::from_vec(py, values).reshape([l.rows, l.cols])?)
+}
+
+/// The points of the shipped grid (p, n), as an `n × p` float32 array.
+#[pyfunction]
+fn grid_points<'py>(py: Python<'py>, p: usize, n: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let grid = Grid::load(p, n)?;
+    Ok(PyArray1::from_slice(py, &grid.points).reshape([n, p])?)
+}
+
+/// Every shipped grid as (p, n).
+#[pyfunction]
+fn available_grids() -> Vec<(usize, usize)> {
+    Grid::available()
+}
+
+/// In-place orthonormal Hadamard transform of each row's blocks of `order` (float32, C-contiguous).
+#[pyfunction]
+#[pyo3(signature = (array, order, inverse=false))]
+fn hadamard_transform(py: Python<'_>, mut array: PyReadwriteArray2<'_, f32>, order: usize, inverse: bool) -> PyResult<()> {
+    let data = array
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("hadamard_transform needs a C-contiguous float32 array"))?;
+    py.detach(|| {
+        if inverse {
+            hadamard::inverse(data, order)
+        } else {
+            hadamard::forward(data, order)
+        }
+    })?;
+    Ok(())
+}
+
+/// The ±1 signs that seed `seed` gives for `len` values (float32).
+#[pyfunction]
+fn random_signs<'py>(py: Python<'py>, seed: u64, len: usize) -> Bound<'py, PyArray1<f32>> {
+    PyArray1::from_vec(py, hadamard::random_signs(seed, len))
+}
+
+/// The Hadamard orders the transform supports, as a predicate.
+#[pyfunction]
+fn is_supported_hadamard_order(order: usize) -> bool {
+    hadamard::is_supported_order(order)
+}
+
+/// Which SIMD implementation the Hadamard transform uses on this machine.
+#[pyfunction]
+fn simd_path() -> &'static str {
+    hadamard::simd_path()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HiggsFormatError", m.py().get_type::<HiggsFormatError>())?;
+    m.add_class::<QuantizedTensor>()?;
+    m.add_function(wrap_pyfunction!(quantize_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(grid_points, m)?)?;
+    m.add_function(wrap_pyfunction!(available_grids, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_transform, m)?)?;
+    m.add_function(wrap_pyfunction!(random_signs, m)?)?;
+    m.add_function(wrap_pyfunction!(is_supported_hadamard_order, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    Ok(())
+}
