@@ -2,7 +2,9 @@
 //! The only file of the crate that knows Python.
 #![forbid(unsafe_code)]
 
+use crate::checkpoint::Checkpoint;
 use crate::codec::{self, ElemType, QuantSpec, Source};
+use crate::pipeline;
 use crate::grid::Grid;
 use crate::{hadamard, HiggsError};
 use half::{bf16, f16};
@@ -10,6 +12,9 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArr
 use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 create_exception!(
     _core,
@@ -302,6 +307,73 @@ fn simd_path() -> &'static str {
     hadamard::simd_path()
 }
 
+/// Quantize a checkpoint directory (or file) into a HIGGS checkpoint directory; returns a summary
+/// dict, or with `dry_run` the printed plan (and nothing is written).
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, p, n, hadamard_size=None, group_size=64, seed=Some(0), skip=Vec::new(),
+    overrides=BTreeMap::new(), threads=None, overwrite=false, dry_run=false, progress=true,
+    max_shard_bytes=5_000_000_000))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_checkpoint<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: Option<PathBuf>,
+    p: usize,
+    n: usize,
+    hadamard_size: Option<usize>,
+    group_size: usize,
+    seed: Option<u64>,
+    skip: Vec<String>,
+    overrides: BTreeMap<String, (usize, usize, Option<usize>, usize)>,
+    threads: Option<usize>,
+    overwrite: bool,
+    dry_run: bool,
+    progress: bool,
+    max_shard_bytes: u64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let spec_of = |p, n, hadamard_size, group_size| QuantSpec {
+        p,
+        n,
+        hadamard_size,
+        group_size,
+        seed,
+    };
+    let options = pipeline::Options {
+        spec: spec_of(p, n, hadamard_size, group_size),
+        overrides: overrides
+            .into_iter()
+            .map(|(name, (p, n, h, g))| (name, spec_of(p, n, h, g)))
+            .collect(),
+        skip,
+        max_shard_bytes,
+    };
+    let out = PyDict::new(py);
+    let result = run_detached(py, threads, || {
+        let checkpoint = Checkpoint::open(&src)?;
+        let plan = pipeline::plan(&checkpoint, &options)?;
+        if dry_run {
+            return Ok((plan, None));
+        }
+        let dst = dst.ok_or_else(|| HiggsError::invalid("a destination directory is needed"))?;
+        let source_dir = if src.is_dir() { src.clone() } else { src.parent().map(PathBuf::from).unwrap_or_default() };
+        let summary = pipeline::run(&checkpoint, &source_dir, &plan, &options, &dst, overwrite, progress)?;
+        Ok((plan, Some(summary)))
+    })?;
+    let (plan, summary) = result;
+    out.set_item("plan", pipeline::describe(&plan))?;
+    out.set_item("source_bytes", plan.source_bytes())?;
+    out.set_item("output_bytes", plan.output_bytes())?;
+    out.set_item("bits_per_weight", plan.quantized_bits_per_weight())?;
+    if let Some(s) = summary {
+        out.set_item("tensors", s.tensors)?;
+        out.set_item("quantized", s.quantized)?;
+        out.set_item("seconds", s.seconds)?;
+        out.set_item("quantized_weights", s.quantized_weights)?;
+        out.set_item("relative_mse", s.relative_mse.into_iter().collect::<BTreeMap<_, _>>())?;
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -315,5 +387,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(random_signs, m)?)?;
     m.add_function(wrap_pyfunction!(is_supported_hadamard_order, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_checkpoint, m)?)?;
     Ok(())
 }
