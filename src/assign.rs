@@ -1,35 +1,746 @@
-//! Exact nearest-grid-point search. PLACEHOLDER: interface only (helper fills it in).
+//! Exact nearest-grid-point search.
+//!
+//! Contract: for every input tuple (finite or not) [`Assigner::assign`] returns exactly what
+//! [`brute_force_nearest`] returns: the point with the smallest f32 squared distance, computed
+//! coordinate by coordinate in order, ties to the lowest index.
+//!
+//! - p = 1: sorted distinct levels and midpoint thresholds; a branchless binary search gives a
+//!   level, then its two neighbours are compared with the reference distance, so rounding near a
+//!   threshold cannot change the answer.
+//! - p ≥ 2: a uniform grid of cells over a box; each cell holds every point that can be the
+//!   reference answer for some input in the cell. A point is left out only when another point is
+//!   closer on the whole cell by more than a margin that bounds the f32 rounding of both
+//!   distances, so the lists are exact. The outermost cells extend to `±far`; an input with a
+//!   coordinate beyond `far` (or NaN) is answered by brute force.
+#![deny(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+#[path = "assign/x86.rs"]
+mod simd;
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    //! No SIMD path on this architecture: the scalar code runs.
+    pub fn avx2_available() -> bool {
+        false
+    }
+    pub fn assign_pairs_avx2(_: &super::CellSearch, _: &super::Grid, _: &[f32], _: &mut [u32]) -> bool {
+        false
+    }
+    pub fn assign_cells_avx2<const P: usize>(
+        _: &super::CellSearch,
+        _: &super::Grid,
+        _: &[f32],
+        _: &mut [u32],
+    ) -> bool {
+        false
+    }
+}
+
 use crate::grid::Grid;
 use crate::Result;
-use std::sync::Arc;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Candidates per chunk of a cell's list (one AVX2 register of f32).
+const LANES: usize = 8;
+
+/// Words per cell of the p = 2 table (see `CellSearch::quads`).
+const QUAD_WORDS: usize = 12;
+/// Marks a p = 2 cell whose list does not fit in 4 lanes.
+const QUAD_OVERFLOW: u32 = 1 << 31;
+
+/// Unit roundoff of f32.
+const UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 
 /// Search structure for one grid; exact (ties go to the lowest index).
 pub struct Assigner {
     pub grid: Arc<Grid>,
+    search: Search,
+}
+
+enum Search {
+    Line(LineSearch),
+    Cells(CellSearch),
 }
 
 impl Assigner {
+    /// Builds the search structure for any grid (the shipped ones go through [`Assigner::for_grid`]).
     pub fn new(grid: Arc<Grid>) -> Assigner {
-        Assigner { grid }
+        let search = if grid.p == 1 {
+            Search::Line(LineSearch::new(&grid.points))
+        } else {
+            Search::Cells(CellSearch::new(&grid))
+        };
+        Assigner { grid, search }
     }
+
     /// Built once per (p, n) and cached.
-    pub fn for_grid(_p: usize, _n: usize) -> Result<Arc<Assigner>> {
-        unimplemented!()
+    pub fn for_grid(p: usize, n: usize) -> Result<Arc<Assigner>> {
+        static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<OnceLock<Arc<Assigner>>>>>> =
+            OnceLock::new();
+        let grid = Grid::load(p, n)?;
+        let slot = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((p, n))
+            .or_default()
+            .clone();
+        // Built outside the map's lock, so building one grid does not block users of another.
+        Ok(slot.get_or_init(|| Arc::new(Assigner::new(grid))).clone())
     }
+
     /// `xs` holds `codes.len()` consecutive p-tuples; writes the index of the nearest point of each.
-    pub fn assign(&self, _xs: &[f32], _codes: &mut [u32]) {
-        unimplemented!()
+    ///
+    /// # Panics
+    /// If `xs.len() != codes.len() * p` (a caller bug, not bad data).
+    pub fn assign(&self, xs: &[f32], codes: &mut [u32]) {
+        let p = self.grid.p;
+        assert_eq!(xs.len(), codes.len() * p, "assign: {} values for {} codes of {p}", xs.len(), codes.len());
+        match &self.search {
+            Search::Line(line) => line.assign(&self.grid.points, xs, codes),
+            Search::Cells(cells) => cells.assign(&self.grid, xs, codes),
+        }
     }
+
+    /// Like [`Assigner::assign`], and returns the summed squared error Σ‖x − point‖² (in f64).
+    pub fn assign_with_error(&self, xs: &[f32], codes: &mut [u32]) -> f64 {
+        self.assign(xs, codes);
+        let p = self.grid.p;
+        xs.chunks_exact(p)
+            .zip(codes.iter())
+            .map(|(x, &c)| {
+                self.grid
+                    .point(c as usize)
+                    .iter()
+                    .zip(x)
+                    .map(|(&g, &v)| (g as f64 - v as f64).powi(2))
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
+    /// The scalar path only (reference for the SIMD paths; exact as well).
+    pub fn assign_scalar(&self, xs: &[f32], codes: &mut [u32]) {
+        let p = self.grid.p;
+        assert_eq!(xs.len(), codes.len() * p);
+        match &self.search {
+            Search::Line(line) => line.assign(&self.grid.points, xs, codes),
+            Search::Cells(cells) => cells.assign_scalar(&self.grid, xs, codes),
+        }
+    }
+
+    /// Mean and largest number of candidates per cell (p ≥ 2); for tuning and reports.
+    pub fn cell_stats(&self) -> Option<(f64, usize, usize)> {
+        match &self.search {
+            Search::Line(_) => None,
+            Search::Cells(c) => {
+                let cells = c.chunk_offsets.len() - 1;
+                Some((c.listed as f64 / cells as f64, c.longest, cells))
+            }
+        }
+    }
+}
+
+/// The reference squared distance: f32, coordinate by coordinate, in order.
+#[inline(always)]
+fn distance2(g: &[f32], x: &[f32]) -> f32 {
+    let mut d = 0f32;
+    for (a, b) in g.iter().zip(x) {
+        d += (a - b) * (a - b);
+    }
+    d
 }
 
 /// Reference: nearest point by scanning all of them (ties to the lowest index).
 pub fn brute_force_nearest(points: &[f32], p: usize, x: &[f32]) -> u32 {
     let mut best = (f32::INFINITY, 0u32);
     for (i, g) in points.chunks_exact(p).enumerate() {
-        let d: f32 = g.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum();
+        let d = distance2(g, x);
         if d < best.0 {
             best = (d, i as u32);
         }
     }
     best.1
+}
+
+// ---------------------------------------------------------------------------------------------
+// p = 1
+
+struct LineSearch {
+    /// Distinct levels, ascending.
+    levels: Vec<f32>,
+    /// Lowest grid index holding each level.
+    index: Vec<u32>,
+    /// `thresholds[k]` = midpoint of levels k and k+1, padded with +inf to a power of two.
+    thresholds: Vec<f32>,
+    /// Inputs with |x| above this go to brute force (0 when the levels are too close for the
+    /// neighbour check to be provably exact).
+    far: f32,
+}
+
+impl LineSearch {
+    fn new(points: &[f32]) -> LineSearch {
+        let mut order: Vec<u32> = (0..points.len() as u32).collect();
+        order.sort_by(|&a, &b| points[a as usize].total_cmp(&points[b as usize]).then(a.cmp(&b)));
+        let mut levels: Vec<f32> = Vec::new();
+        let mut index = Vec::new();
+        for &i in &order {
+            let v = points[i as usize];
+            // -0.0 and 0.0 give identical distances: one level.
+            if levels.last() != Some(&v) {
+                levels.push(v);
+                index.push(i);
+            }
+        }
+        let mut thresholds: Vec<f32> = levels
+            .windows(2)
+            .map(|w| ((w[0] as f64 + w[1] as f64) / 2.0) as f32)
+            .collect();
+        thresholds.resize(levels.len().next_power_of_two().max(1), f32::INFINITY);
+        // The answer is among the levels k-1, k, k+1 around the threshold bracket k unless
+        // rounding of two distances can reorder levels two apart. With gap = smallest spacing
+        // and G = max |level|, the exact distance difference to a level two apart is at least
+        // 2·gap² inside the range and grows like 4·gap·(|x| − G) outside; the rounding of
+        // each f32 distance is below 3u·(|x| + G)². Both sides are checked at G and at `far`
+        // (the difference of the two is concave in |x|, so the ends suffice).
+        let big = levels.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let gap = levels
+            .windows(2)
+            .map(|w| w[1] as f64 - w[0] as f64)
+            .fold(f64::INFINITY, f64::min);
+        let slack = |x: f64| {
+            let rounding = 4.0 * 3.0 * UNIT_ROUNDOFF * (x + big).powi(2);
+            2.0 * gap * gap + 4.0 * gap * (x - big).max(0.0) - rounding
+        };
+        let far = if levels.len() < 3 {
+            f64::MAX // every level is always compared
+        } else if slack(big) <= 0.0 {
+            0.0 // levels too close for the neighbour check: brute force
+        } else {
+            let mut far = 1024f64.max(big);
+            while slack(far) <= 0.0 {
+                far = (far / 2.0).max(big);
+            }
+            far
+        };
+        LineSearch {
+            levels,
+            index,
+            thresholds,
+            far: far.min(f32::MAX as f64) as f32,
+        }
+    }
+
+    #[inline(always)]
+    fn nearest(&self, points: &[f32], x: f32) -> u32 {
+        if !(x.abs() <= self.far) {
+            return brute_force_nearest(points, 1, &[x]);
+        }
+        // Branchless lower bound: k = number of thresholds <= x.
+        let t = &self.thresholds;
+        let mut k = 0usize;
+        let mut step = t.len() / 2;
+        while step > 0 {
+            k += if t[k + step - 1] <= x { step } else { 0 };
+            step /= 2;
+        }
+        k += (t[k] <= x) as usize;
+        let last = self.levels.len() - 1;
+        let k = k.min(last);
+        let lo = k.saturating_sub(1);
+        let hi = (k + 1).min(last);
+        let mut best_d = f32::INFINITY;
+        let mut best_i = u32::MAX;
+        for j in lo..=hi {
+            let d = (self.levels[j] - x) * (self.levels[j] - x);
+            let i = self.index[j];
+            let better = d < best_d || (d == best_d && i < best_i);
+            best_d = if better { d } else { best_d };
+            best_i = if better { i } else { best_i };
+        }
+        best_i
+    }
+
+    fn assign(&self, points: &[f32], xs: &[f32], codes: &mut [u32]) {
+        for (&x, c) in xs.iter().zip(codes.iter_mut()) {
+            *c = self.nearest(points, x);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// p ≥ 2
+
+struct CellSearch {
+    p: usize,
+    /// Cells per axis (a power of two).
+    cells_per_axis: usize,
+    /// The box is [-half_width, half_width]^p; cell k on an axis starts at -half_width + k·width.
+    half_width: f32,
+    inv_width: f32,
+    /// Inputs with a coordinate beyond ±far (or NaN) go to brute force.
+    far: f32,
+    /// Chunks of cell c: `chunk_offsets[c]..chunk_offsets[c + 1]`; a chunk holds `LANES`
+    /// candidates. Cell index = Σ_i k_i · cells_per_axis^i.
+    chunk_offsets: Vec<u32>,
+    /// Per chunk: p × LANES coordinates, axis-major (the LANES first coordinates, then the
+    /// second ones, …), so SIMD code loads one axis of LANES candidates at once.
+    coords: Vec<f32>,
+    /// Per chunk: LANES point indices, ascending; a list is padded by repeating its last index
+    /// (a repeated point never beats its first copy, so padding cannot change the answer).
+    indices: Vec<u32>,
+    /// Candidates before padding, summed over cells, and the longest list.
+    listed: usize,
+    longest: usize,
+    /// AVX2 is available (checked once at construction).
+    avx2: bool,
+    /// p = 2 only: per cell, QUAD_WORDS words: 4 x-coordinates, 4 y-coordinates (f32 bits) and
+    /// 4 indices of the cell's first 4 candidates (padded by repeating the last). A cell with
+    /// more than 4 candidates has `QUAD_OVERFLOW` set in its first index and takes the chunk path.
+    quads: Vec<u32>,
+}
+
+/// An axis-aligned box in f64.
+#[derive(Clone, Copy)]
+struct Bounds<const P: usize> {
+    lo: [f64; P],
+    hi: [f64; P],
+}
+
+impl CellSearch {
+    fn new(grid: &Grid) -> CellSearch {
+        match grid.p {
+            2 => Self::build::<2>(grid),
+            3 => Self::build::<3>(grid),
+            4 => Self::build::<4>(grid),
+            5 => Self::build::<5>(grid),
+            6 => Self::build::<6>(grid),
+            7 => Self::build::<7>(grid),
+            8 => Self::build::<8>(grid),
+            p => Self::brute_only(p, grid),
+        }
+    }
+
+    /// No cells: every input goes to brute force (grids of more than 8 dimensions).
+    fn brute_only(p: usize, grid: &Grid) -> CellSearch {
+        CellSearch {
+            p,
+            cells_per_axis: 1,
+            half_width: 1.0,
+            inv_width: 0.5,
+            far: -1.0,
+            ..Self::pack(p, &grid.points, &[(0..grid.n as u32).collect()])
+        }
+    }
+
+    /// Cells per axis for a grid: about `n` points in the box, a few candidates per cell,
+    /// and a table that stays small.
+    fn cells_per_axis(p: usize, n: usize) -> usize {
+        let target_cells = match p {
+            2 => 16 * n,
+            3 => 8 * n,
+            _ => 8 * n,
+        }
+        .clamp(1 << p, 1 << 18);
+        let per_axis = (target_cells as f64).powf(1.0 / p as f64);
+        (per_axis.round() as usize).next_power_of_two().max(2)
+    }
+
+    fn build<const P: usize>(grid: &Grid) -> CellSearch {
+        let n = grid.n;
+        let pts: Vec<[f64; P]> = (0..n)
+            .map(|i| std::array::from_fn(|d| grid.points[i * P + d] as f64))
+            .collect();
+        let big = grid.points.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let m = Self::cells_per_axis(P, n);
+        // The box covers the points; the outer cells extend to ±far.
+        let half_width = (big * 1.02).max(1e-3) as f32;
+        let far = (64.0f64).max(4.0 * big) as f32;
+        let width = 2.0 * half_width as f64 / m as f64;
+        // Inputs are binned in f32; a cell's list also covers a sliver of its neighbours.
+        let slack = 1e-3 * width;
+        let levels = m.trailing_zeros() as usize;
+
+        let bounds_of = |level: usize, cell: [usize; P]| -> Bounds<P> {
+            let span = 1usize << (levels - level);
+            let mut b = Bounds {
+                lo: [0.0; P],
+                hi: [0.0; P],
+            };
+            for d in 0..P {
+                let start = cell[d] * span;
+                let end = start + span;
+                b.lo[d] = if start == 0 {
+                    -(far as f64)
+                } else {
+                    -(half_width as f64) + start as f64 * width - slack
+                };
+                b.hi[d] = if end == m {
+                    far as f64
+                } else {
+                    -(half_width as f64) + end as f64 * width + slack
+                };
+            }
+            b
+        };
+
+        // Level 0: one cell, every point.
+        let mut lists: Vec<Vec<u32>> = vec![(0..n as u32).collect()];
+        for level in 1..=levels {
+            let side = 1usize << level;
+            let count = side.pow(P as u32);
+            lists = (0..count)
+                .into_par_iter()
+                .map(|c| {
+                    let cell: [usize; P] = std::array::from_fn(|d| (c >> (d * level)) & (side - 1));
+                    let parent_side = side / 2;
+                    let parent: usize = (0..P).map(|d| (cell[d] / 2) << (d * (level - 1))).sum();
+                    debug_assert!(parent < parent_side.pow(P as u32));
+                    refine(&pts, big, &lists[parent], &bounds_of(level, cell), level == levels)
+                })
+                .collect();
+        }
+        CellSearch {
+            cells_per_axis: m,
+            half_width,
+            inv_width: (1.0 / width) as f32,
+            far,
+            ..Self::pack(P, &grid.points, &lists)
+        }
+    }
+
+    /// Lays the candidate lists out in chunks of `LANES` (fields other than the tables are
+    /// placeholders that the caller overrides).
+    fn pack(p: usize, points: &[f32], lists: &[Vec<u32>]) -> CellSearch {
+        let mut chunk_offsets = Vec::with_capacity(lists.len() + 1);
+        let mut coords = Vec::new();
+        let mut indices = Vec::new();
+        chunk_offsets.push(0u32);
+        for list in lists {
+            for chunk in list.chunks(LANES) {
+                let last = *chunk.last().expect("non-empty list");
+                let padded: Vec<u32> = (0..LANES).map(|l| chunk.get(l).copied().unwrap_or(last)).collect();
+                for d in 0..p {
+                    coords.extend(padded.iter().map(|&i| points[i as usize * p + d]));
+                }
+                indices.extend_from_slice(&padded);
+            }
+            chunk_offsets.push((indices.len() / LANES) as u32);
+        }
+        CellSearch {
+            p,
+            cells_per_axis: 1,
+            half_width: 1.0,
+            inv_width: 0.5,
+            far: -1.0,
+            chunk_offsets,
+            coords,
+            indices,
+            listed: lists.iter().map(Vec::len).sum(),
+            longest: lists.iter().map(Vec::len).max().unwrap_or(0),
+            avx2: simd::avx2_available(),
+            quads: if p == 2 { Self::pack_quads(points, lists) } else { Vec::new() },
+        }
+    }
+
+    fn pack_quads(points: &[f32], lists: &[Vec<u32>]) -> Vec<u32> {
+        let mut quads = Vec::with_capacity(lists.len() * QUAD_WORDS);
+        for list in lists {
+            let last = *list.last().expect("non-empty list");
+            let slot = |l: usize| list.get(l).copied().unwrap_or(last);
+            for d in 0..2 {
+                quads.extend((0..4).map(|l| points[slot(l) as usize * 2 + d].to_bits()));
+            }
+            let flag = if list.len() > 4 { QUAD_OVERFLOW } else { 0 };
+            quads.extend((0..4).map(|l| slot(l) | if l == 0 { flag } else { 0 }));
+        }
+        quads
+    }
+
+    #[inline(always)]
+    fn cell_of<const P: usize>(&self, x: &[f32]) -> Option<usize> {
+        let mut cell = 0usize;
+        let last = self.cells_per_axis as i32 - 1;
+        let shift = self.cells_per_axis.trailing_zeros();
+        for d in (0..P).rev() {
+            let v = x[d];
+            if !(v.abs() <= self.far) {
+                return None;
+            }
+            let k = (((v + self.half_width) * self.inv_width) as i32).clamp(0, last);
+            cell = (cell << shift) | k as usize;
+        }
+        Some(cell)
+    }
+
+    fn assign(&self, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+        if self.avx2 {
+            let done = match self.p {
+                2 => simd::assign_pairs_avx2(self, grid, xs, codes),
+                3 => simd::assign_cells_avx2::<3>(self, grid, xs, codes),
+                4 => simd::assign_cells_avx2::<4>(self, grid, xs, codes),
+                _ => false,
+            };
+            if done {
+                return;
+            }
+        }
+        self.assign_scalar(grid, xs, codes)
+    }
+
+    fn assign_scalar(&self, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+        match self.p {
+            2 => self.assign_scalar_p::<2>(grid, xs, codes),
+            3 => self.assign_scalar_p::<3>(grid, xs, codes),
+            4 => self.assign_scalar_p::<4>(grid, xs, codes),
+            5 => self.assign_scalar_p::<5>(grid, xs, codes),
+            6 => self.assign_scalar_p::<6>(grid, xs, codes),
+            7 => self.assign_scalar_p::<7>(grid, xs, codes),
+            8 => self.assign_scalar_p::<8>(grid, xs, codes),
+            p => {
+                for (x, c) in xs.chunks_exact(p).zip(codes.iter_mut()) {
+                    *c = brute_force_nearest(&grid.points, p, x);
+                }
+            }
+        }
+    }
+
+    /// Scalar scan of a cell's chunks; the same arithmetic as [`distance2`].
+    #[inline(always)]
+    pub(crate) fn nearest_in_cell<const P: usize>(&self, cell: usize, x: &[f32]) -> u32 {
+        let chunks = self.chunk_offsets[cell] as usize..self.chunk_offsets[cell + 1] as usize;
+        let mut best = (f32::INFINITY, 0u32);
+        for chunk in chunks {
+            let coords = &self.coords[chunk * P * LANES..(chunk + 1) * P * LANES];
+            for lane in 0..LANES {
+                let mut d = 0f32;
+                for j in 0..P {
+                    let diff = coords[j * LANES + lane] - x[j];
+                    d += diff * diff;
+                }
+                if d < best.0 {
+                    best = (d, self.indices[chunk * LANES + lane]);
+                }
+            }
+        }
+        best.1
+    }
+
+    fn assign_scalar_p<const P: usize>(&self, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+        let points = &grid.points;
+        for (x, c) in xs.chunks_exact(P).zip(codes.iter_mut()) {
+            *c = match self.cell_of::<P>(x) {
+                Some(cell) => self.nearest_in_cell::<P>(cell, x),
+                None => brute_force_nearest(points, P, x),
+            };
+        }
+    }
+}
+
+/// The points of `parent` that can be the reference answer somewhere in `cell` (ascending).
+///
+/// A point g is dropped only when some point h satisfies ‖x−g‖² − ‖x−h‖² > margin for every x in
+/// the cell, where `margin` exceeds twice the f32 rounding of either distance there; then the
+/// computed distance of g is larger than that of h on the whole cell and g never wins.
+fn refine<const P: usize>(
+    pts: &[[f64; P]],
+    big: f64,
+    parent: &[u32],
+    cell: &Bounds<P>,
+    final_level: bool,
+) -> Vec<u32> {
+    // Largest squared distance from the cell to any point; the rounding of an f32 distance of
+    // P terms is below (P + 2)·u·d, so two of them are below 2(P + 2)·u·dmax; doubled for slack.
+    let dmax: f64 = (0..P)
+        .map(|d| (cell.lo[d].abs().max(cell.hi[d].abs()) + big).powi(2))
+        .sum();
+    let margin = 4.0 * (P as f64 + 3.0) * UNIT_ROUNDOFF * dmax;
+
+    // Step 1: the point whose farthest distance over the cell is smallest bounds every point's
+    // nearest distance from above.
+    let min_d2 = |g: &[f64; P]| -> f64 {
+        (0..P)
+            .map(|d| (g[d].clamp(cell.lo[d], cell.hi[d]) - g[d]).powi(2))
+            .sum()
+    };
+    let max_d2 = |g: &[f64; P]| -> f64 {
+        (0..P)
+            .map(|d| (g[d] - cell.lo[d]).abs().max((cell.hi[d] - g[d]).abs()).powi(2))
+            .sum()
+    };
+    let upper = parent
+        .iter()
+        .map(|&i| max_d2(&pts[i as usize]))
+        .fold(f64::INFINITY, f64::min);
+    let mut kept: Vec<u32> = parent
+        .iter()
+        .copied()
+        .filter(|&i| min_d2(&pts[i as usize]) <= upper + margin)
+        .collect();
+
+    // Step 2: pairwise dominance against the points nearest the cell's centre.
+    if final_level || kept.len() <= 512 {
+        let centre: [f64; P] = std::array::from_fn(|d| 0.5 * (cell.lo[d] + cell.hi[d]));
+        let mut by_centre: Vec<(f64, u32)> = kept
+            .iter()
+            .map(|&i| {
+                let g = &pts[i as usize];
+                ((0..P).map(|d| (g[d] - centre[d]).powi(2)).sum(), i)
+            })
+            .collect();
+        by_centre.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let dominators: Vec<u32> = by_centre.iter().take(48).map(|&(_, i)| i).collect();
+        kept.retain(|&gi| {
+            let g = &pts[gi as usize];
+            let g2: f64 = g.iter().map(|v| v * v).sum();
+            !dominators.iter().any(|&hi| {
+                if hi == gi {
+                    return false;
+                }
+                let h = &pts[hi as usize];
+                let h2: f64 = h.iter().map(|v| v * v).sum();
+                // ‖x−g‖² − ‖x−h‖² = ‖g‖² − ‖h‖² − 2 x·(g − h); its minimum over the box.
+                let mut worst = g2 - h2;
+                for d in 0..P {
+                    let diff = g[d] - h[d];
+                    worst -= 2.0 * (cell.lo[d] * diff).max(cell.hi[d] * diff);
+                }
+                worst > margin
+            })
+        });
+    }
+    kept.sort_unstable();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn check_against_brute(assigner: &Assigner, xs: &[f32]) {
+        let p = assigner.grid.p;
+        let mut fast = vec![0u32; xs.len() / p];
+        let mut scalar = vec![0u32; xs.len() / p];
+        assigner.assign(xs, &mut fast);
+        assigner.assign_scalar(xs, &mut scalar);
+        for (t, x) in xs.chunks_exact(p).enumerate() {
+            let want = brute_force_nearest(&assigner.grid.points, p, x);
+            assert_eq!(fast[t], want, "{}: x = {x:?}", assigner.grid.id());
+            assert_eq!(scalar[t], want, "{} (scalar): x = {x:?}", assigner.grid.id());
+        }
+    }
+
+    /// Gaussian, wide, far-tail, huge and non-finite inputs.
+    fn hard_inputs(p: usize, count: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        let mut xs = vec![0f32; count * p];
+        rng.fill_gaussian(&mut xs);
+        for (i, x) in xs.iter_mut().enumerate() {
+            match i % 16 {
+                3 => *x *= 3.0,
+                5 => *x *= 8.0,
+                7 => *x = x.signum() * (6.0 + x.abs() * 20.0),
+                9 if i % 64 == 9 => *x *= 1e4,
+                _ => {}
+            }
+        }
+        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 0.0, -0.0, 64.0, -64.0, 64.0001] {
+            xs.extend(std::iter::repeat_n(special, p));
+            xs.extend(std::iter::repeat_n(0.5, p - 1));
+            xs.push(special);
+        }
+        xs
+    }
+
+    /// Inputs exactly on ties: midpoints of pairs of points (and of their f32 neighbours).
+    fn tie_inputs(grid: &Grid, count: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        let p = grid.p;
+        let mut xs = Vec::with_capacity(count * p);
+        for _ in 0..count {
+            let a = (rng.next_u64() % grid.n as u64) as usize;
+            // A near neighbour is far more likely to share a Voronoi face.
+            let b = (0..grid.n)
+                .filter(|&b| b != a)
+                .min_by(|&b, &c| {
+                    let db = distance2(grid.point(b), grid.point(a));
+                    let dc = distance2(grid.point(c), grid.point(a));
+                    db.total_cmp(&dc).then(b.cmp(&c))
+                })
+                .unwrap_or(a);
+            let nudge = (rng.next_u64() % 3) as i32 - 1;
+            for d in 0..p {
+                let mid = 0.5 * (grid.point(a)[d] + grid.point(b)[d]);
+                xs.push(match nudge {
+                    -1 => f32::from_bits(mid.to_bits().wrapping_sub(1)),
+                    1 => f32::from_bits(mid.to_bits() + 1),
+                    _ => mid,
+                });
+            }
+        }
+        xs
+    }
+
+    #[test]
+    fn shipped_grids_match_brute_force() {
+        for (p, n) in Grid::available() {
+            let assigner = Assigner::for_grid(p, n).unwrap();
+            let count = (2_000_000 / n).clamp(2_000, 200_000);
+            check_against_brute(&assigner, &hard_inputs(p, count, 11 + n as u64));
+            check_against_brute(&assigner, &tie_inputs(&assigner.grid, 500, 5));
+        }
+    }
+
+    #[test]
+    fn p2_n256_millions_of_points() {
+        let assigner = Assigner::for_grid(2, 256).unwrap();
+        check_against_brute(&assigner, &hard_inputs(2, 2_000_000, 99));
+        check_against_brute(&assigner, &tie_inputs(&assigner.grid, 20_000, 6));
+    }
+
+    #[test]
+    fn symmetric_and_degenerate_grids_tie_to_lowest_index() {
+        // A square lattice with duplicates: many exact ties.
+        let mut pts = Vec::new();
+        for i in -3..=3 {
+            for j in -3..=3 {
+                pts.extend([i as f32 * 0.5, j as f32 * 0.5]);
+            }
+        }
+        pts.extend([0.0, 0.0, 1.0, 1.0]);
+        let grid = Arc::new(Grid::from_points(2, pts, 0).unwrap());
+        let assigner = Assigner::new(grid);
+        let mut xs = Vec::new();
+        for i in -40..=40 {
+            for j in -40..=40 {
+                xs.extend([i as f32 * 0.125, j as f32 * 0.125]);
+            }
+        }
+        check_against_brute(&assigner, &xs);
+        check_against_brute(&assigner, &hard_inputs(2, 50_000, 3));
+
+        let line = Assigner::new(Arc::new(Grid::from_points(1, vec![1.0, -1.0, 0.0, 1.0, -0.0], 0).unwrap()));
+        let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.125).collect();
+        check_against_brute(&line, &xs);
+        check_against_brute(&line, &hard_inputs(1, 10_000, 4));
+        let two = Assigner::new(Arc::new(Grid::from_points(1, vec![0.5, -0.5], 0).unwrap()));
+        check_against_brute(&two, &hard_inputs(1, 10_000, 4));
+    }
+
+    #[test]
+    fn random_grids_of_every_dimension() {
+        for p in 1..=5 {
+            for n in [3usize, 17, 300] {
+                let mut rng = SplitMix64::new(p as u64 * 1000 + n as u64);
+                let mut pts = vec![0f32; n * p];
+                rng.fill_gaussian(&mut pts);
+                let assigner = Assigner::new(Arc::new(Grid::from_points(p, pts, 0).unwrap()));
+                check_against_brute(&assigner, &hard_inputs(p, 20_000, 8));
+                check_against_brute(&assigner, &tie_inputs(&assigner.grid, 300, 9));
+            }
+        }
+    }
 }

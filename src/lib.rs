@@ -8,15 +8,21 @@
 //! - [`codec`]: one tensor: rotate, scale, assign, pack; dequantize; bits per weight.
 //! - [`checkpoint`]: validated memory-mapped safetensors in, atomic streamed safetensors out.
 //! - [`pipeline`]: plan and run the quantization of a whole checkpoint.
+//! - [`allocate`]: per-layer bit widths from the linearity theorem (multiple-choice knapsack).
 //! - [`cpu_kernels`]: LUT-GEMV/GEMM on packed codes for CPU inference.
 //! - `cuda` (feature `cuda`): NVRTC-compiled LUT-GEMM kernels launched through cudarc.
 //! - `python` (feature `python`): the PyO3 bindings, and the only file that knows Python.
 
+pub mod allocate;
 pub mod assign;
 pub mod checkpoint;
 pub mod codec;
+pub mod cpu_kernels;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod grid;
 pub mod hadamard;
+pub mod pipeline;
 pub mod rng;
 
 #[cfg(feature = "python")]

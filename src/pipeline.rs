@@ -6,11 +6,12 @@
 //! - `P.higgs_scales` F16 [rows, groups];
 //! - `higgs.grid.p{p}_n{n}_v{version}` F32 [n, p], one per grid used;
 //! - `higgs.signs` I8 [max padded width]: the ±1 signs (a prefix serves every width), when seeded.
+//!
 //! Every other tensor is copied bit-exact. `config.json` gains `quantization_config` with the
 //! per-module spec, and is written last: a directory without it is not a finished output.
 #![forbid(unsafe_code)]
 
-use crate::checkpoint::{atomic_write, Checkpoint, Dtype, SafetensorsWriter, TensorInfo};
+use crate::checkpoint::{atomic_write, Checkpoint, Dtype, SafetensorsWriter};
 use crate::codec::{self, ElemType, QuantSpec, Source};
 use crate::grid::Grid;
 use crate::{hadamard, HiggsError, Result};
@@ -40,7 +41,10 @@ pub struct Options {
 #[derive(Clone, Debug)]
 pub enum Action {
     Copy,
-    Quantize { spec: QuantSpec, layout: codec::Layout },
+    Quantize {
+        spec: QuantSpec,
+        layout: codec::Layout,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -84,7 +88,10 @@ impl Plan {
             .iter()
             .filter(|t| matches!(t.action, Action::Quantize { .. }))
             .fold((0f64, 0f64), |(b, w), t| {
-                (b + t.output_bytes as f64 * 8.0, w + t.shape.iter().product::<usize>() as f64)
+                (
+                    b + t.output_bytes as f64 * 8.0,
+                    w + t.shape.iter().product::<usize>() as f64,
+                )
             });
         if weights == 0.0 {
             0.0
@@ -109,7 +116,9 @@ impl Plan {
         self.tensors
             .iter()
             .filter_map(|t| match &t.action {
-                Action::Quantize { layout, spec } if spec.seed.is_some() => Some(layout.padded_cols),
+                Action::Quantize { layout, spec } if spec.seed.is_some() => {
+                    Some(layout.padded_cols)
+                }
                 _ => None,
             })
             .max()
@@ -176,13 +185,19 @@ pub fn plan(checkpoint: &Checkpoint, options: &Options) -> Result<Plan> {
             tensors.push(copy(reason));
             continue;
         }
-        let spec = options.overrides.get(&info.name).unwrap_or(&options.spec).clone();
-        let layout = spec.layout(info.shape[0], info.shape[1]).map_err(|e| {
-            HiggsError::invalid(format!("{}: {e}", info.name))
-        })?;
+        let spec = options
+            .overrides
+            .get(&info.name)
+            .unwrap_or(&options.spec)
+            .clone();
+        let layout = spec
+            .layout(info.shape[0], info.shape[1])
+            .map_err(|e| HiggsError::invalid(format!("{}: {e}", info.name)))?;
         if spec.seed.is_some() {
             if seed.is_some() && seed != spec.seed {
-                return Err(HiggsError::invalid("all quantized tensors must share one seed"));
+                return Err(HiggsError::invalid(
+                    "all quantized tensors must share one seed",
+                ));
             }
             seed = spec.seed;
         }
@@ -291,8 +306,16 @@ fn entries_of(t: &TensorPlan) -> Vec<Entry> {
         Action::Quantize { layout, .. } => {
             let m = module_name(&t.name);
             vec![
-                (format!("{m}.higgs_codes"), Dtype::U8, vec![layout.rows, layout.row_bytes]),
-                (format!("{m}.higgs_scales"), Dtype::F16, vec![layout.rows, layout.groups]),
+                (
+                    format!("{m}.higgs_codes"),
+                    Dtype::U8,
+                    vec![layout.rows, layout.row_bytes],
+                ),
+                (
+                    format!("{m}.higgs_scales"),
+                    Dtype::F16,
+                    vec![layout.rows, layout.groups],
+                ),
             ]
         }
     }
@@ -325,7 +348,7 @@ pub fn run(
     overwrite: bool,
     progress: bool,
 ) -> Result<Summary> {
-    prepare_destination(dst, overwrite)?;
+    prepare_destination(source_dir, dst, overwrite)?;
     let started = Instant::now();
     let ranges = shard_ranges(plan, options.max_shard_bytes);
     let shard_names: Vec<String> = if ranges.len() == 1 {
@@ -340,7 +363,7 @@ pub fn run(
         let bar = ProgressBar::new(plan.source_bytes());
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:30} {pos:>7}/{len:7} tensors {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                "{bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
@@ -355,7 +378,10 @@ pub fn run(
     let mut done_tensors = 0usize;
 
     for (shard_index, range) in ranges.iter().enumerate() {
-        let mut entries: Vec<Entry> = plan.tensors[range.clone()].iter().flat_map(entries_of).collect();
+        let mut entries: Vec<Entry> = plan.tensors[range.clone()]
+            .iter()
+            .flat_map(entries_of)
+            .collect();
         // Grid tables and signs go into the last shard.
         let last = shard_index + 1 == ranges.len();
         let mut extra: Vec<(Entry, Vec<u8>)> = Vec::new();
@@ -381,19 +407,23 @@ pub fn run(
         }
         let mut metadata = BTreeMap::new();
         metadata.insert("format".to_string(), "pt".to_string());
-        metadata.insert("higgs_format_version".to_string(), FORMAT_VERSION.to_string());
+        metadata.insert(
+            "higgs_format_version".to_string(),
+            FORMAT_VERSION.to_string(),
+        );
         let mut writer = SafetensorsWriter::create(&shard_path, entries, metadata)?;
         for t in &plan.tensors[range.clone()] {
-            let info = checkpoint
-                .get(&t.name)
-                .ok_or_else(|| HiggsError::invalid(format!("{}: tensor vanished from the checkpoint", t.name)))?;
+            let info = checkpoint.get(&t.name).ok_or_else(|| {
+                HiggsError::invalid(format!("{}: tensor vanished from the checkpoint", t.name))
+            })?;
             let bytes = checkpoint.bytes(info);
             match &t.action {
                 Action::Copy => writer.write_tensor(&t.name, bytes)?,
                 Action::Quantize { spec, layout } => {
                     let elem = elem_type(info.dtype).expect("planned tensors are float");
-                    let q = codec::quantize(Source::Bytes(elem, bytes), layout.rows, layout.cols, spec)
-                        .map_err(|e| in_tensor(&t.name, e))?;
+                    let q =
+                        codec::quantize(Source::Bytes(elem, bytes), layout.rows, layout.cols, spec)
+                            .map_err(|e| in_tensor(&t.name, e))?;
                     let m = module_name(&t.name);
                     writer.write_tensor(&format!("{m}.higgs_codes"), &q.codes)?;
                     let scales: &[u8] = bytemuck::cast_slice(&q.scales);
@@ -455,7 +485,12 @@ pub fn run(
 fn in_tensor(name: &str, err: HiggsError) -> HiggsError {
     match err {
         HiggsError::InvalidArgument(m) => HiggsError::InvalidArgument(format!("{name}: {m}")),
-        HiggsError::NonFinite { what: _, row, col, value } => HiggsError::NonFinite {
+        HiggsError::NonFinite {
+            what: _,
+            row,
+            col,
+            value,
+        } => HiggsError::NonFinite {
             what: format!("tensor {name}"),
             row,
             col,
@@ -466,12 +501,40 @@ fn in_tensor(name: &str, err: HiggsError) -> HiggsError {
     }
 }
 
-fn prepare_destination(dst: &Path, overwrite: bool) -> Result<()> {
+/// Output files of a previous run: shards and index.
+fn is_output_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
+}
+
+fn prepare_destination(source_dir: &Path, dst: &Path, overwrite: bool) -> Result<()> {
+    // Writing into the source directory would delete or shadow the checkpoint being read.
+    if let (Ok(a), Ok(b)) = (source_dir.canonicalize(), dst.canonicalize()) {
+        if a == b {
+            return Err(HiggsError::invalid(format!(
+                "the destination {} is the source directory; choose another directory",
+                dst.display()
+            )));
+        }
+    }
     if dst.join("config.json").exists() && !overwrite {
         return Err(HiggsError::invalid(format!(
             "{} already holds a model (config.json); pass overwrite to replace it",
             dst.display()
         )));
+    }
+    if !overwrite && dst.is_dir() {
+        // Shards of an unfinished run would mix with this run's (a stale index would even
+        // take precedence when reading): refuse rather than delete files we did not write now.
+        for entry in std::fs::read_dir(dst).map_err(|e| HiggsError::io(dst, e))? {
+            let path = entry.map_err(|e| HiggsError::io(dst, e))?.path();
+            if is_output_file(path.file_name().and_then(|n| n.to_str()).unwrap_or("")) {
+                return Err(HiggsError::invalid(format!(
+                    "{} holds {} (from an unfinished run?); pass overwrite to replace it",
+                    dst.display(),
+                    path.display()
+                )));
+            }
+        }
     }
     std::fs::create_dir_all(dst).map_err(|e| HiggsError::io(dst, e))?;
     if overwrite {
@@ -483,7 +546,7 @@ fn prepare_destination(dst: &Path, overwrite: bool) -> Result<()> {
         for entry in std::fs::read_dir(dst).map_err(|e| HiggsError::io(dst, e))? {
             let path = entry.map_err(|e| HiggsError::io(dst, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+            if is_output_file(name) {
                 std::fs::remove_file(&path).map_err(|e| HiggsError::io(&path, e))?;
             }
         }
@@ -519,7 +582,7 @@ fn copy_side_files(source_dir: &Path, dst: &Path) -> Result<()> {
                 .any(|ext| name.ends_with(ext));
         if wanted {
             let bytes = std::fs::read(&path).map_err(|e| HiggsError::io(&path, e))?;
-            atomic_write(&dst.join(name), &bytes)?;
+            atomic_write(dst.join(name), &bytes)?;
         }
     }
     Ok(())
@@ -529,8 +592,10 @@ fn copy_side_files(source_dir: &Path, dst: &Path) -> Result<()> {
 fn write_config(source_dir: &Path, dst: &Path, plan: &Plan) -> Result<()> {
     let source_config = source_dir.join("config.json");
     let mut config: Value = if source_config.is_file() {
-        let text = std::fs::read_to_string(&source_config).map_err(|e| HiggsError::io(&source_config, e))?;
-        serde_json::from_str(&text).map_err(|e| HiggsError::format(&source_config, format!("not valid JSON: {e}")))?
+        let text = std::fs::read_to_string(&source_config)
+            .map_err(|e| HiggsError::io(&source_config, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| HiggsError::format(&source_config, format!("not valid JSON: {e}")))?
     } else {
         json!({})
     };

@@ -374,6 +374,281 @@ fn quantize_checkpoint<'py>(
     Ok(out)
 }
 
+/// Linearity-theorem allocation: one option per layer minimizing Σ `errors[l][k]` with
+/// Σ `costs[l][k]` <= `budget` (and Σ `second_costs` <= `second_budget` when given); a dict with
+/// `choices`, `cost`, `error`, `lower_bound`, `exact`, `unit`.
+#[pyfunction]
+#[pyo3(signature = (costs, errors, budget, *, second_costs=None, second_budget=None,
+    max_cells=crate::allocate::DEFAULT_MAX_CELLS))]
+#[allow(clippy::too_many_arguments)]
+fn allocate<'py>(
+    py: Python<'py>,
+    costs: Vec<Vec<u64>>,
+    errors: Vec<Vec<f64>>,
+    budget: u64,
+    second_costs: Option<Vec<Vec<u64>>>,
+    second_budget: Option<u64>,
+    max_cells: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    use crate::allocate::{allocate, allocate_two_budgets, Choice};
+    if costs.len() != errors.len() || costs.iter().zip(&errors).any(|(c, e)| c.len() != e.len()) {
+        return Err(PyValueError::new_err("costs and errors must have the same shape (layers × options)"));
+    }
+    let layers: Vec<Vec<Choice>> = costs
+        .iter()
+        .zip(&errors)
+        .map(|(c, e)| c.iter().zip(e).map(|(&cost, &error)| Choice { cost, error }).collect())
+        .collect();
+    let result = py.detach(|| match (second_costs, second_budget) {
+        (None, None) => allocate(&layers, budget, max_cells),
+        (Some(second), Some(second_budget)) => {
+            allocate_two_budgets(&layers, &second, budget, second_budget, max_cells)
+        }
+        _ => Err(HiggsError::invalid("second_costs and second_budget go together")),
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("choices", result.choices)?;
+    out.set_item("cost", result.cost)?;
+    out.set_item("error", result.error)?;
+    out.set_item("lower_bound", result.lower_bound)?;
+    out.set_item("exact", result.exact)?;
+    out.set_item("unit", result.unit)?;
+    Ok(out)
+}
+
+/// Bits a `rows × cols` tensor stores with this spec: packed codes (padding included) and f16 scales.
+#[pyfunction]
+#[pyo3(signature = (rows, cols, p, n, hadamard_size=None, group_size=64))]
+fn stored_bits(rows: usize, cols: usize, p: usize, n: usize, hadamard_size: Option<usize>, group_size: usize) -> PyResult<u64> {
+    let spec = QuantSpec { p, n, hadamard_size, group_size, seed: None };
+    Ok(crate::allocate::stored_bits(&spec, rows, cols)?)
+}
+
+/// `x @ W.T` for a HIGGS-packed `W` (rows = out_features), on the CPU, without materializing `W`:
+/// the activations are rotated like the weights were, then a LUT product runs on the codes.
+/// `x` is float32 `batch × cols`; returns float32 `batch × rows`.
+#[pyfunction]
+#[pyo3(signature = (x, codes, scales, grid, signs, hadamard_size, group_size, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn lut_linear<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    codes: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f16>,
+    grid: PyReadonlyArray2<'py, f32>,
+    signs: Option<numpy::PyReadonlyArray1<'py, f32>>,
+    hadamard_size: usize,
+    group_size: usize,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    use std::borrow::Cow;
+    fn contiguous<'a, T: numpy::Element + Copy, D: numpy::ndarray::Dimension>(
+        a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    ) -> Cow<'a, [T]> {
+        match a.as_slice() {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
+        }
+    }
+    let (batch, cols) = (x.shape()[0], x.shape()[1]);
+    let rows = codes.shape()[0];
+    let (n, p) = (grid.shape()[0], grid.shape()[1]);
+    if scales.shape()[0] != rows {
+        return Err(PyValueError::new_err(format!(
+            "scales have {} rows but codes have {rows}; both need one row per output feature",
+            scales.shape()[0]
+        )));
+    }
+    let (x_values, code_bytes, scale_values, grid_values) =
+        (contiguous(&x), contiguous(&codes), contiguous(&scales), contiguous(&grid));
+    let sign_values = signs.as_ref().map(contiguous);
+    let weights = crate::cpu_kernels::LutWeights {
+        rows,
+        cols,
+        p,
+        n,
+        hadamard_size,
+        group_size,
+        codes: &code_bytes,
+        scales: &scale_values,
+        grid: &grid_values,
+        signs: sign_values.as_deref(),
+    };
+    // Rows come from `codes` and were matched above, so the total sizes checked here pin
+    // every dimension.
+    weights.layout()?;
+    let y = run_detached(py, threads, || {
+        let mut y = vec![0f32; batch * rows];
+        crate::cpu_kernels::lut_linear(&weights, &x_values, batch, &mut y)?;
+        Ok(y)
+    })?;
+    Ok(PyArray1::from_vec(py, y).reshape([batch, rows])?)
+}
+
+/// Whether the CUDA kernels can run here: built with the `cuda` feature, the NVIDIA driver and
+/// NVRTC found, and a GPU of compute capability 8.0 or newer present.
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(cuda_status_result).is_ok()
+}
+
+/// Which GPU the CUDA kernels use, or why they cannot run on this machine.
+#[pyfunction]
+fn cuda_status(py: Python<'_>) -> String {
+    match py.detach(cuda_status_result) {
+        Ok(s) => s,
+        Err(reason) => format!("CUDA unavailable: {reason}"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_status_result() -> std::result::Result<String, String> {
+    crate::cuda::status()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_status_result() -> std::result::Result<String, String> {
+    Err("this build of higgs_rs has no CUDA support (it was built without the `cuda` feature)".into())
+}
+
+/// Errors of the CUDA driver or compiler become RuntimeError; argument errors stay ValueError.
+#[cfg(feature = "cuda")]
+fn cuda_err(err: HiggsError) -> PyErr {
+    match err {
+        HiggsError::Unsupported(m) if m.starts_with("CUDA: ") => pyo3::exceptions::PyRuntimeError::new_err(m),
+        other => other.into(),
+    }
+}
+
+/// Launch `out = x @ W.T` for a HIGGS layer on the GPU (the activation Hadamard kernel, then the
+/// LUT-GEMM) on the raw CUDA stream `stream`, without synchronizing. All tensors are given as
+/// device addresses (`tensor.data_ptr()`); `signs` may be 0. Returns 0 when launched, or the
+/// workspace bytes needed (nothing launched) when `workspace_bytes` is too small; the workspace
+/// must be zero-filled when first allocated. `mt`/`splits` override the launch heuristics.
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
+    row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_lut_linear(
+    py: Python<'_>,
+    x: u64,
+    out: u64,
+    workspace: u64,
+    workspace_bytes: usize,
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    codes: u64,
+    scales: u64,
+    grid: u64,
+    signs: u64,
+    row_bytes: usize,
+    groups: usize,
+    p: usize,
+    n: usize,
+    hadamard_size: usize,
+    group_size: usize,
+    dtype: &str,
+    stream: u64,
+    device: usize,
+    mt: usize,
+    splits: usize,
+) -> PyResult<usize> {
+    use crate::cuda;
+    let call = cuda::LinearCall {
+        shape: cuda::LayerShape {
+            in_features,
+            out_features,
+            p,
+            n,
+            hadamard_size,
+            group_size,
+            row_bytes,
+            groups,
+        },
+        batch,
+        x,
+        out,
+        codes,
+        scales,
+        grid,
+        signs,
+        workspace,
+        workspace_bytes,
+        act: cuda::ActType::parse(dtype)?,
+        stream,
+        device,
+        tuning: cuda::Tuning { mt, splits },
+    };
+    py.detach(|| cuda::lut_linear(&call)).map_err(cuda_err)
+}
+
+/// Launch the activation rotation alone: `out[b, :]` (`batch × out_width`, zeros past the padded
+/// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it.
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_hadamard(
+    py: Python<'_>,
+    x: u64,
+    out: u64,
+    signs: u64,
+    batch: usize,
+    in_features: usize,
+    hadamard_size: usize,
+    out_width: usize,
+    dtype: &str,
+    stream: u64,
+    device: usize,
+) -> PyResult<()> {
+    let act = crate::cuda::ActType::parse(dtype)?;
+    py.detach(|| {
+        crate::cuda::hadamard_rotate(x, out, signs, batch, in_features, hadamard_size, out_width, act, stream, device)
+    })
+    .map_err(cuda_err)
+}
+
+/// Launch the dequantization of a layer into its rotated-domain weights (`out_features × ld`,
+/// activation dtype), for large batches that go through a library GEMM.
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_dequantize_rotated(
+    py: Python<'_>,
+    codes: u64,
+    scales: u64,
+    grid: u64,
+    out: u64,
+    ld: usize,
+    in_features: usize,
+    out_features: usize,
+    row_bytes: usize,
+    groups: usize,
+    p: usize,
+    n: usize,
+    hadamard_size: usize,
+    group_size: usize,
+    dtype: &str,
+    stream: u64,
+    device: usize,
+) -> PyResult<()> {
+    use crate::cuda;
+    let shape = cuda::LayerShape {
+        in_features,
+        out_features,
+        p,
+        n,
+        hadamard_size,
+        group_size,
+        row_bytes,
+        groups,
+    };
+    let act = cuda::ActType::parse(dtype)?;
+    py.detach(|| cuda::dequantize_rotated(&shape, codes, scales, grid, out, ld, act, stream, device))
+        .map_err(cuda_err)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -388,5 +663,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_supported_hadamard_order, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate, m)?)?;
+    m.add_function(wrap_pyfunction!(stored_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(lut_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda_lut_linear, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda_hadamard, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda_dequantize_rotated, m)?)?;
     Ok(())
 }

@@ -20,13 +20,21 @@ from ._core import (
     random_signs,
     simd_path,
 )
+from .cuda import cuda_available, cuda_status
 
 __version__: str = _core.__version__
 
 __all__ = [
     "HiggsFormatError",
+    "HiggsLinear",
+    "load",
+    "load_dequantized",
+    "patch",
+    "quantize_checkpoint",
     "QuantizedTensor",
     "available_grids",
+    "cuda_available",
+    "cuda_status",
     "dequantize",
     "grid_points",
     "grid_size",
@@ -113,3 +121,17 @@ def quantize_tensor(
 def dequantize(tensor: QuantizedTensor, threads: int | None = None) -> np.ndarray:
     """The float32 matrix a quantized tensor stands for."""
     return _core.dequantize(tensor, threads=threads)
+
+
+from .checkpoint import quantize_checkpoint  # noqa: E402  (needs grid_size above)
+
+_TORCH_API = ("HiggsLinear", "load", "load_dequantized", "patch")
+
+
+def __getattr__(name: str) -> Any:
+    """The PyTorch API (``load``, ``patch``, ``HiggsLinear``) imports torch only when first used."""
+    if name in _TORCH_API:
+        from . import torch as torch_api
+
+        return getattr(torch_api, name)
+    raise AttributeError(f"module 'higgs_rs' has no attribute {name!r}")

@@ -65,3 +65,73 @@ def hadamard_transform(array: npt.NDArray[np.float32], order: int, inverse: bool
 def random_signs(seed: int, len: int) -> npt.NDArray[np.float32]: ...
 def is_supported_hadamard_order(order: int) -> bool: ...
 def simd_path() -> str: ...
+def lut_linear(
+    x: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float16],
+    grid: npt.NDArray[np.float32],
+    signs: npt.NDArray[np.float32] | None,
+    hadamard_size: int,
+    group_size: int,
+    threads: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """``x @ W.T`` (float32 ``batch × rows``) for HIGGS-packed ``W`` on the CPU, without materializing ``W``."""
+
+# CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated exist only in builds with the
+# `cuda` feature; pointers are device addresses from torch's data_ptr()).
+def cuda_available() -> bool: ...
+def cuda_status() -> str: ...
+def cuda_lut_linear(
+    x: int,
+    out: int,
+    workspace: int,
+    workspace_bytes: int,
+    batch: int,
+    in_features: int,
+    out_features: int,
+    codes: int,
+    scales: int,
+    grid: int,
+    signs: int,
+    row_bytes: int,
+    groups: int,
+    p: int,
+    n: int,
+    hadamard_size: int,
+    group_size: int,
+    dtype: str,
+    stream: int,
+    device: int,
+    mt: int = 0,
+    splits: int = 0,
+) -> int: ...
+def cuda_hadamard(
+    x: int,
+    out: int,
+    signs: int,
+    batch: int,
+    in_features: int,
+    hadamard_size: int,
+    out_width: int,
+    dtype: str,
+    stream: int,
+    device: int,
+) -> None: ...
+def cuda_dequantize_rotated(
+    codes: int,
+    scales: int,
+    grid: int,
+    out: int,
+    ld: int,
+    in_features: int,
+    out_features: int,
+    row_bytes: int,
+    groups: int,
+    p: int,
+    n: int,
+    hadamard_size: int,
+    group_size: int,
+    dtype: str,
+    stream: int,
+    device: int,
+) -> None: ...

@@ -34,6 +34,7 @@ def _empty_model(ckpt: HiggsCheckpoint, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _finish(model: torch.nn.Module, state: dict[str, torch.Tensor], path: PathLike) -> torch.nn.Module:
+    _rebuild_meta_buffers(model)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{path}: tensors the model does not have: {unexpected[:5]}")
@@ -42,6 +43,25 @@ def _finish(model: torch.nn.Module, state: dict[str, torch.Tensor], path: PathLi
     if still_meta:
         raise ValueError(f"{path}: the checkpoint lacks {still_meta[:5]}")
     return model.eval()
+
+
+def is_higgs_checkpoint(path: PathLike) -> bool:
+    """Whether ``path`` is a directory whose config.json names ``quant_method: higgs_rs``."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "higgs_rs"
+
+
+def load_plain(path: PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An ordinary (not HIGGS) transformers causal LM from a checkpoint directory, for comparison."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
 def load_dequantized(path: PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -55,20 +75,102 @@ def load_dequantized(path: PathLike, dtype: torch.dtype = torch.float32) -> torc
     for module in ckpt.modules:
         weight = torch.from_numpy(dequantize(ckpt.quantized(module)))
         state[f"{module}.weight"] = weight.to(dtype)
-    # Buffers the checkpoint does not store (rotary tables) are rebuilt on the CPU.
-    _materialize_buffers(model)
     return _finish(model, state, path)
 
 
-def _materialize_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers created on meta (rotary inverse frequencies) are recomputed on CPU."""
-    for module in model.modules():
-        if hasattr(module, "rope_init_fn") and getattr(module, "inv_freq", None) is not None:
-            if module.inv_freq.is_meta:
-                inv_freq, scaling = module.rope_init_fn(module.config, torch.device("cpu"))
-                module.register_buffer("inv_freq", inv_freq, persistent=False)
-                module.original_inv_freq = inv_freq
-                module.attention_scaling = scaling
+def load(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A transformers causal LM whose quantized linear layers are ``HiggsLinear`` modules.
+
+    The model is built on the meta device and only the checkpoint's tensors are materialized, so
+    full-precision weights of the quantized layers never exist in memory. ``dtype`` is the
+    activation and plain-weight dtype (default: float32 on CPU, float16 on CUDA).
+    """
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    ckpt = HiggsCheckpoint(path)
+    model = _empty_model(ckpt, dtype)
+    modules_config = ckpt.quantization_config["modules"]
+    for name, spec in ckpt.modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        layer = HiggsLinear(
+            spec.in_features,
+            spec.out_features,
+            p=spec.p,
+            n=spec.n,
+            hadamard_size=spec.hadamard_size,
+            group_size=spec.group_size,
+            padded_in_features=spec.padded_in_features,
+            row_bytes=int(modules_config[name]["row_bytes"]),
+            bias=getattr(old, "bias", None) is not None,
+            has_signs=ckpt.seed is not None,
+            device="meta",
+        )
+        setattr(parent, child, layer)
+    state: dict[str, torch.Tensor] = {}
+    for name in ckpt.plain_tensors():
+        state[name] = ckpt.get(name).to(device=device, dtype=dtype)
+    signs = ckpt.get("higgs.signs").to(torch.float32) if ckpt.seed is not None else None
+    grids: dict[str, torch.Tensor] = {}
+    for name, spec in ckpt.modules.items():
+        if spec.grid not in grids:
+            grids[spec.grid] = ckpt.get(spec.grid).to(device)
+        state[f"{name}.codes"] = ckpt.get(f"{name}.higgs_codes").to(device)
+        state[f"{name}.scales"] = ckpt.get(f"{name}.higgs_scales").to(device)
+        state[f"{name}.grid"] = grids[spec.grid]
+        if signs is not None:
+            state[f"{name}.signs"] = signs[: spec.padded_in_features].to(device)
+    model = _finish(model, state, path)
+    return model.to(device)
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
+    """Modules whose buffers were computed on the meta device (rotary tables) are rebuilt on CPU."""
+    for name, module in list(model.named_modules()):
+        has_meta_buffer = any(b is not None and b.is_meta for b in module._buffers.values())
+        if has_meta_buffer and not any(True for _ in module.parameters()) and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+
+
+def patch(
+    model: torch.nn.Module,
+    bits: float = 4,
+    p: int = 2,
+    hadamard_size: int | None = None,
+    group_size: int = 64,
+    seed: int | None = 0,
+    skip: tuple[str, ...] = ("lm_head", "embed"),
+    threads: int | None = None,
+) -> torch.nn.Module:
+    """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
+    of ``skip``), replacing each with a ``HiggsLinear`` on the same device. Returns the model."""
+    from . import quantize_tensor
+
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip)
+    ]
+    for name, module in targets:
+        weight = module.weight.detach()
+        q = quantize_tensor(
+            weight.cpu(),
+            bits=bits,
+            p=p,
+            hadamard_size=hadamard_size,
+            group_size=group_size,
+            seed=seed,
+            threads=threads,
+        )
+        bias = None if module.bias is None else module.bias.detach().float().cpu()
+        layer = HiggsLinear.from_quantized(q, bias=bias, device="cpu").to(weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
 
 
 class HiggsLinear(torch.nn.Module):
@@ -178,32 +280,7 @@ class HiggsLinear(torch.nn.Module):
         return torch.from_numpy(y).to(x.dtype)
 
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        from . import _core
+        # The fused CUDA path (Hadamard kernel + LUT-GEMM on the codes) lives in higgs_rs.cuda.
+        from .cuda import lut_linear
 
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"HiggsLinear on CUDA takes float16 or bfloat16 activations, not {x.dtype}")
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        workspace = torch.empty(x.shape[0], self.padded_in_features, dtype=torch.float32, device=x.device)
-        _core.cuda_lut_linear(
-            x.data_ptr(),
-            out.data_ptr(),
-            workspace.data_ptr(),
-            x.shape[0],
-            self.in_features,
-            self.codes.data_ptr(),
-            self.scales.data_ptr(),
-            self.grid.data_ptr(),
-            0 if self.signs is None else self.signs.data_ptr(),
-            self.out_features,
-            self.codes.shape[1],
-            self.scales.shape[1],
-            self.p,
-            self.n,
-            self.hadamard_size,
-            self.group_size,
-            "bf16" if x.dtype == torch.bfloat16 else "f16",
-            torch.cuda.current_stream(x.device).cuda_stream,
-            x.device.index or 0,
-        )
-        return out
+        return lut_linear(self, x)

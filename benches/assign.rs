@@ -1,0 +1,31 @@
+//! Nearest-grid-point assignment throughput on Gaussian inputs, in weights (coordinates) per second.
+//! `cargo bench --bench assign`
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use higgs_rs::assign::Assigner;
+use higgs_rs::rng::SplitMix64;
+use std::hint::black_box;
+
+fn bench_assign(c: &mut Criterion) {
+    let mut group = c.benchmark_group("assign");
+    for (p, n) in [(1usize, 16usize), (2, 256), (3, 4096), (4, 8192)] {
+        let assigner = Assigner::for_grid(p, n).expect("shipped grid");
+        // 2^20 weights: the size of a few rows of a large layer, past the L2 cache.
+        let weights = 1 << 20;
+        let mut xs = vec![0f32; weights];
+        SplitMix64::new(42).fill_gaussian(&mut xs);
+        let mut codes = vec![0u32; weights / p];
+        group.throughput(Throughput::Elements(weights as u64));
+        group.bench_function(format!("p{p}_n{n}"), |b| {
+            b.iter(|| assigner.assign(black_box(&xs), black_box(&mut codes)))
+        });
+        if p > 1 {
+            group.bench_function(format!("p{p}_n{n}_scalar"), |b| {
+                b.iter(|| assigner.assign_scalar(black_box(&xs), black_box(&mut codes)))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_assign);
+criterion_main!(benches);

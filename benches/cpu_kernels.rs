@@ -1,0 +1,163 @@
+//! CPU LUT-GEMV/GEMM on packed codes, beside a memcpy of the same code + scale bytes and a dense
+//! f32 matrix-vector product of the same shape.
+//! `cargo bench --bench cpu_kernels` (all threads of the machine; `RAYON_NUM_THREADS` to change).
+//!
+//! Throughput is in bytes of codes + scales per second for `lut/*` and `memcpy/*` (so their
+//! ratio is the target metric), in bytes of f32 weights per second for `dense_f32/*`.
+//! Shapes are `rows × cols` of W (out × in): 4096×14336 (Llama-3-8B down_proj) and
+//! 14336×4096 (up/gate). Codes are random (the speed does not depend on their values), the grid
+//! is the shipped one, group size 64, whole-row Hadamard (14336 = 28·512), with signs.
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::f16;
+use higgs_rs::codec::QuantSpec;
+use higgs_rs::cpu_kernels::{lut_linear, lut_linear_with, KernelPath, LutWeights};
+use higgs_rs::grid::Grid;
+use higgs_rs::hadamard;
+use higgs_rs::rng::SplitMix64;
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::Duration;
+
+struct Layer {
+    rows: usize,
+    cols: usize,
+    p: usize,
+    n: usize,
+    h: usize,
+    codes: Vec<u8>,
+    scales: Vec<f16>,
+    grid: Vec<f32>,
+    signs: Vec<f32>,
+}
+
+impl Layer {
+    fn random(rows: usize, cols: usize, p: usize, n: usize) -> Layer {
+        let h = hadamard::largest_supported_divisor(cols).expect("a supported Hadamard order");
+        let spec = QuantSpec {
+            p,
+            n,
+            hadamard_size: Some(h),
+            group_size: 64,
+            seed: Some(0),
+        };
+        let layout = spec.layout(rows, cols).unwrap();
+        let mut rng = SplitMix64::new(1);
+        let mut codes = vec![0u8; rows * layout.row_bytes];
+        codes.chunks_mut(8).for_each(|c| {
+            let v = rng.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        });
+        let scales = (0..rows * layout.groups)
+            .map(|_| f16::from_f64(0.01 + 0.01 * rng.next_f64()))
+            .collect();
+        Layer {
+            rows,
+            cols,
+            p,
+            n,
+            h,
+            codes,
+            scales,
+            grid: Grid::load(p, n).unwrap().points.clone(),
+            signs: hadamard::random_signs(0, layout.padded_cols),
+        }
+    }
+
+    fn weights(&self) -> LutWeights<'_> {
+        LutWeights {
+            rows: self.rows,
+            cols: self.cols,
+            p: self.p,
+            n: self.n,
+            hadamard_size: self.h,
+            group_size: 64,
+            codes: &self.codes,
+            scales: &self.scales,
+            grid: &self.grid,
+            signs: Some(&self.signs),
+        }
+    }
+
+    fn stored_bytes(&self) -> usize {
+        self.codes.len() + 2 * self.scales.len()
+    }
+}
+
+fn gaussian(len: usize, seed: u64) -> Vec<f32> {
+    let mut v = vec![0f32; len];
+    SplitMix64::new(seed).fill_gaussian(&mut v);
+    v
+}
+
+/// Dense y = W x, rows in parallel; 8 accumulators so the compiler vectorizes the dot product.
+fn dense_gemv(w: &[f32], x: &[f32], y: &mut [f32]) {
+    let cols = x.len();
+    y.par_iter_mut().enumerate().for_each(|(r, out)| {
+        let row = &w[r * cols..(r + 1) * cols];
+        let mut acc = [0f32; 16];
+        for (wc, xc) in row.chunks_exact(16).zip(x.chunks_exact(16)) {
+            for k in 0..16 {
+                acc[k] += wc[k] * xc[k];
+            }
+        }
+        *out = acc.iter().sum();
+    });
+}
+
+fn bench_lut(c: &mut Criterion) {
+    for (rows, cols) in [(4096usize, 14336usize), (14336, 4096)] {
+        let mut group = c.benchmark_group(format!("{rows}x{cols}"));
+        group
+            .sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4));
+        for (p, n) in [(2usize, 256usize), (1, 16)] {
+            let layer = Layer::random(rows, cols, p, n);
+            let w = layer.weights();
+            group.throughput(Throughput::Bytes(layer.stored_bytes() as u64));
+            for batch in [1usize, 8] {
+                let x = gaussian(batch * cols, 2);
+                let mut y = vec![0f32; batch * rows];
+                group.bench_function(format!("lut_p{p}_n{n}/batch{batch}"), |b| {
+                    b.iter(|| lut_linear(&w, black_box(&x), batch, &mut y).unwrap())
+                });
+            }
+            if p == 2 {
+                let x = gaussian(cols, 2);
+                let mut y = vec![0f32; rows];
+                group.bench_function(format!("lut_p{p}_n{n}_scalar/batch1"), |b| {
+                    b.iter(|| lut_linear_with(&w, black_box(&x), 1, &mut y, KernelPath::Scalar).unwrap())
+                });
+            }
+            if p == 2 {
+                // The same byte count as codes + scales of the p = 2 layer.
+                let src = vec![1u8; layer.stored_bytes()];
+                let mut dst = vec![0u8; layer.stored_bytes()];
+                group.bench_function("memcpy_all_threads", |b| {
+                    b.iter(|| {
+                        let piece = src.len().div_ceil(rayon::current_num_threads());
+                        dst.par_chunks_mut(piece)
+                            .zip(src.par_chunks(piece))
+                            .for_each(|(d, s)| d.copy_from_slice(black_box(s)))
+                    })
+                });
+                group.bench_function("memcpy_one_thread", |b| {
+                    b.iter(|| dst.copy_from_slice(black_box(&src)))
+                });
+            }
+        }
+        let dense = gaussian(rows * cols, 3);
+        group.throughput(Throughput::Bytes(4 * dense.len() as u64));
+        for batch in [1usize] {
+            let x = gaussian(cols, 2);
+            let mut y = vec![0f32; rows];
+            group.bench_function(format!("dense_f32/batch{batch}"), |b| {
+                b.iter(|| dense_gemv(black_box(&dense), black_box(&x), &mut y))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_lut);
+criterion_main!(benches);

@@ -1,0 +1,232 @@
+"""CUDA glue: finding NVRTC, per-stream workspaces, and the launches behind ``HiggsLinear`` on a GPU.
+
+The kernels (``src/cuda``) are compiled with NVRTC on first use and launched on PyTorch's current
+stream without synchronizing. Small batches (up to ``DENSE_MIN_BATCH - 1`` rows) run the fused
+path: a Hadamard kernel rotates the activations into a cached workspace, then a tensor-core
+LUT-GEMM reads the packed codes once. Larger batches dequantize the rotated weights once and use
+PyTorch's GEMM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+
+if TYPE_CHECKING:
+    import torch
+
+#: Batches of at least this many rows take the dequantize + library GEMM path.
+DENSE_MIN_BATCH = 65
+
+_nvrtc_tried = False
+_workspaces: dict[tuple[int, int], Any] = {}
+
+
+def _preload_nvrtc() -> None:
+    """Load an NVRTC the dynamic loader may not find by name (the wheel PyTorch ships), so the
+    extension's ``dlopen("libnvrtc.so.13")`` resolves to the already loaded library."""
+    global _nvrtc_tried
+    if _nvrtc_tried or not sys.platform.startswith("linux"):
+        return
+    _nvrtc_tried = True
+    for name in ("libnvrtc.so.13", "libnvrtc.so.12"):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            pass
+    patterns = (
+        "nvidia/cu13/lib/libnvrtc.so.13*",
+        "nvidia/cuda_nvrtc/lib/libnvrtc.so.1[23]*",
+        "nvidia/cu12/lib/libnvrtc.so.12*",
+    )
+    for base in sys.path:
+        for pattern in patterns:
+            for path in sorted(glob.glob(os.path.join(base, pattern))):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return
+                except OSError:
+                    continue
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels can run: a CUDA build of higgs_rs, the NVIDIA driver, NVRTC and a
+    GPU of compute capability 8.0 or newer. ``cuda_status()`` says why not."""
+    _preload_nvrtc()
+    return _core.cuda_available()
+
+
+def cuda_status() -> str:
+    """The GPU the kernels use, or the reason they cannot run here."""
+    _preload_nvrtc()
+    return _core.cuda_status()
+
+
+def _require_kernels() -> None:
+    """Fail early, with the reason, where the kernels cannot run."""
+    _preload_nvrtc()
+    if not hasattr(_core, "cuda_lut_linear"):
+        raise RuntimeError(_core.cuda_status())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
+    if dtype == torch.float16:
+        return "f16"
+    if dtype == torch.bfloat16:
+        return "bf16"
+    raise ValueError(f"HiggsLinear on CUDA takes float16 or bfloat16 activations, not {dtype}")
+
+
+def _check_buffers(layer: Any, x: torch.Tensor) -> None:
+    import torch
+
+    for name, dtype in (("codes", torch.uint8), ("scales", torch.float16), ("grid", torch.float32)):
+        t = getattr(layer, name)
+        if t.device != x.device or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(
+                f"HiggsLinear.{name} must be a contiguous {dtype} tensor on {x.device}; "
+                f"it is {t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}"
+            )
+    signs = layer.signs
+    if signs is not None and (
+        signs.device != x.device
+        or signs.dtype != torch.float32
+        or not signs.is_contiguous()
+        or signs.numel() < layer.padded_in_features
+    ):
+        raise ValueError(
+            f"HiggsLinear.signs must be {layer.padded_in_features} contiguous float32 values on {x.device}"
+        )
+
+
+def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
+    """A zero-initialized scratch buffer per (device, stream), grown on demand and reused: calls on
+    one stream run in order, and the kernels leave its counters at zero."""
+    import torch
+
+    key = (device.index or 0, stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < nbytes:
+        size = max(nbytes, 0 if ws is None else 2 * ws.numel(), 1 << 20)
+        ws = torch.zeros(size, dtype=torch.uint8, device=device)
+        _workspaces[key] = ws
+    return ws
+
+
+def lut_linear(
+    layer: Any,
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    mt: int = 0,
+    splits: int = 0,
+    dense_min_batch: int = DENSE_MIN_BATCH,
+) -> torch.Tensor:
+    """``x @ W.T`` for a ``HiggsLinear`` whose buffers are on a GPU; ``x`` is ``batch × in_features``
+    float16/bfloat16 on the same device. Writes into ``out`` (``batch × out_features``, same
+    dtype, contiguous) when given. ``mt``/``splits`` override the kernel's launch heuristics."""
+    import torch
+
+    if x.dim() != 2 or x.shape[1] != layer.in_features:
+        raise ValueError(f"expected activations of shape (batch, {layer.in_features}); got {tuple(x.shape)}")
+    _require_kernels()
+    dtype = _dtype_name(x.dtype)
+    _check_buffers(layer, x)
+    x = x.contiguous()
+    batch = x.shape[0]
+    if out is None:
+        out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=x.device)
+    elif out.shape != (batch, layer.out_features) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({batch}, {layer.out_features})")
+    if batch == 0:
+        return out
+    device = x.device.index or 0
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    signs = 0 if layer.signs is None else layer.signs.data_ptr()
+    layout = (
+        layer.codes.shape[1],
+        layer.scales.shape[1],
+        layer.p,
+        layer.n,
+        layer.hadamard_size,
+        layer.group_size,
+    )
+    if batch >= dense_min_batch:
+        padded = layer.padded_in_features
+        x_rot = torch.empty(batch, padded, dtype=x.dtype, device=x.device)
+        _core.cuda_hadamard(
+            x.data_ptr(), x_rot.data_ptr(), signs, batch, layer.in_features, layer.hadamard_size, padded,
+            dtype, stream, device,
+        )
+        w_rot = torch.empty(layer.out_features, padded, dtype=x.dtype, device=x.device)
+        _core.cuda_dequantize_rotated(
+            layer.codes.data_ptr(), layer.scales.data_ptr(), layer.grid.data_ptr(), w_rot.data_ptr(), padded,
+            layer.in_features, layer.out_features, *layout, dtype, stream, device,
+        )
+        torch.matmul(x_rot, w_rot.t(), out=out)
+        return out
+    key = (device, stream)
+    ws = _workspaces.get(key)
+    for _ in range(2):
+        need = _core.cuda_lut_linear(
+            x.data_ptr(),
+            out.data_ptr(),
+            0 if ws is None else ws.data_ptr(),
+            0 if ws is None else ws.numel(),
+            batch,
+            layer.in_features,
+            layer.out_features,
+            layer.codes.data_ptr(),
+            layer.scales.data_ptr(),
+            layer.grid.data_ptr(),
+            signs,
+            *layout,
+            dtype,
+            stream,
+            device,
+            mt=mt,
+            splits=splits,
+        )
+        if need == 0:
+            return out
+        ws = _workspace(x.device, stream, need)
+    raise RuntimeError(f"the CUDA workspace could not be sized ({need} bytes asked)")
+
+
+def hadamard(x: torch.Tensor, hadamard_size: int, signs: torch.Tensor | None = None, width: int = 0) -> torch.Tensor:
+    """The activation rotation the LUT-GEMM applies: each row of ``x`` (float16/bfloat16, on a GPU)
+    zero-padded to a multiple of ``hadamard_size``, multiplied by ``signs`` and transformed per
+    block; ``width`` (default: the padded width) adds zero columns."""
+    import torch
+
+    _require_kernels()
+    dtype = _dtype_name(x.dtype)
+    x = x.contiguous()
+    padded = -(-x.shape[1] // hadamard_size) * hadamard_size
+    width = width or padded
+    out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
+    if signs is not None:
+        signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
+        if signs.numel() < padded:
+            raise ValueError(f"signs hold {signs.numel()} values; the padded width is {padded}")
+    _core.cuda_hadamard(
+        x.data_ptr(),
+        out.data_ptr(),
+        0 if signs is None else signs.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        hadamard_size,
+        width,
+        dtype,
+        torch.cuda.current_stream(x.device).cuda_stream,
+        x.device.index or 0,
+    )
+    return out

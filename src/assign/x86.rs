@@ -1,0 +1,200 @@
+//! AVX2 scan of the cell lists (x86-64). Lane by lane it does the scalar path's arithmetic,
+//! (g − x)² summed over the axes in order with separate multiply and add (no FMA), so its
+//! answers are bit-identical to [`super::brute_force_nearest`]; tests compare both.
+#![allow(unsafe_code)]
+
+use super::{brute_force_nearest, CellSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS};
+use crate::grid::Grid;
+use std::arch::x86_64::*;
+
+pub fn avx2_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Assigns every tuple with AVX2; returns false (and does nothing) when AVX2 is missing.
+pub fn assign_cells_avx2<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) -> bool {
+    if !avx2_available() || search.p != P {
+        return false;
+    }
+    // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of `assign`.
+    unsafe { assign::<P>(search, grid, xs, codes) };
+    true
+}
+
+/// p = 2 with AVX2: cells of 8 pairs at once, then two pairs per register against the 4-lane
+/// candidate quads of their cells. Returns false (and does nothing) when AVX2 is missing.
+pub fn assign_pairs_avx2(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) -> bool {
+    if !avx2_available() || search.p != 2 || search.quads.len() != (search.chunk_offsets.len() - 1) * QUAD_WORDS {
+        return false;
+    }
+    // SAFETY: the CPU supports AVX2 (checked above) and `quads` has QUAD_WORDS words for every
+    // cell (checked above), which is what `assign_pairs` relies on.
+    unsafe { assign_pairs(search, grid, xs, codes) };
+    true
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn assign_pairs(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+    let blocks = codes.len() / 8;
+    let last_cell = (search.cells_per_axis - 1) as f32;
+    let shift = _mm_cvtsi32_si128(search.cells_per_axis.trailing_zeros() as i32);
+    let offset = _mm256_set1_ps(search.half_width);
+    let scale = _mm256_set1_ps(search.inv_width);
+    let far = _mm256_set1_ps(search.far);
+    let top = _mm256_set1_ps(last_cell);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let quads = search.quads.as_ptr();
+    let cell_count = search.chunk_offsets.len() - 1;
+    for b in 0..blocks {
+        let x = &xs[b * 16..b * 16 + 16];
+        let out = &mut codes[b * 8..b * 8 + 8];
+        // SAFETY: `x` holds 16 floats; two unaligned loads of 8.
+        let (v0, v1) = unsafe { (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(x.as_ptr().add(8))) };
+        // Deinterleave into the 8 first and the 8 second coordinates, in pair order.
+        let first = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+            _mm256_shuffle_ps::<0b10_00_10_00>(v0, v1),
+        )));
+        let second = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+            _mm256_shuffle_ps::<0b11_01_11_01>(v0, v1),
+        )));
+        let inside = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(first, abs_mask), far),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(second, abs_mask), far),
+        );
+        if _mm256_movemask_ps(inside) != 0xFF {
+            // Some input is beyond ±far or NaN: this block goes through the scalar path.
+            search.assign_scalar_p::<2>(grid, x, out);
+            continue;
+        }
+        // Same arithmetic as `CellSearch::cell_of`: (v + half_width) · inv_width, clamped.
+        let axis = |v: __m256| {
+            let u = _mm256_mul_ps(_mm256_add_ps(v, offset), scale);
+            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), top))
+        };
+        let cells = _mm256_or_si256(axis(first), _mm256_sll_epi32(axis(second), shift));
+        let mut cell = [0u32; 8];
+        // SAFETY: `cell` is 32 bytes.
+        unsafe { _mm256_storeu_si256(cell.as_mut_ptr().cast(), cells) };
+        for j in 0..4 {
+            let (a, b2) = (cell[2 * j] as usize, cell[2 * j + 1] as usize);
+            debug_assert!(a < cell_count && b2 < cell_count);
+            // SAFETY: cell indices are clamped to [0, cells_per_axis - 1] per axis, so they are
+            // below cell_count, and `quads` has QUAD_WORDS words per cell (caller's contract).
+            let (qa, qb) = unsafe { (quads.add(a * QUAD_WORDS), quads.add(b2 * QUAD_WORDS)) };
+            // SAFETY: each quad is 12 words: x's at 0..4, y's at 4..8, indices at 8..12.
+            let (gx, gy, ia, ib) = unsafe {
+                (
+                    _mm256_loadu2_m128(qb.cast(), qa.cast()),
+                    _mm256_loadu2_m128(qb.add(4).cast(), qa.add(4).cast()),
+                    std::slice::from_raw_parts(qa.add(8), 4),
+                    std::slice::from_raw_parts(qb.add(8), 4),
+                )
+            };
+            let pick = _mm256_setr_epi32(
+                2 * j as i32,
+                2 * j as i32,
+                2 * j as i32,
+                2 * j as i32,
+                2 * j as i32 + 1,
+                2 * j as i32 + 1,
+                2 * j as i32 + 1,
+                2 * j as i32 + 1,
+            );
+            let dx = _mm256_sub_ps(gx, _mm256_permutevar8x32_ps(first, pick));
+            let dy = _mm256_sub_ps(gy, _mm256_permutevar8x32_ps(second, pick));
+            let d = _mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy));
+            let m = _mm256_min_ps(d, _mm256_permute_ps::<0b01_00_11_10>(d));
+            let m = _mm256_min_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m));
+            let at_min = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, m)) as u32;
+            // Distances are finite, so each half has a lane at its minimum.
+            out[2 * j] = ia[(at_min & 0xF).trailing_zeros().min(3) as usize];
+            out[2 * j + 1] = ib[(at_min >> 4).trailing_zeros().min(3) as usize];
+            if (ia[0] | ib[0]) & QUAD_OVERFLOW != 0 {
+                out[2 * j] = search.nearest_in_cell::<2>(a, &x[4 * j..4 * j + 2]);
+                out[2 * j + 1] = search.nearest_in_cell::<2>(b2, &x[4 * j + 2..4 * j + 4]);
+            }
+        }
+    }
+    let done = blocks * 8;
+    search.assign_scalar_p::<2>(grid, &xs[done * 2..], &mut codes[done..]);
+}
+
+#[target_feature(enable = "avx2")]
+fn assign<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+    const { assert!(LANES == 8) };
+    for (x, code) in xs.chunks_exact(P).zip(codes.iter_mut()) {
+        *code = match search.cell_of::<P>(x) {
+            None => brute_force_nearest(&grid.points, P, x),
+            Some(cell) => {
+                let first = search.chunk_offsets[cell] as usize;
+                let end = search.chunk_offsets[cell + 1] as usize;
+                let coords = &search.coords[first * P * LANES..end * P * LANES];
+                let indices = &search.indices[first * LANES..end * LANES];
+                let point: [__m256; P] = std::array::from_fn(|j| _mm256_set1_ps(x[j]));
+                if end - first == 1 {
+                    nearest_in_chunk::<P>(coords, indices, &point)
+                } else {
+                    nearest_in_chunks::<P>(coords, indices, &point)
+                }
+            }
+        };
+    }
+}
+
+/// Squared distances from `point` to the LANES candidates of one chunk.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn chunk_distances<const P: usize>(chunk: &[f32], point: &[__m256; P]) -> __m256 {
+    assert!(chunk.len() >= P * LANES);
+    let mut d = _mm256_setzero_ps();
+    for (j, x) in point.iter().enumerate() {
+        // SAFETY: `chunk` holds at least P·LANES floats (asserted), so the LANES floats from
+        // j·LANES are in bounds; loadu has no alignment requirement.
+        let g = unsafe { _mm256_loadu_ps(chunk.as_ptr().add(j * LANES)) };
+        let diff = _mm256_sub_ps(g, *x);
+        d = _mm256_add_ps(d, _mm256_mul_ps(diff, diff));
+    }
+    d
+}
+
+/// The minimum of the 8 lanes, in every lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn broadcast_min(d: __m256) -> __m256 {
+    let m = _mm256_min_ps(d, _mm256_permute2f128_ps::<1>(d, d));
+    let m = _mm256_min_ps(m, _mm256_permute_ps::<0b01_00_11_10>(m));
+    _mm256_min_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m))
+}
+
+/// One chunk: lanes hold ascending indices, so the first lane at the minimum is the answer.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nearest_in_chunk<const P: usize>(coords: &[f32], indices: &[u32], point: &[__m256; P]) -> u32 {
+    let d = chunk_distances::<P>(coords, point);
+    let at_min = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, broadcast_min(d))) as u32;
+    // Distances are finite (inputs are bounded), so some lane equals the minimum.
+    indices[(at_min.trailing_zeros() as usize).min(LANES - 1)]
+}
+
+/// Several chunks: each lane keeps its first minimum (strict <, chunks in ascending index
+/// order); then the lowest index among the lanes at the overall minimum wins.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nearest_in_chunks<const P: usize>(coords: &[f32], indices: &[u32], point: &[__m256; P]) -> u32 {
+    let mut best_d = _mm256_set1_ps(f32::INFINITY);
+    let mut best_i = _mm256_setzero_si256();
+    for (chunk, idx) in coords.chunks_exact(P * LANES).zip(indices.chunks_exact(LANES)) {
+        let d = chunk_distances::<P>(chunk, point);
+        // SAFETY: `idx` holds exactly LANES = 8 u32 (chunks_exact), 32 bytes, read unaligned.
+        let i = unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) };
+        let closer = _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d);
+        best_d = _mm256_blendv_ps(best_d, d, closer);
+        best_i = _mm256_blendv_epi8(best_i, i, _mm256_castps_si256(closer));
+    }
+    let at_min = _mm256_cmp_ps::<_CMP_EQ_OQ>(best_d, broadcast_min(best_d));
+    let i = _mm256_blendv_epi8(_mm256_set1_epi32(-1), best_i, _mm256_castps_si256(at_min));
+    let i = _mm256_min_epu32(i, _mm256_permute2x128_si256::<1>(i, i));
+    let i = _mm256_min_epu32(i, _mm256_shuffle_epi32::<0b01_00_11_10>(i));
+    let i = _mm256_min_epu32(i, _mm256_shuffle_epi32::<0b10_11_00_01>(i));
+    _mm256_cvtsi256_si32(i) as u32
+}

@@ -1,0 +1,514 @@
+//! The AVX-512 (F + BW + VBMI) LUT kernels, tested against the scalar path in `cpu_kernels`.
+//!
+//! Codes are processed in chunks of 64. Two front ends turn a chunk into f32 grid coordinates:
+//! - byte planes (p ∈ {1, 2}, n ≤ 256): every coordinate's 4 bytes are looked up in 4 byte
+//!   tables of n entries (1, 2 or 4 zmm registers each) with `vpermb` / `vpermt2b`, 64 codes per
+//!   instruction, then put back together into floats with two rounds of unpacks. Sub-byte codes
+//!   are first spread to one byte each with `vpermb` + `vpmultishiftqb`.
+//! - nibbles (p = 1, n = 16, the 4-bit scalar grid): `vpermps` looks a 16-float table up with the
+//!   low 4 bits of each dword index, so zero-extended code bytes index with their low nibble
+//!   directly and with their high nibble after one shift.
+//!
+//! Both produce their floats in a fixed order that is not the code order (unpacks interleave
+//! within 128-bit lanes); the activations are laid out in that same order once per call
+//! ([`Plan::prepare_activations`]), which makes the permutation free. In both, each 128-bit lane
+//! of a register holds codes of one run of 16 consecutive codes, so one scale per lane is
+//! correct whenever groups hold whole runs (`group_size % (16·p) == 0`); the scales of a row are
+//! expanded to one f32 per run before the row ([`Plan::expand_lane_scales`]).
+//!
+//! Safety: [`Plan::new`] is the only constructor and checks the CPU features at run time, so
+//! holding a `Plan` proves the `target_feature` functions may run. Every pointer read stays in
+//! its slice: code loads past a row's end are masked (masked-off bytes are never read), and the
+//! activation and lane-scale buffers are sized in whole chunks.
+#![allow(unsafe_code)]
+
+use super::LutWeights;
+use crate::codec::Layout;
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Codes per chunk.
+const CHUNK: usize = 64;
+/// Activation rows processed per pass over a row's codes.
+const BATCH_BLOCK: usize = 8;
+
+/// Whether this CPU has the instructions the kernels use.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Front {
+    /// Byte-plane lookups; tables of 64 · `table_regs` entries.
+    BytePlanes { table_regs: usize },
+    /// p = 1, n = 16, 4-bit codes.
+    Nibbles,
+}
+
+/// Everything a call needs, resolved once: tables in registers' layout, unpack constants.
+pub(super) struct Plan {
+    front: Front,
+    p: usize,
+    bits: u32,
+    row_bytes: usize,
+    groups: usize,
+    /// 64-code chunks per row (the last one may be partial).
+    chunks: usize,
+    /// Runs of 16 codes per group.
+    lanes_per_group: usize,
+    /// Prepared activation floats per batch row: `chunks · 64 · p`.
+    stride: usize,
+    /// Byte planes: `4p` planes × `table_regs` registers; nibbles: one register of 16 floats.
+    tables: Vec<__m512i>,
+    /// Sub-byte unpacking: which source byte each output byte's qword window starts from,
+    /// the bit offset of each code in its qword, and the code mask.
+    spread: __m512i,
+    shifts: __m512i,
+    code_mask: __m512i,
+}
+
+/// Per-thread buffers.
+pub(super) struct Scratch {
+    lane_scales: Vec<f32>,
+}
+
+impl Plan {
+    /// The plan for these weights, or why the kernels cannot take them.
+    pub(super) fn new(w: &LutWeights<'_>, layout: &Layout) -> Result<Plan, String> {
+        if !available() {
+            return Err("this CPU lacks AVX-512 F/BW/VBMI".into());
+        }
+        if w.p > 2 || w.n > 256 {
+            return Err(format!("it takes p ≤ 2 and n ≤ 256 (got p = {}, n = {})", w.p, w.n));
+        }
+        if w.group_size % (16 * w.p) != 0 {
+            return Err(format!(
+                "it needs group_size to be a multiple of 16·p = {} (got {})",
+                16 * w.p,
+                w.group_size
+            ));
+        }
+        let bits = w.n.trailing_zeros();
+        let front = if w.p == 1 && w.n == 16 {
+            Front::Nibbles
+        } else {
+            Front::BytePlanes {
+                table_regs: w.n.div_ceil(64),
+            }
+        };
+        let tables = match front {
+            Front::Nibbles => {
+                let mut t = [0f32; 16];
+                t.copy_from_slice(w.grid);
+                vec![f32s_to_m512i(&t)]
+            }
+            Front::BytePlanes { table_regs } => {
+                let mut regs = Vec::with_capacity(4 * w.p * table_regs);
+                for component in 0..w.p {
+                    for byte in 0..4 {
+                        let mut plane = vec![0u8; 64 * table_regs];
+                        for (c, entry) in plane.iter_mut().enumerate().take(w.n) {
+                            *entry = w.grid[c * w.p + component].to_le_bytes()[byte];
+                        }
+                        regs.extend(plane.chunks_exact(64).map(bytes_to_m512i));
+                    }
+                }
+                regs
+            }
+        };
+        // Sub-byte codes: the 8 codes of qword q occupy bits [q·8·bits, (q+1)·8·bits) of the
+        // chunk, i.e. start in byte q·bits; the window of qword q is bytes q·bits .. q·bits + 8.
+        let b = bits as usize;
+        let mut spread = [0u8; 64];
+        let mut shifts = [0u8; 64];
+        for q in 0..8 {
+            for i in 0..8 {
+                spread[8 * q + i] = (q * b + i).min(63) as u8;
+                shifts[8 * q + i] = (i * b) as u8;
+            }
+        }
+        let chunks = layout.tuples.div_ceil(CHUNK);
+        Ok(Plan {
+            front,
+            p: w.p,
+            bits,
+            row_bytes: layout.row_bytes,
+            groups: layout.groups,
+            chunks,
+            lanes_per_group: w.group_size / (16 * w.p),
+            stride: chunks * CHUNK * w.p,
+            tables,
+            spread: bytes_to_m512i(&spread),
+            shifts: bytes_to_m512i(&shifts),
+            code_mask: bytes_to_m512i(&[((1u32 << bits.min(8)) - 1) as u8; 64]),
+        })
+    }
+
+    pub(super) fn scratch(&self) -> Scratch {
+        Scratch {
+            lane_scales: vec![0.0; self.chunks * 4],
+        }
+    }
+
+    /// Where code `c` (0..64) of a chunk sits among one coordinate's 64 floats.
+    fn position(&self, c: usize) -> usize {
+        match self.front {
+            // Register i = (c % 16) / 4 of the unpacks holds, in lane L = c / 16, element c % 4.
+            Front::BytePlanes { .. } => (c % 16 / 4) * 16 + (c / 16) * 4 + c % 4,
+            // Half h = c / 32 of the chunk: even codes (low nibbles) first, then odd ones.
+            Front::Nibbles => (c / 32) * 32 + (c % 2) * 16 + (c % 32) / 2,
+        }
+    }
+
+    /// Rotated activations (`batch` rows of `tuples · p`, zero past the padding) in the
+    /// kernels' order: per batch row, per chunk, per coordinate j, 64 floats.
+    pub(super) fn prepare_activations(&self, x_rot: &[f32], batch: usize) -> Vec<f32> {
+        let p = self.p;
+        let width = x_rot.len() / batch;
+        let tuples = width / p;
+        let mut out = vec![0f32; batch * self.stride];
+        for (dst, src) in out.chunks_exact_mut(self.stride).zip(x_rot.chunks_exact(width)) {
+            for (k, chunk) in dst.chunks_exact_mut(CHUNK * p).enumerate() {
+                for c in 0..CHUNK.min(tuples.saturating_sub(k * CHUNK)) {
+                    let pos = self.position(c);
+                    for j in 0..p {
+                        chunk[j * CHUNK + pos] = src[(k * CHUNK + c) * p + j];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// One f32 scale per run of 16 codes (4 per chunk); runs past the last group take the last
+    /// scale (their activations are zero).
+    fn expand_lane_scales(&self, scales: &[f16], out: &mut [f32]) {
+        let m = self.lanes_per_group;
+        let last = self.groups - 1;
+        let bits: &[u16] = bytemuck::cast_slice(scales);
+        // Vector fast paths for the common layouts (one or two runs per group: p·16 or p·32
+        // values per scale; four: p = 1 with 64); the rest one lane at a time.
+        let done = match m {
+            // SAFETY: `Plan` exists, so AVX-512F and F16C are available (see `Plan::new`).
+            1 | 2 | 4 => unsafe { expand_lane_scales_simd(bits, m, out) },
+            _ => 0,
+        };
+        for (lane, o) in out.iter_mut().enumerate().skip(done) {
+            *o = scales[(lane / m).min(last)].to_f32();
+        }
+    }
+
+    /// `out` (rows × batch, row-major) for the rows of `codes` / `scales`; `x` from
+    /// [`Plan::prepare_activations`] for `batch` rows.
+    pub(super) fn rows(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        x: &[f32],
+        batch: usize,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        assert_eq!(x.len(), batch * self.stride, "activations not prepared for this plan");
+        assert_eq!(codes.len(), out.len() / batch * self.row_bytes);
+        assert_eq!(scales.len(), out.len() / batch * self.groups);
+        let lane_scales = &mut scratch.lane_scales;
+        for ((row, row_scales), y) in codes
+            .chunks_exact(self.row_bytes)
+            .zip(scales.chunks_exact(self.groups))
+            .zip(out.chunks_exact_mut(batch))
+        {
+            self.expand_lane_scales(row_scales, lane_scales);
+            for b0 in (0..batch).step_by(BATCH_BLOCK) {
+                let nb = BATCH_BLOCK.min(batch - b0);
+                let xb = &x[b0 * self.stride..(b0 + nb) * self.stride];
+                // SAFETY: holding a `Plan` proves the CPU features (`Plan::new`); the slices
+                // have the lengths the kernels read (asserted above and in `kernel_for`).
+                unsafe { self.kernel_for(nb)(self, row, lane_scales.as_slice(), xb, &mut y[b0..b0 + nb]) };
+            }
+        }
+    }
+
+    /// The monomorphized kernel for this plan's front end and a batch block of `nb` rows.
+    fn kernel_for(&self, nb: usize) -> Kernel {
+        macro_rules! by_batch {
+            ($f:ident, $($consts:literal),*) => {
+                match nb {
+                    1 => $f::<$($consts,)* 1>,
+                    2 => $f::<$($consts,)* 2>,
+                    3 => $f::<$($consts,)* 3>,
+                    4 => $f::<$($consts,)* 4>,
+                    5 => $f::<$($consts,)* 5>,
+                    6 => $f::<$($consts,)* 6>,
+                    7 => $f::<$($consts,)* 7>,
+                    8 => $f::<$($consts,)* 8>,
+                    _ => unreachable!("batch blocks hold 1 to {BATCH_BLOCK} rows"),
+                }
+            };
+        }
+        match (self.front, self.p) {
+            (Front::Nibbles, _) => by_batch!(nibble_kernel,),
+            (Front::BytePlanes { table_regs: 1 }, 1) => by_batch!(plane_kernel, 1, 1),
+            (Front::BytePlanes { table_regs: 2 }, 1) => by_batch!(plane_kernel, 1, 2),
+            (Front::BytePlanes { table_regs: 4 }, 1) => by_batch!(plane_kernel, 1, 4),
+            (Front::BytePlanes { table_regs: 1 }, 2) => by_batch!(plane_kernel, 2, 1),
+            (Front::BytePlanes { table_regs: 2 }, 2) => by_batch!(plane_kernel, 2, 2),
+            (Front::BytePlanes { table_regs: 4 }, 2) => by_batch!(plane_kernel, 2, 4),
+            (front, p) => unreachable!("no kernel for {front:?} with p = {p}"),
+        }
+    }
+}
+
+/// A row kernel: (plan, one row's codes, its lane scales, `B` rows of prepared activations,
+/// `B` outputs).
+type Kernel = unsafe fn(&Plan, &[u8], &[f32], &[f32], &mut [f32]);
+
+fn bytes_to_m512i(bytes: &[u8]) -> __m512i {
+    let mut a = [0u8; 64];
+    a.copy_from_slice(bytes);
+    // SAFETY: [u8; 64] and __m512i have the same size and every bit pattern is valid for both.
+    unsafe { std::mem::transmute::<[u8; 64], __m512i>(a) }
+}
+
+fn f32s_to_m512i(values: &[f32; 16]) -> __m512i {
+    // SAFETY: [f32; 16] and __m512i have the same size and every bit pattern is valid for both.
+    unsafe { std::mem::transmute::<[f32; 16], __m512i>(*values) }
+}
+
+/// Lane scales for 1, 2 or 4 runs per group, 16 lanes per step; returns how many lanes it
+/// filled (the caller fills the rest, which includes every lane past the last group).
+///
+/// # Safety
+/// Needs AVX-512F and F16C.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn expand_lane_scales_simd(scales: &[u16], m: usize, out: &mut [f32]) -> usize {
+    let groups_per_step = 16 / m;
+    // Lane l of a step takes the scale l / m of the step's groups.
+    let index = _mm512_setr_epi32(
+        0,
+        1 / m as i32,
+        2 / m as i32,
+        3 / m as i32,
+        4 / m as i32,
+        5 / m as i32,
+        6 / m as i32,
+        7 / m as i32,
+        8 / m as i32,
+        9 / m as i32,
+        10 / m as i32,
+        11 / m as i32,
+        12 / m as i32,
+        13 / m as i32,
+        14 / m as i32,
+        15 / m as i32,
+    );
+    let mut lanes = 0;
+    let mut group = 0;
+    while group + 16 <= scales.len() && lanes + 16 <= out.len() {
+        // SAFETY: 16 scales from `group` are in bounds (loop condition); 16 lanes from
+        // `lanes` are in bounds of `out`.
+        unsafe {
+            let halves = _mm256_loadu_si256(scales.as_ptr().add(group) as *const __m256i);
+            let values = _mm512_permutexvar_ps(index, _mm512_cvtph_ps(halves));
+            _mm512_storeu_ps(out.as_mut_ptr().add(lanes), values);
+        }
+        group += groups_per_step;
+        lanes += 16;
+    }
+    lanes
+}
+
+/// 64 codes of chunk `k` of `row` as bytes (zero past the row's end).
+///
+/// # Safety
+/// Needs AVX-512F/BW/VBMI; chunk `k` must start inside the row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn load_codes(plan: &Plan, row: &[u8], k: usize) -> __m512i {
+    if plan.bits == 8 {
+        let start = k * CHUNK;
+        let avail = row.len() - start;
+        // SAFETY: `start < row.len()`; the full load reads 64 bytes only when they are in the
+        // row, the masked load reads only the `avail` in-row bytes (masked-off bytes are not
+        // accessed and cannot fault).
+        unsafe {
+            let ptr = row.as_ptr().add(start);
+            if avail >= CHUNK {
+                _mm512_loadu_si512(ptr as *const __m512i)
+            } else {
+                _mm512_maskz_loadu_epi8((1u64 << avail) - 1, ptr as *const i8)
+            }
+        }
+    } else {
+        let chunk_bytes = 8 * plan.bits as usize;
+        let start = k * chunk_bytes;
+        let avail = (row.len() - start).min(chunk_bytes);
+        // SAFETY: as above, only the `avail` in-row bytes from `start` are read.
+        let raw = unsafe { _mm512_maskz_loadu_epi8((1u64 << avail) - 1, row.as_ptr().add(start) as *const i8) };
+        let windows = _mm512_permutexvar_epi8(plan.spread, raw);
+        _mm512_and_si512(_mm512_multishift_epi64_epi8(plan.shifts, windows), plan.code_mask)
+    }
+}
+
+/// One coordinate's bytes, looked up in a table of `T` registers.
+///
+/// # Safety
+/// Needs AVX-512F/BW/VBMI; `table` points at `T` registers.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn lookup_plane<const T: usize>(table: *const __m512i, idx: __m512i, high: __mmask64) -> __m512i {
+    // SAFETY: `table` holds T registers (caller).
+    unsafe {
+        match T {
+            1 => _mm512_permutexvar_epi8(idx, *table),
+            2 => _mm512_permutex2var_epi8(*table, idx, *table.add(1)),
+            _ => {
+                let low = _mm512_permutex2var_epi8(*table, idx, *table.add(1));
+                let upper = _mm512_permutex2var_epi8(*table.add(2), idx, *table.add(3));
+                _mm512_mask_blend_epi8(high, low, upper)
+            }
+        }
+    }
+}
+
+/// The byte-plane front end: chunk `k`'s codes to `[coordinate][register]` floats.
+///
+/// # Safety
+/// Needs AVX-512F/BW/VBMI; chunk `k` must start inside `row`; `plan.tables` holds `4·P·T` registers.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn plane_front<const P: usize, const T: usize>(plan: &Plan, row: &[u8], k: usize) -> [[__m512; 4]; P] {
+    // SAFETY: forwarded from the caller's contract.
+    let idx = unsafe { load_codes(plan, row, k) };
+    let high = _mm512_movepi8_mask(idx);
+    let tables = plan.tables.as_ptr();
+    let mut out = [[_mm512_setzero_ps(); 4]; P];
+    for (j, coordinate) in out.iter_mut().enumerate() {
+        let mut planes = [_mm512_setzero_si512(); 4];
+        for (q, plane) in planes.iter_mut().enumerate() {
+            // SAFETY: planes 4j .. 4j + 4 of T registers each are within the 4·P·T tables.
+            *plane = unsafe { lookup_plane::<T>(tables.add((4 * j + q) * T), idx, high) };
+        }
+        let [b0, b1, b2, b3] = planes;
+        let l01 = _mm512_unpacklo_epi8(b0, b1);
+        let h01 = _mm512_unpackhi_epi8(b0, b1);
+        let l23 = _mm512_unpacklo_epi8(b2, b3);
+        let h23 = _mm512_unpackhi_epi8(b2, b3);
+        *coordinate = [
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(l01, l23)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(l01, l23)),
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(h01, h23)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(h01, h23)),
+        ];
+    }
+    out
+}
+
+/// The 4 run scales of chunk `k`, each broadcast over its 128-bit lane.
+///
+/// # Safety
+/// Needs AVX-512F; `lane_scales` holds at least `4k + 4` values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn chunk_scales(lane_scales: &[f32], k: usize) -> __m128 {
+    debug_assert!(lane_scales.len() >= 4 * k + 4);
+    // SAFETY: 4 floats from 4k are in bounds (caller).
+    unsafe { _mm_loadu_ps(lane_scales.as_ptr().add(4 * k)) }
+}
+
+/// Byte-plane row kernel for `B` batch rows.
+///
+/// # Safety
+/// Needs AVX-512F/BW/VBMI and FMA (a `Plan` proves it); `row` is one row's codes,
+/// `lane_scales` holds `4 · chunks`, `x` holds `B · stride`, `out` holds `B`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,fma")]
+unsafe fn plane_kernel<const P: usize, const T: usize, const B: usize>(
+    plan: &Plan,
+    row: &[u8],
+    lane_scales: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    assert!(lane_scales.len() >= 4 * plan.chunks && x.len() >= B * plan.stride && out.len() >= B);
+    let per_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let mut acc = [_mm512_setzero_ps(); B];
+    for k in 0..plan.chunks {
+        // SAFETY: chunk k < chunks starts inside the row; tables per `Plan::new`.
+        let f = unsafe { plane_front::<P, T>(plan, row, k) };
+        // SAFETY: lane_scales holds 4·chunks (asserted).
+        let sv = _mm512_permutexvar_ps(per_lane, _mm512_castps128_ps512(unsafe { chunk_scales(lane_scales, k) }));
+        // The same operations in the same order for every batch row, so a row's result does not
+        // depend on the batch it came in.
+        for (b, acc_b) in acc.iter_mut().enumerate() {
+            let xb = x.as_ptr().wrapping_add(b * plan.stride + k * CHUNK * P);
+            let mut part = [_mm512_setzero_ps(); 2];
+            for (j, coordinate) in f.iter().enumerate() {
+                for (i, &fi) in coordinate.iter().enumerate() {
+                    // SAFETY: batch row b < B of x, chunk k's P·64 floats (asserted length).
+                    let xv = unsafe { _mm512_loadu_ps(xb.add(j * CHUNK + 16 * i)) };
+                    part[i & 1] = _mm512_fmadd_ps(fi, xv, part[i & 1]);
+                }
+            }
+            *acc_b = _mm512_fmadd_ps(_mm512_add_ps(part[0], part[1]), sv, *acc_b);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(a);
+    }
+}
+
+/// Nibble row kernel (p = 1, n = 16) for `B` batch rows.
+///
+/// # Safety
+/// As [`plane_kernel`]; `plan.tables[0]` holds the 16 grid values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,fma")]
+unsafe fn nibble_kernel<const B: usize>(plan: &Plan, row: &[u8], lane_scales: &[f32], x: &[f32], out: &mut [f32]) {
+    assert!(lane_scales.len() >= 4 * plan.chunks && x.len() >= B * plan.stride && out.len() >= B);
+    let table = _mm512_castsi512_ps(plan.tables[0]);
+    // Half h of a chunk holds runs 2h and 2h + 1: lanes 0-1 of its registers are run 2h.
+    let half_lanes = [
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+        _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+    ];
+    let mut acc = [[_mm512_setzero_ps(); 2]; B];
+    let full_chunks = row.len() / 32;
+    for k in 0..plan.chunks {
+        // SAFETY: chunk k starts inside the row (k < chunks); a full chunk's 32 bytes are in
+        // the row, a partial one's bytes are loaded masked to the row's end.
+        let bytes = unsafe {
+            let ptr = row.as_ptr().add(32 * k);
+            if k < full_chunks {
+                _mm256_loadu_si256(ptr as *const __m256i)
+            } else {
+                _mm256_maskz_loadu_epi8((1u32 << (row.len() - 32 * k)) - 1, ptr as *const i8)
+            }
+        };
+        // SAFETY: lane_scales holds 4·chunks (asserted).
+        let scales4 = _mm512_castps128_ps512(unsafe { chunk_scales(lane_scales, k) });
+        let xk = x.as_ptr().wrapping_add(k * CHUNK);
+        for h in 0..2 {
+            let idx = _mm512_cvtepu8_epi32(if h == 0 {
+                _mm256_castsi256_si128(bytes)
+            } else {
+                _mm256_extracti128_si256::<1>(bytes)
+            });
+            let even = _mm512_permutexvar_ps(idx, table);
+            let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table);
+            let sv = _mm512_permutexvar_ps(half_lanes[h], scales4);
+            for (b, acc_b) in acc.iter_mut().enumerate() {
+                let xb = xk.wrapping_add(b * plan.stride);
+                // SAFETY: batch row b < B of x, chunk k's 64 floats (asserted length).
+                let (xe, xo) = unsafe { (_mm512_loadu_ps(xb.add(32 * h)), _mm512_loadu_ps(xb.add(32 * h + 16))) };
+                let part = _mm512_fmadd_ps(odd, xo, _mm512_mul_ps(even, xe));
+                acc_b[h] = _mm512_fmadd_ps(part, sv, acc_b[h]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+    }
+}

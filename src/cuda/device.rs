@@ -1,0 +1,305 @@
+//! The unsafe edge of the CUDA path: libraries loaded at run time through cudarc, one primary
+//! context per device (the one PyTorch uses), NVRTC compilation to a cubin for the device's
+//! architecture, a module cache per device and source, and raw launches on a caller's stream.
+//!
+//! Device pointers handed to the kernels are plain integers from the caller (PyTorch tensors'
+//! `data_ptr()`): a wrong one makes the GPU report an illegal address on that stream; it cannot
+//! touch host memory.
+
+use super::source::ActType;
+use crate::{HiggsError, Result};
+use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// An error of the CUDA driver or compiler, with what was being done.
+pub(crate) fn cuda_error(what: &str, detail: impl std::fmt::Debug) -> HiggsError {
+    HiggsError::Unsupported(format!("CUDA: {what} failed: {detail:?}"))
+}
+
+/// Whether the driver library (libcuda) and NVRTC can be loaded; the reason if not.
+pub(crate) fn libraries() -> std::result::Result<(), String> {
+    // SAFETY: these only try to dlopen the candidate library names and close them again; no
+    // symbol is called.
+    let driver_present = unsafe { sys::is_culib_present() };
+    if !driver_present {
+        return Err("the NVIDIA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into());
+    }
+    // SAFETY: as above, for NVRTC.
+    let nvrtc_present = unsafe { nvrtc::sys::is_culib_present() };
+    if !nvrtc_present {
+        return Err(
+            "NVRTC (libnvrtc.so.13 or .12) was not found: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel, \
+             or import torch first (higgs_rs loads the NVRTC that PyTorch ships)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices, after checking the libraries.
+pub(crate) fn device_count() -> std::result::Result<usize, String> {
+    libraries()?;
+    driver::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+    let count = driver::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+    if count <= 0 {
+        return Err("the NVIDIA driver reports no CUDA device".into());
+    }
+    Ok(count as usize)
+}
+
+/// A compiled kernel and the shared memory it declares statically.
+#[derive(Clone, Debug)]
+pub(crate) struct Kernel {
+    function: CudaFunction,
+    static_shared: usize,
+    max_dynamic_shared: usize,
+}
+
+/// What a module is compiled from; the cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum ModuleKey {
+    LutGemm { bits: u32, act: ActType },
+    Hadamard { order: usize, act: ActType },
+}
+
+struct Module {
+    _module: Arc<CudaModule>,
+    kernels: HashMap<String, Kernel>,
+}
+
+/// One GPU: its primary context, properties, and compiled modules.
+pub(crate) struct Device {
+    ctx: Arc<CudaContext>,
+    pub name: String,
+    pub sm_count: usize,
+    pub arch: (i32, i32),
+    pub max_shared_optin: usize,
+    modules: Mutex<HashMap<ModuleKey, Arc<Module>>>,
+}
+
+/// The device with this ordinal, set up once per process.
+pub(crate) fn device(ordinal: usize) -> Result<Arc<Device>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+    let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+    // A poisoned lock only means another thread panicked while inserting; the map stays valid.
+    let mut map = devices.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(Arc::clone(d));
+    }
+    let count = device_count().map_err(HiggsError::Unsupported)?;
+    if ordinal >= count {
+        return Err(HiggsError::invalid(format!(
+            "CUDA device {ordinal} does not exist: this machine has {count}"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error("retaining the device's primary context", e))?;
+    let attribute = |a: sys::CUdevice_attribute| {
+        ctx.attribute(a)
+            .map_err(|e| cuda_error("reading a device attribute", e))
+    };
+    let arch = (
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    if arch < (8, 0) {
+        return Err(HiggsError::Unsupported(format!(
+            "CUDA device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer (bf16 tensor cores)",
+            arch.0, arch.1
+        )));
+    }
+    let d = Arc::new(Device {
+        name: ctx.name().unwrap_or_else(|_| "unknown".into()),
+        sm_count: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize,
+        max_shared_optin: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize,
+        arch,
+        ctx,
+        modules: Mutex::new(HashMap::new()),
+    });
+    map.insert(ordinal, Arc::clone(&d));
+    Ok(d)
+}
+
+/// NVRTC's log of a program, as text.
+fn program_log(prog: nvrtc::sys::nvrtcProgram) -> String {
+    // SAFETY: `prog` is a live program created by `create_program` and not yet destroyed.
+    match unsafe { nvrtc::result::get_program_log(prog) } {
+        Ok(raw) => {
+            let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        Err(e) => format!("(no log: {e:?})"),
+    }
+}
+
+/// Compile `source` to a cubin for `arch` with NVRTC.
+fn compile_cubin(source: &str, name: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
+    let src = CString::new(source).map_err(|_| HiggsError::invalid("kernel source holds a NUL byte"))?;
+    let cname = CString::new(name).map_err(|_| HiggsError::invalid("kernel name holds a NUL byte"))?;
+    let prog = nvrtc::result::create_program(&src, Some(&cname)).map_err(|e| cuda_error("nvrtcCreateProgram", e))?;
+    let verbose = std::env::var_os("HIGGS_CUDA_VERBOSE").is_some_and(|v| !v.is_empty() && v != "0");
+    let mut options = vec![
+        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        "-std=c++17".to_string(),
+        "-lineinfo".to_string(),
+    ];
+    if verbose {
+        options.push("--ptxas-options=-v".to_string());
+    }
+    // SAFETY: `prog` was just created and is destroyed below, after its last use.
+    let compiled = unsafe { nvrtc::result::compile_program(prog, &options) };
+    let log = program_log(prog);
+    let result = compiled
+        .map_err(|e| cuda_error(&format!("NVRTC compiling {name} for sm_{}{} ({e:?})", arch.0, arch.1), log.trim()))
+        .and_then(|()| {
+            if verbose {
+                eprintln!("higgs_rs: NVRTC {name} sm_{}{}:\n{log}", arch.0, arch.1);
+            }
+            let mut size = 0usize;
+            // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
+            unsafe { nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| cuda_error("nvrtcGetCUBINSize", e))?;
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` holds exactly the `size` bytes NVRTC asked for.
+            unsafe { nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
+                .result()
+                .map_err(|e| cuda_error("nvrtcGetCUBIN", e))?;
+            Ok(cubin)
+        });
+    // SAFETY: `prog` is live and not used after this.
+    if let Err(e) = unsafe { nvrtc::result::destroy_program(prog) } {
+        return Err(cuda_error("nvrtcDestroyProgram", e));
+    }
+    result
+}
+
+impl Device {
+    /// The kernel `name` of module `key`, compiling the module from `source()` on first use.
+    pub(crate) fn kernel(
+        &self,
+        key: ModuleKey,
+        name: &str,
+        source: impl FnOnce() -> Result<(String, Vec<String>)>,
+    ) -> Result<Kernel> {
+        // Compiling under the lock keeps two threads from building the same module twice.
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let module = match modules.get(&key) {
+            Some(m) => Arc::clone(m),
+            None => {
+                let m = Arc::new(self.build(key, source)?);
+                modules.insert(key, Arc::clone(&m));
+                m
+            }
+        };
+        module.kernels.get(name).cloned().ok_or_else(|| {
+            HiggsError::invalid(format!("CUDA module {key:?} has no kernel {name}"))
+        })
+    }
+
+    fn build(&self, key: ModuleKey, source: impl FnOnce() -> Result<(String, Vec<String>)>) -> Result<Module> {
+        let (code, names) = source()?;
+        let cubin = compile_cubin(&code, &format!("{key:?}.cu"), self.arch)?;
+        let module = self
+            .ctx
+            .load_module(nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| cuda_error(&format!("loading module {key:?}"), e))?;
+        let mut kernels = HashMap::new();
+        for name in names {
+            let function = module
+                .load_function(&name)
+                .map_err(|e| cuda_error(&format!("finding kernel {name}"), e))?;
+            // SAFETY: `function` belongs to the module just loaded, which `Module` keeps alive.
+            let static_shared = unsafe {
+                driver::function::get_function_attribute(
+                    function.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )
+            }
+            .map_err(|e| cuda_error("reading a kernel's shared memory size", e))? as usize;
+            let max_dynamic_shared = self.max_shared_optin.saturating_sub(static_shared);
+            // Allow launches up to the device's opt-in limit; occupancy follows each launch's own size.
+            // SAFETY: as above.
+            unsafe {
+                driver::function::set_function_attribute(
+                    function.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    max_dynamic_shared as i32,
+                )
+            }
+            .map_err(|e| cuda_error("raising a kernel's shared memory limit", e))?;
+            kernels.insert(
+                name,
+                Kernel {
+                    function,
+                    static_shared,
+                    max_dynamic_shared,
+                },
+            );
+        }
+        Ok(Module {
+            _module: module,
+            kernels,
+        })
+    }
+
+    /// Launch `kernel`, whose only parameter is a `P` by value, on the raw stream `stream`
+    /// (0 = the legacy default stream). Nothing is synchronized or allocated.
+    ///
+    /// `P` must be the `#[repr(C)]` mirror of the kernel's parameter struct; the kernel reads
+    /// only device memory through it.
+    pub(crate) fn launch<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        dynamic_shared: usize,
+        stream: u64,
+        params: &P,
+    ) -> Result<()> {
+        if dynamic_shared > kernel.max_dynamic_shared {
+            return Err(HiggsError::Unsupported(format!(
+                "a kernel launch needs {dynamic_shared} bytes of shared memory; this GPU allows {} ({} static)",
+                kernel.max_dynamic_shared, kernel.static_shared
+            )));
+        }
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
+            return Err(HiggsError::invalid(format!("CUDA grid {grid:?} is out of range")));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("making the device's context current", e))?;
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: the function is alive (its module is cached for the process); `args` holds
+        // one pointer to a `P`, the kernel's single by-value parameter, which the driver copies
+        // before returning; the stream handle comes from the caller (PyTorch's current stream on
+        // this device, or 0).
+        unsafe {
+            sys::cuLaunchKernel(
+                kernel.function.cu_function(),
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
+                dynamic_shared as u32,
+                stream as usize as sys::CUstream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| cuda_error("launching a kernel", describe(e)))
+    }
+}
+
+/// The driver's name and text for an error code.
+fn describe(e: driver::DriverError) -> String {
+    let name = e.error_name().map(CStr::to_string_lossy).unwrap_or_default();
+    let text = e.error_string().map(CStr::to_string_lossy).unwrap_or_default();
+    format!("{name}: {text}")
+}

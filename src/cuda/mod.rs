@@ -1,0 +1,548 @@
+//! CUDA inference for HIGGS layers: the activation Hadamard transform and the LUT-GEMM on packed
+//! codes, compiled with NVRTC on first use for the device's architecture and launched on the
+//! caller's stream (no synchronization, no allocation: the caller passes a workspace).
+//!
+//! `y = x Wᵀ` for a layer quantized by [`crate::codec`] is computed as `x_rot Ŵ_rotᵀ` with
+//! `x_rot = H (signs ⊙ pad(x))` per Hadamard block (`kernels/hadamard.cu`) and
+//! `Ŵ_rot[r, k] = grid[code] · scale[r, k / group_size]` read straight from the packed codes
+//! (`kernels/lut_gemm.cu`). Supported: p ∈ {1, 2} with 2, 3 or 4 bits per weight, group sizes
+//! that are multiples of 32, every Hadamard order of [`crate::hadamard`], f16 and bf16
+//! activations, compute capability 8.0 or newer.
+//!
+//! Everything here takes device addresses as integers (PyTorch's `data_ptr()`); they must point
+//! at live device memory of the sizes the arguments imply, on the device named, for as long as
+//! the stream runs the launch. See `benches/GPU_NOTES.md` for measurements.
+
+mod device;
+pub mod source;
+
+use crate::codec::{Layout, QuantSpec};
+use crate::{HiggsError, Result};
+use device::{device, Kernel, ModuleKey};
+pub use source::ActType;
+
+/// k values per warp super-step of the LUT-GEMM (must match `KSTEP` in `lut_gemm.cu`).
+const KSTEP: usize = 128;
+/// Warps per LUT-GEMM block (`WARPS`).
+const WARPS: usize = 8;
+/// Batch columns per LUT-GEMM launch slice (`MAX_COLS`).
+const MAX_COLS: usize = 64;
+const LUT_NAMES: [[&str; 4]; 2] = [
+    ["lut_mma_m1_n1", "lut_mma_m1_n2", "lut_mma_m1_n4", "lut_mma_m1_n8"],
+    ["lut_mma_m2_n1", "lut_mma_m2_n2", "lut_mma_m2_n4", "lut_mma_m2_n8"],
+];
+const MAX_SPLITS: usize = 16;
+
+/// `Ok(description of device 0)` when the driver, NVRTC and a GPU are there; otherwise why not.
+pub fn status() -> std::result::Result<String, String> {
+    let count = device::device_count()?;
+    let d = device(0).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{count} CUDA device(s); device 0: {}, compute capability {}.{}, {} multiprocessors",
+        d.name, d.arch.0, d.arch.1, d.sm_count
+    ))
+}
+
+/// Optional overrides of the launch heuristics (0 = automatic), for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// m16 row tiles per warp: 1 or 2.
+    pub mt: usize,
+    /// Split-K factor across blocks.
+    pub splits: usize,
+}
+
+/// What the kernels need to know about a quantized layer; checked against the codec's layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub p: usize,
+    pub n: usize,
+    pub hadamard_size: usize,
+    pub group_size: usize,
+    pub row_bytes: usize,
+    pub groups: usize,
+}
+
+impl LayerShape {
+    /// The codec's layout for this shape, after checking that the stored sizes agree with it and
+    /// that the kernels cover the grid and group size.
+    pub fn layout(&self) -> Result<(Layout, u32)> {
+        if !matches!(self.p, 1 | 2) {
+            return Err(HiggsError::Unsupported(format!(
+                "the CUDA kernels take grids of dimension p = 1 or 2; this layer has p = {}",
+                self.p
+            )));
+        }
+        let bits = if self.n.is_power_of_two() && self.n.trailing_zeros() as usize % self.p == 0 {
+            self.n.trailing_zeros() / self.p as u32
+        } else {
+            0
+        };
+        if !(2..=4).contains(&bits) {
+            return Err(HiggsError::Unsupported(format!(
+                "the CUDA kernels take 2, 3 or 4 bits per weight (n = 2^(p·bits)); this layer has p = {}, n = {}",
+                self.p, self.n
+            )));
+        }
+        if self.group_size == 0 || self.group_size % 32 != 0 {
+            return Err(HiggsError::Unsupported(format!(
+                "the CUDA kernels need a group size that is a multiple of 32; this layer has {}",
+                self.group_size
+            )));
+        }
+        let spec = QuantSpec {
+            p: self.p,
+            n: self.n,
+            hadamard_size: Some(self.hadamard_size),
+            group_size: self.group_size,
+            seed: None,
+        };
+        let layout = spec.layout(self.out_features, self.in_features)?;
+        if layout.row_bytes != self.row_bytes || layout.groups != self.groups {
+            return Err(HiggsError::invalid(format!(
+                "a {}×{} layer with p = {}, n = {}, Hadamard {}, group {} stores {} code bytes and {} scales per row; \
+                 got {} and {}",
+                self.out_features,
+                self.in_features,
+                self.p,
+                self.n,
+                self.hadamard_size,
+                self.group_size,
+                layout.row_bytes,
+                layout.groups,
+                self.row_bytes,
+                self.groups
+            )));
+        }
+        if layout.padded_cols > i32::MAX as usize / MAX_COLS || self.out_features > i32::MAX as usize / MAX_COLS {
+            return Err(HiggsError::invalid(format!(
+                "layer {}×{} is too large for the CUDA kernels",
+                self.out_features, self.in_features
+            )));
+        }
+        Ok((layout, bits))
+    }
+}
+
+/// How one LUT-GEMM call is cut up, and where its pieces live in the workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearPlan {
+    /// Row-tile multiplier (rows per block = 16·mt) and batch tiles of 8 per warp.
+    pub mt: usize,
+    pub nt: usize,
+    pub row_tiles: usize,
+    pub splits: usize,
+    pub steps_per_split: usize,
+    pub total_steps: usize,
+    pub batch_chunks: usize,
+    /// Width of the rotated activations (padded_cols rounded up to a super-step).
+    pub kp: usize,
+    pub counters_offset: usize,
+    pub x_rot_offset: usize,
+    pub partials_offset: usize,
+    pub workspace_bytes: usize,
+    pub shared_bytes: usize,
+}
+
+fn align256(x: usize) -> usize {
+    x.next_multiple_of(256)
+}
+
+/// The plan for `batch` rows through a layer of `rows` outputs and `padded` rotated inputs on a
+/// GPU with `sm_count` multiprocessors.
+pub fn plan_linear(batch: usize, rows: usize, padded: usize, bits: u32, sm_count: usize, tuning: Tuning) -> Result<LinearPlan> {
+    if batch == 0 {
+        return Err(HiggsError::invalid("batch must be at least 1"));
+    }
+    if !matches!(tuning.mt, 0..=2) || tuning.splits > MAX_SPLITS {
+        return Err(HiggsError::invalid(format!(
+            "tuning {tuning:?}: mt must be 0 (auto), 1 or 2 and splits at most {MAX_SPLITS}"
+        )));
+    }
+    let kp = padded.next_multiple_of(KSTEP);
+    let total_steps = kp / KSTEP;
+    let nt = match batch {
+        1..=8 => 1,
+        9..=16 => 2,
+        17..=32 => 4,
+        _ => 8,
+    };
+    let batch_chunks = batch.div_ceil(MAX_COLS);
+    let mt = match tuning.mt {
+        0 if rows.div_ceil(32) >= sm_count && nt < 8 => 2,
+        0 => 1,
+        m => m,
+    };
+    let row_tiles = rows.div_ceil(16 * mt);
+    let splits = if batch_chunks > 1 {
+        1
+    } else if tuning.splits > 0 {
+        tuning.splits
+    } else if row_tiles >= sm_count {
+        1
+    } else {
+        // About two blocks per multiprocessor, each warp keeping at least one super-step.
+        (2 * sm_count).div_ceil(row_tiles).min((total_steps / WARPS).max(1)).min(MAX_SPLITS)
+    };
+    let steps_per_split = total_steps.div_ceil(splits);
+    let splits = total_steps.div_ceil(steps_per_split);
+    let counters_offset = 0;
+    let x_rot_offset = align256(row_tiles * 4);
+    let partials_offset = x_rot_offset + align256(batch * kp * 2);
+    let workspace_bytes = partials_offset + if splits > 1 { splits * MAX_COLS * rows * 4 } else { 0 };
+    let lut_bytes = (1usize << (2 * bits)) * 32 * 4;
+    let reduce_bytes = WARPS * (8 * nt) * (16 * mt + 4) * 4;
+    Ok(LinearPlan {
+        mt,
+        nt,
+        row_tiles,
+        splits,
+        steps_per_split,
+        total_steps,
+        batch_chunks,
+        kp,
+        counters_offset,
+        x_rot_offset,
+        partials_offset,
+        workspace_bytes,
+        shared_bytes: lut_bytes.max(reduce_bytes),
+    })
+}
+
+/// Device addresses and sizes of one `y = layer(x)` call.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCall {
+    pub shape: LayerShape,
+    pub batch: usize,
+    /// `batch × in_features` activations.
+    pub x: u64,
+    /// `batch × out_features` output, same dtype.
+    pub out: u64,
+    /// `out_features × row_bytes` codes, `out_features × groups` f16 scales, `n × p` f32 grid,
+    /// `padded_cols` f32 signs (0: none).
+    pub codes: u64,
+    pub scales: u64,
+    pub grid: u64,
+    pub signs: u64,
+    /// Scratch memory: counters that must be zero before the first call (calls leave them zero),
+    /// then the rotated activations and split-K partials.
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+    pub act: ActType,
+    pub stream: u64,
+    pub device: usize,
+    pub tuning: Tuning,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LutParams {
+    x_rot: u64,
+    out: u64,
+    codes: u64,
+    scales: u64,
+    grid: u64,
+    partials: u64,
+    counters: u64,
+    batch: i32,
+    rows: i32,
+    kp: i32,
+    padded: i32,
+    row_bytes: i32,
+    groups: i32,
+    group_size: i32,
+    p: i32,
+    splits: i32,
+    steps_per_split: i32,
+    total_steps: i32,
+    vector_codes: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HadamardParams {
+    x: u64,
+    out: u64,
+    signs: u64,
+    in_features: i32,
+    kp: i32,
+    scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DequantParams {
+    codes: u64,
+    scales: u64,
+    grid: u64,
+    out: u64,
+    rows: i32,
+    padded: i32,
+    row_bytes: i32,
+    groups: i32,
+    group_size: i32,
+    p: i32,
+    ld: i32,
+}
+
+fn require_pointers(pointers: &[(&str, u64)]) -> Result<()> {
+    for (name, ptr) in pointers {
+        if *ptr == 0 {
+            return Err(HiggsError::invalid(format!("the {name} device pointer is null")));
+        }
+    }
+    Ok(())
+}
+
+fn lut_kernel(dev: &device::Device, bits: u32, act: ActType, name: &str) -> Result<Kernel> {
+    dev.kernel(ModuleKey::LutGemm { bits, act }, name, || {
+        let mut names: Vec<String> = LUT_NAMES.iter().flatten().map(|s| s.to_string()).collect();
+        names.push("dequantize_rotated".into());
+        Ok((source::lut_gemm(bits, act), names))
+    })
+}
+
+fn hadamard_kernel(dev: &device::Device, shape: &source::HadamardShape, act: ActType) -> Result<Kernel> {
+    dev.kernel(
+        ModuleKey::Hadamard {
+            order: shape.order,
+            act,
+        },
+        "hadamard_rotate",
+        || Ok((source::hadamard(shape, act)?, vec!["hadamard_rotate".to_string()])),
+    )
+}
+
+/// Bytes of workspace a call needs.
+pub fn workspace_bytes(shape: &LayerShape, batch: usize, device_index: usize, tuning: Tuning) -> Result<usize> {
+    let (layout, bits) = shape.layout()?;
+    let dev = device(device_index)?;
+    Ok(plan_linear(batch, shape.out_features, layout.padded_cols, bits, dev.sm_count, tuning)?.workspace_bytes)
+}
+
+/// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
+/// zeros past `padded_cols`).
+#[allow(clippy::too_many_arguments)]
+pub fn hadamard_rotate(
+    x: u64,
+    out: u64,
+    signs: u64,
+    batch: usize,
+    in_features: usize,
+    hadamard_size: usize,
+    out_width: usize,
+    act: ActType,
+    stream: u64,
+    device_index: usize,
+) -> Result<()> {
+    require_pointers(&[("activation", x), ("output", out)])?;
+    let shape = source::HadamardShape::new(hadamard_size)?;
+    let padded = in_features.div_ceil(hadamard_size) * hadamard_size;
+    if in_features == 0 || batch == 0 {
+        return Err(HiggsError::invalid("the Hadamard transform needs at least one row and one column"));
+    }
+    if out_width < padded || out_width > i32::MAX as usize || batch > 65535 {
+        return Err(HiggsError::invalid(format!(
+            "Hadamard output width {out_width} must hold the {padded} padded columns (and batch {batch} <= 65535)"
+        )));
+    }
+    let dev = device(device_index)?;
+    let kernel = hadamard_kernel(&dev, &shape, act)?;
+    let params = HadamardParams {
+        x,
+        out,
+        signs,
+        in_features: in_features as i32,
+        kp: out_width as i32,
+        scale: (1.0 / (hadamard_size as f64).sqrt()) as f32,
+    };
+    let tiles = out_width.div_ceil(shape.tile) as u32;
+    dev.launch(
+        &kernel,
+        (tiles, batch as u32, 1),
+        shape.threads as u32,
+        shape.shared_bytes(),
+        stream,
+        &params,
+    )
+}
+
+/// `y = x Wᵀ` for one quantized layer: the Hadamard kernel, then the LUT-GEMM.
+/// Returns `Ok(0)` once launched, or `Ok(bytes)` without launching anything when the workspace
+/// is smaller than the `bytes` the call needs.
+pub fn lut_linear(call: &LinearCall) -> Result<usize> {
+    let shape = &call.shape;
+    let (layout, bits) = shape.layout()?;
+    require_pointers(&[
+        ("activation", call.x),
+        ("output", call.out),
+        ("codes", call.codes),
+        ("scales", call.scales),
+        ("grid", call.grid),
+    ])?;
+    let dev = device(call.device)?;
+    let plan = plan_linear(call.batch, shape.out_features, layout.padded_cols, bits, dev.sm_count, call.tuning)?;
+    if call.workspace_bytes < plan.workspace_bytes {
+        return Ok(plan.workspace_bytes);
+    }
+    require_pointers(&[("workspace", call.workspace)])?;
+    if call.workspace % 256 != 0 {
+        return Err(HiggsError::invalid("the workspace must be 256-byte aligned"));
+    }
+    if plan.batch_chunks > 65535 || plan.splits > 65535 {
+        return Err(HiggsError::invalid(format!("batch {} is too large", call.batch)));
+    }
+    let x_rot = call.workspace + plan.x_rot_offset as u64;
+    hadamard_rotate(
+        call.x,
+        x_rot,
+        call.signs,
+        call.batch,
+        shape.in_features,
+        shape.hadamard_size,
+        plan.kp,
+        call.act,
+        call.stream,
+        call.device,
+    )?;
+    let alignment = match bits {
+        4 => 16,
+        2 => 8,
+        _ => 4,
+    };
+    let params = LutParams {
+        x_rot,
+        out: call.out,
+        codes: call.codes,
+        scales: call.scales,
+        grid: call.grid,
+        partials: call.workspace + plan.partials_offset as u64,
+        counters: call.workspace + plan.counters_offset as u64,
+        batch: call.batch as i32,
+        rows: shape.out_features as i32,
+        kp: plan.kp as i32,
+        padded: layout.padded_cols as i32,
+        row_bytes: layout.row_bytes as i32,
+        groups: layout.groups as i32,
+        group_size: shape.group_size as i32,
+        p: shape.p as i32,
+        splits: plan.splits as i32,
+        steps_per_split: plan.steps_per_split as i32,
+        total_steps: plan.total_steps as i32,
+        vector_codes: (call.codes % 16 == 0 && layout.row_bytes % alignment == 0) as i32,
+    };
+    let name = LUT_NAMES[plan.mt - 1][plan.nt.trailing_zeros() as usize];
+    let kernel = lut_kernel(&dev, bits, call.act, name)?;
+    dev.launch(
+        &kernel,
+        (plan.row_tiles as u32, plan.splits as u32, plan.batch_chunks as u32),
+        (WARPS * 32) as u32,
+        plan.shared_bytes,
+        call.stream,
+        &params,
+    )?;
+    Ok(0)
+}
+
+/// Write the rotated-domain weights `Ŵ_rot` (`out_features × ld` in the activation dtype,
+/// `ld >= padded_cols` even; columns past `padded_cols` are left as they are), for large batches
+/// where one dequantization feeds a library GEMM on `x_rot`.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_rotated(
+    shape: &LayerShape,
+    codes: u64,
+    scales: u64,
+    grid: u64,
+    out: u64,
+    ld: usize,
+    act: ActType,
+    stream: u64,
+    device_index: usize,
+) -> Result<()> {
+    let (layout, bits) = shape.layout()?;
+    require_pointers(&[("codes", codes), ("scales", scales), ("grid", grid), ("output", out)])?;
+    if ld < layout.padded_cols || ld % 2 != 0 || ld > i32::MAX as usize || out % 4 != 0 {
+        return Err(HiggsError::invalid(format!(
+            "the rotated weights need an even row stride >= {} and a 4-byte aligned output; got {ld}",
+            layout.padded_cols
+        )));
+    }
+    let dev = device(device_index)?;
+    let kernel = lut_kernel(&dev, bits, act, "dequantize_rotated")?;
+    let params = DequantParams {
+        codes,
+        scales,
+        grid,
+        out,
+        rows: shape.out_features as i32,
+        padded: layout.padded_cols as i32,
+        row_bytes: layout.row_bytes as i32,
+        groups: layout.groups as i32,
+        group_size: shape.group_size as i32,
+        p: shape.p as i32,
+        ld: ld as i32,
+    };
+    let pairs = shape.out_features * layout.padded_cols / 2;
+    let blocks = pairs.div_ceil(256).min(dev.sm_count * 16) as u32;
+    dev.launch(&kernel, (blocks, 1, 1), 256, 0, stream, &params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(out: usize, inp: usize, p: usize, n: usize, h: usize, g: usize) -> LayerShape {
+        let spec = QuantSpec {
+            p,
+            n,
+            hadamard_size: Some(h),
+            group_size: g,
+            seed: None,
+        };
+        let l = spec.layout(out, inp).unwrap();
+        LayerShape {
+            in_features: inp,
+            out_features: out,
+            p,
+            n,
+            hadamard_size: h,
+            group_size: g,
+            row_bytes: l.row_bytes,
+            groups: l.groups,
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked_against_the_codec() {
+        assert_eq!(shape(1000, 576, 2, 256, 576, 64).layout().unwrap().1, 4);
+        assert_eq!(shape(8, 100, 1, 8, 64, 32).layout().unwrap().1, 3);
+        let mut s = shape(8, 4096, 2, 256, 1024, 64);
+        s.row_bytes += 1;
+        assert!(s.layout().unwrap_err().to_string().contains("code bytes"));
+        assert!(shape(8, 4096, 2, 256, 1024, 16).layout().is_err());
+        assert!(shape(8, 4096, 1, 32, 1024, 64).layout().is_err());
+        assert!(shape(8, 4096, 4, 256, 1024, 64).layout().is_err());
+    }
+
+    #[test]
+    fn plans_cover_every_step_and_row() {
+        for (batch, rows, padded) in [(1, 4096, 4096), (1, 1024, 4096), (16, 14336, 4096), (64, 4096, 14336), (3, 1000, 576), (200, 100, 128)] {
+            let p = plan_linear(batch, rows, padded, 4, 132, Tuning::default()).unwrap();
+            assert!(p.row_tiles * 16 * p.mt >= rows);
+            assert!(p.splits * p.steps_per_split >= p.total_steps);
+            assert!((p.splits - 1) * p.steps_per_split < p.total_steps, "{p:?}");
+            assert!(p.kp >= padded && p.kp % KSTEP == 0);
+            assert!(p.batch_chunks * MAX_COLS >= batch && p.nt * 8 * p.batch_chunks >= batch.min(MAX_COLS));
+            assert!(p.x_rot_offset >= p.row_tiles * 4 && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2);
+            if p.batch_chunks > 1 {
+                assert_eq!(p.splits, 1);
+            }
+        }
+        // Few rows: split-K keeps the GPU busy.
+        assert!(plan_linear(1, 1024, 4096, 4, 132, Tuning::default()).unwrap().splits > 1);
+        assert_eq!(plan_linear(1, 14336, 4096, 4, 132, Tuning::default()).unwrap().splits, 1);
+        assert!(plan_linear(0, 8, 128, 4, 132, Tuning::default()).is_err());
+    }
+}

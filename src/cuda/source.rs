@@ -1,0 +1,242 @@
+//! CUDA C++ sources of the kernels, assembled per configuration for NVRTC: the shared prelude,
+//! the kernel file, and (for the Hadamard transform) the order's constants and its Paley factors
+//! unrolled into straight-line adds, generated from [`crate::hadamard::paley_matrix`] so the GPU
+//! applies exactly the matrix the CPU quantizer used.
+#![forbid(unsafe_code)]
+
+use crate::hadamard;
+use crate::{HiggsError, Result};
+use std::fmt::Write;
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const LUT_GEMM: &str = include_str!("kernels/lut_gemm.cu");
+const HADAMARD: &str = include_str!("kernels/hadamard.cu");
+
+/// Activation (and output) element type of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActType {
+    F16,
+    Bf16,
+}
+
+impl ActType {
+    pub fn parse(name: &str) -> Result<ActType> {
+        match name {
+            "f16" | "float16" => Ok(ActType::F16),
+            "bf16" | "bfloat16" => Ok(ActType::Bf16),
+            other => Err(HiggsError::invalid(format!(
+                "activation dtype {other:?} is not supported by the CUDA kernels: use \"f16\" or \"bf16\""
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActType::F16 => "f16",
+            ActType::Bf16 => "bf16",
+        }
+    }
+
+    fn define(self) -> &'static str {
+        match self {
+            ActType::F16 => "",
+            ActType::Bf16 => "#define ACT_BF16 1\n",
+        }
+    }
+}
+
+/// The LUT-GEMM module for `bits` per weight (2, 3 or 4).
+pub fn lut_gemm(bits: u32, act: ActType) -> String {
+    format!("#define BITS {bits}\n{}{COMMON}\n{LUT_GEMM}", act.define())
+}
+
+/// How one Hadamard order is cut into factors, and the tile a CUDA block transforms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HadamardShape {
+    pub order: usize,
+    pub log2: u32,
+    pub fast: usize,
+    pub slow: usize,
+    /// Values per CUDA block: a whole number of transform blocks.
+    pub tile: usize,
+    pub threads: usize,
+}
+
+/// Tiles of at least this many values keep a block busy for small orders.
+const MIN_TILE: usize = 2048;
+
+impl HadamardShape {
+    pub fn new(order: usize) -> Result<HadamardShape> {
+        if !hadamard::is_supported_order(order) {
+            return Err(HiggsError::invalid(format!(
+                "Hadamard order {order} is not supported: use m·2^k with m in {:?}, 2 <= order <= {}",
+                hadamard::BASE_ORDERS,
+                hadamard::MAX_ORDER
+            )));
+        }
+        // The base order m of order = m·2^k (unique: the base orders have distinct odd parts).
+        let m = hadamard::BASE_ORDERS
+            .iter()
+            .copied()
+            .find(|&m| order % m == 0 && (order / m).is_power_of_two())
+            .unwrap_or(order);
+        let log2 = (order / m).trailing_zeros();
+        let (slow, fast) = match m {
+            1 => (1, 1),
+            12 | 20 | 28 => (1, m),
+            144 => (12, 12),
+            240 => (12, 20),
+            336 => (12, 28),
+            400 => (20, 20),
+            560 => (20, 28),
+            784 => (28, 28),
+            _ => {
+                return Err(HiggsError::Unsupported(format!(
+                    "Hadamard order {order}: no CUDA factorization of its odd part {m}"
+                )))
+            }
+        };
+        let tile = order * (MIN_TILE / order).max(1);
+        let threads = (tile / 4).clamp(64, 1024).next_multiple_of(32);
+        Ok(HadamardShape {
+            order,
+            log2,
+            fast,
+            slow,
+            tile,
+            threads,
+        })
+    }
+
+    pub fn shared_bytes(&self) -> usize {
+        self.tile * 4
+    }
+}
+
+/// One Paley factor as a straight-line function `name(float (&v)[size])`, in place:
+/// `v_i <- sum_j H[i][j] v_j`.
+fn paley_function(name: &str, size: usize) -> Result<String> {
+    let h = hadamard::paley_matrix(size)
+        .ok_or_else(|| HiggsError::Unsupported(format!("no Paley matrix of order {size}")))?;
+    let mut s = format!("__device__ __forceinline__ void {name}(float (&v)[{size}]) {{\n");
+    for i in 0..size {
+        let _ = write!(s, "    const float o{i} = ");
+        for j in 0..size {
+            let sign = if h[i * size + j] > 0.0 { '+' } else { '-' };
+            if j == 0 && sign == '+' {
+                let _ = write!(s, "v[0]");
+            } else {
+                let _ = write!(s, " {sign} v[{j}]");
+            }
+        }
+        s.push_str(";\n");
+    }
+    for i in 0..size {
+        let _ = writeln!(s, "    v[{i}] = o{i};");
+    }
+    s.push_str("}\n");
+    Ok(s)
+}
+
+/// The Hadamard module for one order and activation type.
+pub fn hadamard(shape: &HadamardShape, act: ActType) -> Result<String> {
+    let mut s = String::new();
+    s.push_str(act.define());
+    s.push_str(COMMON);
+    let _ = write!(
+        s,
+        "\n#define HAD_ORDER {}\n#define HAD_LOG2 {}\n#define HAD_POW2 {}\n#define HAD_FAST {}\n#define HAD_SLOW {}\n#define HAD_TILE {}\n#define HAD_THREADS {}\n",
+        shape.order,
+        shape.log2,
+        1usize << shape.log2,
+        shape.fast,
+        shape.slow,
+        shape.tile,
+        shape.threads
+    );
+    if shape.fast > 1 {
+        s.push_str(&paley_function("paley_fast", shape.fast)?);
+    }
+    if shape.slow > 1 {
+        s.push_str(&paley_function("paley_slow", shape.slow)?);
+    }
+    s.push_str(HADAMARD);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The factorization and index layout the kernel uses, replayed on the CPU in f64:
+    /// Sylvester stages on the fastest index, then the fast and slow Paley factors.
+    fn emulate(shape: &HadamardShape, x: &[f32]) -> Vec<f32> {
+        let n = shape.order;
+        let pow2 = 1usize << shape.log2;
+        let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+        for s in 0..shape.log2 {
+            let d = 1usize << s;
+            for i in 0..n {
+                if i & d == 0 {
+                    let (a, b) = (v[i], v[i + d]);
+                    v[i] = a + b;
+                    v[i + d] = a - b;
+                }
+            }
+        }
+        for (size, stride) in [(shape.fast, pow2), (shape.slow, shape.fast * pow2)] {
+            if size == 1 {
+                continue;
+            }
+            let h = hadamard::paley_matrix(size).unwrap();
+            for q in 0..n / size {
+                let base = (q / stride) * size * stride + q % stride;
+                let old: Vec<f64> = (0..size).map(|j| v[base + j * stride]).collect();
+                for i in 0..size {
+                    v[base + i * stride] = (0..size).map(|j| h[i * size + j] as f64 * old[j]).sum();
+                }
+            }
+        }
+        let scale = 1.0 / (n as f64).sqrt();
+        v.iter().map(|&a| (a * scale) as f32).collect()
+    }
+
+    #[test]
+    fn kernel_factorization_matches_cpu_transform() {
+        for order in [2, 64, 12, 48, 20, 28 * 4, 144, 240 * 2, 336, 400, 560, 784, 28 * 512] {
+            let shape = HadamardShape::new(order).unwrap();
+            let mut x = vec![0f32; order];
+            crate::rng::SplitMix64::new(order as u64).fill_gaussian(&mut x);
+            let expected = {
+                let mut y = x.clone();
+                hadamard::forward(&mut y, order).unwrap();
+                y
+            };
+            let got = emulate(&shape, &x);
+            let err = expected.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "order {order}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn shapes_tile_whole_blocks() {
+        for order in [2, 64, 1024, 4096, 16384, 32768, 12 * 1024, 28 * 512, 784 * 32] {
+            let s = HadamardShape::new(order).unwrap();
+            assert_eq!(s.tile % order, 0);
+            assert_eq!(s.order, s.slow * s.fast << s.log2);
+            assert!(s.threads % 32 == 0 && s.threads <= 1024);
+        }
+        assert!(HadamardShape::new(44).is_err());
+    }
+
+    #[test]
+    fn generated_sources_name_their_pieces() {
+        let src = hadamard(&HadamardShape::new(28 * 512).unwrap(), ActType::Bf16).unwrap();
+        assert!(src.contains("#define ACT_BF16"));
+        assert!(src.contains("paley_fast(float (&v)[28])"));
+        assert!(!src.contains("void paley_slow"));
+        let src = lut_gemm(3, ActType::F16);
+        assert!(src.starts_with("#define BITS 3\n"));
+        assert!(src.contains("LUT_MMA_KERNEL(2, 8)"));
+    }
+}

@@ -1,0 +1,218 @@
+"""CUDA kernels against the CPU reference: the activation Hadamard transform against
+``higgs_rs.hadamard_transform``, and the LUT-GEMM against dequantize-then-matmul in float64.
+
+Every run draws fresh random inputs (the seed is in each failure message) and poisons outputs with
+NaN before the call, so an unwritten element fails. Without a GPU (or a CUDA build) the GPU tests
+skip with the reason; ``HIGGS_CUDA_QUICK=1`` runs a reduced set (used under compute-sanitizer).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import higgs_rs  # noqa: E402
+from higgs_rs import cuda as hcuda  # noqa: E402
+from higgs_rs.torch import HiggsLinear  # noqa: E402
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "PyTorch sees no CUDA GPU"
+    if not higgs_rs.cuda_available():
+        return higgs_rs.cuda_status()
+    return None
+
+
+SKIP_REASON = _skip_reason()
+needs_gpu = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+QUICK = os.environ.get("HIGGS_CUDA_QUICK", "") not in ("", "0")
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def test_status_is_reported() -> None:
+    available = higgs_rs.cuda_available()
+    status = higgs_rs.cuda_status()
+    assert isinstance(available, bool)
+    assert status
+    assert status.startswith("CUDA unavailable: ") != available
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm())
+
+
+HADAMARD_ORDERS = [64, 128, 1024, 4096, 16384, 32768, 12, 48, 3072, 12 * 1024, 20 * 64, 20 * 512, 28 * 512,
+                   576, 240 * 8, 336 * 4, 400, 560 * 2, 784 * 16]
+if QUICK:
+    HADAMARD_ORDERS = [64, 4096, 28 * 512, 576]
+
+
+@needs_gpu
+@pytest.mark.parametrize("order", HADAMARD_ORDERS)
+def test_hadamard_matches_cpu(order: int) -> None:
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for in_features, batch in ((order, 3), (max(1, 2 * order - 5), 2)):
+        padded = -(-in_features // order) * order
+        x = torch.from_numpy(rng.standard_normal((batch, in_features)).astype(np.float32))
+        signs = torch.from_numpy(np.where(rng.random(padded) < 0.5, -1.0, 1.0).astype(np.float32))
+        width = padded + 128
+        x16 = x.half()
+        expected = torch.zeros(batch, padded)
+        expected[:, :in_features] = x16.float()
+        expected = (expected * signs).contiguous().numpy()
+        higgs_rs.hadamard_transform(expected, order)
+        got = hcuda.hadamard(x16.cuda(), order, signs.cuda(), width=width).float().cpu()
+        assert torch.isfinite(got).all(), f"seed {seed}"
+        assert (got[:, padded:] == 0).all(), f"seed {seed}: columns past the padded width must be 0"
+        err = _relative_error(got[:, :padded], torch.from_numpy(expected))
+        assert err < 1e-3, f"order {order}, in {in_features}, seed {seed}: relative error {err}"
+
+
+# (out, in, p, bits, hadamard_size, group_size): the whole-row Paley orders of real models, padding,
+# unaligned code rows (3-bit with 1000 columns: 375 bytes per row), two-factor Paley orders.
+LAYERS = [
+    (1000, 576, 2, 4, None, 64),
+    (512, 1536, 1, 4, None, 64),
+    (384, 4096, 2, 3, 1024, 128),
+    (272, 100, 2, 2, 64, 32),
+    (200, 1000, 1, 3, None, 32),
+    (96, 14336, 2, 4, None, 64),
+    (64, 12544, 1, 2, None, 64),
+    (130, 1280, 1, 4, 1280, 64),
+    (256, 4096, 2, 4, None, 64),
+]
+BATCHES = [1, 3, 16, 64, 100]
+if QUICK:
+    LAYERS = [LAYERS[0], LAYERS[4], LAYERS[5]]
+    BATCHES = [1, 16, 100]
+
+
+def _layer(out_f: int, in_f: int, p: int, bits: int, h: int | None, g: int, seed: int) -> tuple[HiggsLinear, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((out_f, in_f)) * 0.02).astype(np.float32)
+    q = higgs_rs.quantize_tensor(w, bits=bits, p=p, hadamard_size=h, group_size=g, seed=seed % 1000)
+    layer = HiggsLinear.from_quantized(q).to("cuda")
+    w_deq = torch.from_numpy(higgs_rs.dequantize(q)).cuda()
+    return layer, w_deq
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: "x".join(str(v) for v in s))
+def test_lut_linear_matches_dequantized_f16(shape: tuple) -> None:
+    seed = _seed()
+    layer, w_deq = _layer(*shape, seed)
+    rng = torch.Generator().manual_seed(seed)
+    for batch in BATCHES:
+        x = torch.randn(batch, layer.in_features, generator=rng).half().cuda()
+        out = torch.full((batch, layer.out_features), float("nan"), dtype=torch.float16, device="cuda")
+        y = hcuda.lut_linear(layer, x, out)
+        torch.cuda.synchronize()
+        assert y.data_ptr() == out.data_ptr()
+        assert torch.isfinite(y).all(), f"{shape} batch {batch} seed {seed}: unwritten or non-finite output"
+        ref = x.double() @ w_deq.double().t()
+        err = _relative_error(y, ref)
+        assert err < 1e-3, f"{shape} batch {batch} seed {seed}: relative error {err} vs float64"
+        err_linear = _relative_error(y, torch.nn.functional.linear(x, w_deq.half()))
+        assert err_linear < 1e-3, f"{shape} batch {batch} seed {seed}: {err_linear} vs F.linear in f16"
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", LAYERS[:3] if not QUICK else LAYERS[:1], ids=lambda s: "x".join(str(v) for v in s))
+def test_lut_linear_bf16(shape: tuple) -> None:
+    seed = _seed()
+    layer, w_deq = _layer(*shape, seed)
+    for batch in (1, 16, 100):
+        x = torch.randn(batch, layer.in_features, device="cuda").bfloat16()
+        out = torch.full((batch, layer.out_features), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y = hcuda.lut_linear(layer, x, out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all(), f"{shape} batch {batch} seed {seed}"
+        err = _relative_error(y, x.double() @ w_deq.double().t())
+        # bf16 keeps 8 bits: rotated activations, weights and outputs each round at ~2^-9.
+        assert err < 1e-2, f"{shape} batch {batch} seed {seed}: relative error {err}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("mt,splits", [(1, 1), (2, 1), (1, 3), (2, 7), (1, 16)])
+def test_tuning_overrides_compute_the_same(mt: int, splits: int) -> None:
+    seed = _seed()
+    layer, w_deq = _layer(300, 4096, 2, 4, None, 64, seed)
+    for batch in (1, 9, 40):
+        x = torch.randn(batch, 4096, device="cuda").half()
+        out = torch.full((batch, 300), float("nan"), dtype=torch.float16, device="cuda")
+        y = hcuda.lut_linear(layer, x, out, mt=mt, splits=splits)
+        torch.cuda.synchronize()
+        err = _relative_error(y, x.double() @ w_deq.double().t())
+        assert err < 1e-3, f"mt {mt} splits {splits} batch {batch} seed {seed}: {err}"
+
+
+@needs_gpu
+def test_deterministic_and_module_forward() -> None:
+    seed = _seed()
+    layer, w_deq = _layer(1024, 4096, 2, 4, None, 64, seed)
+    layer.bias = torch.nn.Parameter(torch.randn(1024, device="cuda"), requires_grad=False)
+    x = torch.randn(2, 3, 4096, device="cuda").half()
+    a = layer(x)
+    b = layer(x)
+    assert a.shape == (2, 3, 1024)
+    assert torch.equal(a, b), "two runs on the same input differ"
+    ref = x.double() @ w_deq.double().t() + layer.bias.double()
+    assert _relative_error(a, ref) < 1e-3, f"seed {seed}"
+
+
+@needs_gpu
+def test_unaligned_codes_take_the_byte_path() -> None:
+    seed = _seed()
+    layer, w_deq = _layer(100, 4096, 2, 4, None, 64, seed)
+    codes = layer.codes
+    storage = torch.empty(codes.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = storage[1:].view(codes.shape)
+    shifted.copy_(codes)
+    layer.codes = shifted
+    assert layer.codes.data_ptr() % 16 != 0
+    x = torch.randn(5, 4096, device="cuda").half()
+    y = hcuda.lut_linear(layer, x)
+    assert _relative_error(y, x.double() @ w_deq.double().t()) < 1e-3, f"seed {seed}"
+
+
+@needs_gpu
+def test_cuda_graph_replay() -> None:
+    seed = _seed()
+    layer, w_deq = _layer(512, 1536, 2, 4, None, 64, seed)
+    static_x = torch.randn(4, 1536, device="cuda").half()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    for _ in range(3):
+        fresh = torch.randn(4, 1536, device="cuda").half()
+        static_x.copy_(fresh)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _relative_error(static_y, fresh.double() @ w_deq.double().t()) < 1e-3, f"seed {seed}"
+
+
+@needs_gpu
+def test_bad_inputs_are_named() -> None:
+    layer, _ = _layer(64, 256, 2, 4, None, 64, 1)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        hcuda.lut_linear(layer, torch.randn(2, 256, device="cuda"))
+    with pytest.raises(ValueError, match="shape"):
+        hcuda.lut_linear(layer, torch.randn(2, 255, device="cuda").half())
+    odd, _ = _layer(64, 256, 2, 4, None, 16, 1)
+    with pytest.raises(NotImplementedError, match="multiple of 32"):
+        hcuda.lut_linear(odd, torch.randn(2, 256, device="cuda").half())
