@@ -73,7 +73,7 @@ def higgs(
     def make() -> Quantizer:
         import higgs_rs
 
-        def quantize(w: np.ndarray) -> Quantized:
+        def quantize(w: np.ndarray, name: str = "") -> Quantized:
             q = higgs_rs.quantize_tensor(
                 w, bits=bits, p=p, hadamard_size=hadamard_size, group_size=group_size, seed=seed,
                 threads=QUANT_THREADS,
@@ -213,7 +213,7 @@ def apply_method(quantize: Quantizer, linears: dict[str, object], originals: dic
             torch.set_num_threads(QUANT_THREADS)
             start = time.perf_counter()
             try:
-                result = quantize(w)
+                result = quantize(w, name)
             except Unsupported as exc:
                 applied.unsupported.append(f"{name}: {exc}")
                 continue

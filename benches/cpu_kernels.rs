@@ -126,7 +126,9 @@ fn bench_lut(c: &mut Criterion) {
                 let x = gaussian(cols, 2);
                 let mut y = vec![0f32; rows];
                 group.bench_function(format!("lut_p{p}_n{n}_scalar/batch1"), |b| {
-                    b.iter(|| lut_linear_with(&w, black_box(&x), 1, &mut y, KernelPath::Scalar).unwrap())
+                    b.iter(|| {
+                        lut_linear_with(&w, black_box(&x), 1, &mut y, KernelPath::Scalar).unwrap()
+                    })
                 });
             }
             if p == 2 {

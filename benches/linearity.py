@@ -6,7 +6,7 @@
 3. Random per-layer assignments: each assignment draws a mixture over the options (Dirichlet),
    then every layer draws its option from it, so the assignments spread from mild to harsh.
    "Moderate" assignments use options of 3 code bits and up; "2-bit" ones may also use the 2-bit
-   grids (p=2 n=16, p=4 n=256), where the theorem is expected to break.
+   grids (p=2 n=16, p=3 n=64, p=4 n=256), where the theorem is expected to break.
 4. Each assignment is applied in memory (quantize, dequantize into the fp32 model, exactly what a
    checkpoint would hold) and its perplexity measured; predicted = ppl₀ · exp(Σ α_l t_l²).
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_errors,
         measure_sensitivities,
         quantized_weights,
+        usable_grids,
     )
     from higgs_rs.eval import load_text, perplexity, tokenize_windows
     from higgs_rs.torch import load_plain
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.perf_counter() - start:.1f} s",
         flush=True,
     )
-    shipped = set(higgs_rs.available_grids())
+    shipped = set(usable_grids())
     moderate = default_options(group_sizes=(64,))
     low = [Option(p, n, 64) for (p, n) in LOW_BIT_GRIDS if (p, n) in shipped]
     options = moderate + low
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "predicted_perplexity": base * math.exp(predicted_loss),
             "perplexity": ppl,
             "lowest_code_bits": min(options[k].code_bits for k in picks.values()),
+            "picks": [picks[n] for n in names],
             "options_used": {
                 options[k].label: list(picks.values()).count(k) for k in sorted(set(picks.values()))
             },
@@ -189,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_evaluation": eval_seconds,
         "summary": summary,
         "points": points,
+        "names": names,
+        "options": [o.label for o in options],
         "alphas": sens.alphas,
+        "alpha_per_draw": sens.per_draw,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "linearity.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -42,7 +42,8 @@ class Quantized:
     note: str = ""  # e.g. the fallback type a llama.cpp rule picked
 
 
-Quantizer = Callable[[np.ndarray], Quantized]
+# (weight, layer name) -> result; the name lets a method give layers different settings.
+Quantizer = Callable[[np.ndarray, str], Quantized]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ Quantizer = Callable[[np.ndarray], Quantized]
 def rtn_asymmetric(bits: int, group_size: int) -> Quantizer:
     """Round to nearest, asymmetric (min/max), f16 scale and f16 zero per group of a row."""
 
-    def quantize(w: np.ndarray) -> Quantized:
+    def quantize(w: np.ndarray, name: str = "") -> Quantized:
         rows, cols = w.shape
         if cols % group_size:
             raise Unsupported(f"width {cols} is not a multiple of the group size {group_size}")
@@ -81,7 +82,7 @@ def bnb_4bit(quant_type: str, block_size: int, double_quant: bool) -> Quantizer:
     import torch
     from bitsandbytes import functional as bnb_f
 
-    def quantize(w: np.ndarray) -> Quantized:
+    def quantize(w: np.ndarray, name: str = "") -> Quantized:
         tensor = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         packed, state = bnb_f.quantize_4bit(
             tensor, blocksize=block_size, quant_type=quant_type, compress_statistics=double_quant
@@ -111,7 +112,7 @@ def hqq(bits: int, group_size: int) -> Quantizer:
 
     params = dict(BaseQuantizeConfig(nbits=bits, group_size=group_size)["weight_quant_params"])
 
-    def quantize(w: np.ndarray) -> Quantized:
+    def quantize(w: np.ndarray, name: str = "") -> Quantized:
         tensor = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         packed, meta = HqqQuantizer.quantize(
             tensor,
@@ -248,7 +249,7 @@ def ggml_type(type_name: str, fallback: bool) -> Quantizer:
     """A llama.cpp type; with ``fallback``, widths it cannot take get llama.cpp's fallback type."""
     ggml_library()  # raise PeerMissing now, not per layer
 
-    def quantize(w: np.ndarray) -> Quantized:
+    def quantize(w: np.ndarray, name: str = "") -> Quantized:
         block, _ = ggml_block(type_name)
         if fallback and w.shape[1] % block and type_name in GGML_FALLBACK:
             other = GGML_FALLBACK[type_name]

@@ -15,11 +15,18 @@ fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let p: usize = a[0].parse().unwrap();
     let n: usize = a[1].parse().unwrap();
-    let bytes = std::fs::read(format!("grids/p{p}_n{n}_v1.bin")).unwrap();
-    let pts: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let pts: Vec<f32> = if a.len() > 2 {
+        let mut v = vec![0f32; n * p];
+        SplitMix64::new(77).fill_gaussian(&mut v);
+        v.iter().map(|x| x * 0.9).collect()
+    } else {
+        let bytes = std::fs::read(format!("grids/p{p}_n{n}_v1.bin")).unwrap();
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    };
     let t = std::time::Instant::now();
     let asg = Assigner::new(Arc::new(Grid::from_points(p, pts, 1).unwrap()));
     println!("build {:?} stats {:?}", t.elapsed(), asg.cell_stats());
+    if a.len() > 3 { return; }
     let count = 1 << 20;
     let mut xs = vec![0f32; count * p];
     SplitMix64::new(5).fill_gaussian(&mut xs);

@@ -1,7 +1,8 @@
 //! Generates the shipped Gaussian MSE-optimal grids: `grids/p{p}_n{n}_v1.bin` and `grids/README.md`.
 //!
 //! `cargo run --release --example make_grids` rebuilds every grid; `-- p2_n256 p1_n16` only those;
-//! `-- --table` only re-measures the files on disk and rewrites the README table.
+//! `-- --table` only re-measures the files on disk and rewrites the README table;
+//! `-- --out DIR` writes to DIR instead of `grids/`.
 //!
 //! - p = 1: Lloyd–Max. Thresholds are midpoints, levels are conditional means computed with exact
 //!   Gaussian integrals (erf/erfc implemented below in f64), iterated to a fixed point from the
@@ -23,8 +24,14 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let table_only = args.iter().any(|a| a == "--table");
-    let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("grids");
+    let out = args.iter().position(|a| a == "--out").map(|i| PathBuf::from(&args[i + 1]));
+    let wanted: Vec<&String> = args
+        .iter()
+        .enumerate()
+        .filter(|&(i, a)| !a.starts_with("--") && (i == 0 || args[i - 1] != "--out"))
+        .map(|(_, a)| a)
+        .collect();
+    let dir = out.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("grids"));
     std::fs::create_dir_all(&dir).expect("create grids/");
     if !table_only {
         for (p, n) in Grid::available() {
@@ -69,7 +76,9 @@ fn measure_mse(grid: &Grid, count: usize) -> f64 {
 fn write_readme(dir: &Path) {
     let mut rows = String::new();
     for (p, n) in Grid::available() {
-        let Ok(bytes) = std::fs::read(file_of(dir, p, n)) else { continue };
+        let Ok(bytes) = std::fs::read(file_of(dir, p, n)) else {
+            continue;
+        };
         if bytes.len() != n * p * 4 {
             continue;
         }
@@ -81,7 +90,10 @@ fn write_readme(dir: &Path) {
         let mse = measure_mse(&grid, 1_000_000);
         let shannon = (-2.0 * grid.bits()).exp2();
         let exact = if p == 1 {
-            format!("{:.6}", lloyd_max_mse(&grid.points.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+            format!(
+                "{:.6}",
+                lloyd_max_mse(&grid.points.iter().map(|&v| v as f64).collect::<Vec<_>>())
+            )
         } else {
             "".into()
         };
@@ -139,7 +151,11 @@ fn erfc_fraction(x: f64) -> f64 {
 /// Upper tail Q(t) = P(X > t), relative accuracy ~1e-15 in both tails.
 fn upper_tail(t: f64) -> f64 {
     let x = t.abs() / std::f64::consts::SQRT_2;
-    let erfc = if x < 2.5 { 1.0 - erf_series(x) } else { erfc_fraction(x) };
+    let erfc = if x < 2.5 {
+        1.0 - erf_series(x)
+    } else {
+        erfc_fraction(x)
+    };
     if t >= 0.0 {
         0.5 * erfc
     } else {
@@ -200,8 +216,16 @@ fn lloyd_max(n: usize) -> Vec<f32> {
     for iteration in 0.. {
         let mut next = vec![0.0; n];
         for i in 0..n {
-            let a = if i == 0 { f64::NEG_INFINITY } else { 0.5 * (levels[i - 1] + levels[i]) };
-            let b = if i == n - 1 { f64::INFINITY } else { 0.5 * (levels[i] + levels[i + 1]) };
+            let a = if i == 0 {
+                f64::NEG_INFINITY
+            } else {
+                0.5 * (levels[i - 1] + levels[i])
+            };
+            let b = if i == n - 1 {
+                f64::INFINITY
+            } else {
+                0.5 * (levels[i] + levels[i + 1])
+            };
             next[i] = (density(a) - density(b)) / mass(a, b);
         }
         // Exact symmetry: average each level with its mirror.
@@ -230,8 +254,16 @@ fn lloyd_max_mse(levels: &[f64]) -> f64 {
     let n = sorted.len();
     let mut total = 0.0;
     for i in 0..n {
-        let a = if i == 0 { f64::NEG_INFINITY } else { 0.5 * (sorted[i - 1] + sorted[i]) };
-        let b = if i == n - 1 { f64::INFINITY } else { 0.5 * (sorted[i] + sorted[i + 1]) };
+        let a = if i == 0 {
+            f64::NEG_INFINITY
+        } else {
+            0.5 * (sorted[i - 1] + sorted[i])
+        };
+        let b = if i == n - 1 {
+            f64::INFINITY
+        } else {
+            0.5 * (sorted[i] + sorted[i + 1])
+        };
         let v = sorted[i];
         // ∫_a^b (x − v)² φ = ∫x²φ − 2v∫xφ + v²∫φ; ∫x²φ = [−xφ] + ∫φ.
         let xphi = |t: f64| if t.is_infinite() { 0.0 } else { t * density(t) };
@@ -334,7 +366,10 @@ fn lloyd_vq(p: usize, n: usize) -> Vec<f32> {
     let mut samples = vec![0f32; total * p];
     let (first, second) = samples.split_at_mut(total / 2 * p);
     rng.fill_gaussian(first);
-    second.iter_mut().zip(first.iter()).for_each(|(b, a)| *b = -a);
+    second
+        .iter_mut()
+        .zip(first.iter())
+        .for_each(|(b, a)| *b = -a);
 
     // Two points ±(small) to start; each split doubles the point count and keeps the pairing
     // "point i + k/2 is −point i".
@@ -355,7 +390,11 @@ fn lloyd_vq(p: usize, n: usize) -> Vec<f32> {
             .copied()
             .collect();
         let final_stage = k == n;
-        let (tolerance, max_iterations) = if final_stage { (1e-6, 400) } else { (1e-4, 40) };
+        let (tolerance, max_iterations) = match (final_stage, p) {
+            (true, 2) => (1e-6, 400),
+            (true, _) => (1e-6, 150),
+            (false, _) => (1e-4, 40),
+        };
         let mut dist = vec![0f64; k];
         for iteration in 0..max_iterations {
             let (next, d, m) = lloyd_step(p, &points, &subset);

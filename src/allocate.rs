@@ -75,9 +75,15 @@ fn validate(layers: &[Vec<Choice>]) -> Result<()> {
     }
     for (l, options) in layers.iter().enumerate() {
         if options.is_empty() {
-            return Err(HiggsError::invalid(format!("layer {l} has no options to choose from")));
+            return Err(HiggsError::invalid(format!(
+                "layer {l} has no options to choose from"
+            )));
         }
-        if let Some((k, c)) = options.iter().enumerate().find(|(_, c)| !c.error.is_finite()) {
+        if let Some((k, c)) = options
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !c.error.is_finite())
+        {
             return Err(HiggsError::invalid(format!(
                 "layer {l}, option {k}: predicted error {} is not finite",
                 c.error
@@ -120,7 +126,7 @@ fn pareto_fronts(layers: &[Vec<Choice>], slack: u64) -> Result<Vec<Vec<Kept>>> {
                 if excess > slack {
                     break;
                 }
-                if front.last().map_or(true, |last| c.error < last.error) {
+                if front.last().is_none_or(|last| c.error < last.error) {
                     front.push(Kept { index: k, excess, error: c.error });
                 }
             }
@@ -284,7 +290,7 @@ fn improve_within_budget(fronts: &[Vec<Kept>], kept_choice: &mut [usize], slack:
             for (k, option) in front.iter().enumerate() {
                 let gain = current.error - option.error;
                 let fits = spent - current.excess + option.excess <= slack;
-                if fits && gain > 0.0 && best.map_or(true, |(g, _, _)| gain > g) {
+                if fits && gain > 0.0 && best.is_none_or(|(g, _, _)| gain > g) {
                     best = Some((gain, l, k));
                 }
             }
@@ -304,7 +310,9 @@ fn totals(layers: &[Vec<Choice>], choices: &[usize]) -> (u64, f64) {
     choices
         .iter()
         .zip(layers)
-        .fold((0u64, 0f64), |(c, e), (&k, options)| (c + options[k].cost, e + options[k].error))
+        .fold((0u64, 0f64), |(c, e), (&k, options)| {
+            (c + options[k].cost, e + options[k].error)
+        })
 }
 
 /// Like [`allocate`], with a second cost per option (`second[l][k]`, e.g. latency) whose sum must
@@ -320,16 +328,13 @@ pub fn allocate_two_budgets(
     max_cells: usize,
 ) -> Result<Allocation> {
     validate(layers)?;
-    if second.len() != layers.len()
-        || second.iter().zip(layers).any(|(s, o)| s.len() != o.len())
-    {
+    if second.len() != layers.len() || second.iter().zip(layers).any(|(s, o)| s.len() != o.len()) {
         return Err(HiggsError::invalid(
             "the second costs must have one entry per layer and option, like the first",
         ));
     }
-    let second_total = |choices: &[usize]| -> u64 {
-        choices.iter().zip(second).map(|(&k, s)| s[k]).sum()
-    };
+    let second_total =
+        |choices: &[usize]| -> u64 { choices.iter().zip(second).map(|(&k, s)| s[k]).sum() };
     let with_lambda = |lambda: f64| -> Vec<Vec<Choice>> {
         layers
             .iter()
@@ -338,7 +343,10 @@ pub fn allocate_two_budgets(
                 options
                     .iter()
                     .zip(s)
-                    .map(|(c, &s)| Choice { cost: c.cost, error: c.error + lambda * s as f64 })
+                    .map(|(c, &s)| Choice {
+                        cost: c.cost,
+                        error: c.error + lambda * s as f64,
+                    })
                     .collect()
             })
             .collect()
@@ -366,7 +374,15 @@ pub fn allocate_two_budgets(
     let fastest: Vec<Vec<Choice>> = layers
         .iter()
         .zip(second)
-        .map(|(o, s)| o.iter().zip(s).map(|(c, &s)| Choice { cost: c.cost, error: s as f64 }).collect())
+        .map(|(o, s)| {
+            o.iter()
+                .zip(s)
+                .map(|(c, &s)| Choice {
+                    cost: c.cost,
+                    error: s as f64,
+                })
+                .collect()
+        })
         .collect();
     let least_second = allocate(&fastest, budget, max_cells)?;
     if second_total(&least_second.choices) > second_budget {
@@ -379,7 +395,11 @@ pub fn allocate_two_budgets(
     let mut lower_bound = unconstrained.lower_bound;
     let mut consider = |lambda: f64| -> Result<Allocation> {
         let inner = allocate(&with_lambda(lambda), budget, max_cells)?;
-        let dual = if inner.exact { inner.error } else { inner.lower_bound };
+        let dual = if inner.exact {
+            inner.error
+        } else {
+            inner.lower_bound
+        };
         lower_bound = lower_bound.max(dual - lambda * second_budget as f64);
         Ok(inner)
     };
@@ -387,9 +407,11 @@ pub fn allocate_two_budgets(
     let error_spread: f64 = layers
         .iter()
         .map(|o| {
-            let (lo, hi) = o.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| {
-                (lo.min(c.error), hi.max(c.error))
-            });
+            let (lo, hi) = o
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| {
+                    (lo.min(c.error), hi.max(c.error))
+                });
             hi - lo
         })
         .sum();
@@ -438,13 +460,18 @@ mod tests {
     use crate::rng::SplitMix64;
 
     /// Every combination of options: the optimum (error, cost) within the budget, if any.
-    fn brute_force(layers: &[Vec<Choice>], budget: u64, second: Option<(&[Vec<u64>], u64)>) -> Option<f64> {
+    fn brute_force(
+        layers: &[Vec<Choice>],
+        budget: u64,
+        second: Option<(&[Vec<u64>], u64)>,
+    ) -> Option<f64> {
         let mut index = vec![0usize; layers.len()];
         let mut best: Option<f64> = None;
         loop {
             let (cost, error) = totals(layers, &index);
-            let second_ok = second.map_or(true, |(s, b)| index.iter().zip(s).map(|(&k, s)| s[k]).sum::<u64>() <= b);
-            if cost <= budget && second_ok && best.map_or(true, |b| error < b) {
+            let second_ok = second
+                .is_none_or(|(s, b)| index.iter().zip(s).map(|(&k, s)| s[k]).sum::<u64>() <= b);
+            if cost <= budget && second_ok && best.is_none_or(|b| error < b) {
                 best = Some(error);
             }
             let mut l = 0;
@@ -462,7 +489,12 @@ mod tests {
         }
     }
 
-    fn random_instance(rng: &mut SplitMix64, max_layers: u64, max_options: u64, cost_scale: u64) -> Vec<Vec<Choice>> {
+    fn random_instance(
+        rng: &mut SplitMix64,
+        max_layers: u64,
+        max_options: u64,
+        cost_scale: u64,
+    ) -> Vec<Vec<Choice>> {
         let layers = 1 + rng.next_u64() % max_layers;
         (0..layers)
             .map(|_| {
@@ -487,15 +519,33 @@ mod tests {
         for case in 0..400 {
             let scale = [1, 3, 1536][case % 3];
             let layers = random_instance(&mut rng, 6, 5, scale);
-            let cheapest: u64 = layers.iter().map(|o| o.iter().map(|c| c.cost).min().unwrap()).sum();
-            let dearest: u64 = layers.iter().map(|o| o.iter().map(|c| c.cost).max().unwrap()).sum();
+            let cheapest: u64 = layers
+                .iter()
+                .map(|o| o.iter().map(|c| c.cost).min().unwrap())
+                .sum();
+            let dearest: u64 = layers
+                .iter()
+                .map(|o| o.iter().map(|c| c.cost).max().unwrap())
+                .sum();
             let budget = cheapest + rng.next_u64() % (dearest - cheapest + 2);
             let got = allocate(&layers, budget, DEFAULT_MAX_CELLS).unwrap();
             let want = brute_force(&layers, budget, None).unwrap();
             assert!(got.exact, "case {case}");
-            assert!(got.cost <= budget, "case {case}: cost {} > budget {budget}", got.cost);
-            assert!(close(got.error, want), "case {case}: {} vs brute force {want}", got.error);
-            assert!(got.lower_bound <= want + 1e-9, "case {case}: bound {} above optimum {want}", got.lower_bound);
+            assert!(
+                got.cost <= budget,
+                "case {case}: cost {} > budget {budget}",
+                got.cost
+            );
+            assert!(
+                close(got.error, want),
+                "case {case}: {} vs brute force {want}",
+                got.error
+            );
+            assert!(
+                got.lower_bound <= want + 1e-9,
+                "case {case}: bound {} above optimum {want}",
+                got.lower_bound
+            );
             assert_eq!(totals(&layers, &got.choices), (got.cost, got.error));
         }
     }
@@ -506,13 +556,19 @@ mod tests {
         let mut gaps = 0.0;
         for case in 0..300 {
             let layers = random_instance(&mut rng, 7, 5, 1);
-            let cheapest: u64 = layers.iter().map(|o| o.iter().map(|c| c.cost).min().unwrap()).sum();
+            let cheapest: u64 = layers
+                .iter()
+                .map(|o| o.iter().map(|c| c.cost).min().unwrap())
+                .sum();
             let budget = cheapest + rng.next_u64() % 60;
             // Two cells per layer force a coarse cost axis.
             let got = allocate(&layers, budget, 2 * layers.len()).unwrap();
             let want = brute_force(&layers, budget, None).unwrap();
             assert!(got.cost <= budget, "case {case}");
-            assert!(got.error >= want - 1e-9, "case {case}: better than the optimum?");
+            assert!(
+                got.error >= want - 1e-9,
+                "case {case}: better than the optimum?"
+            );
             assert!(got.lower_bound <= want + 1e-9, "case {case}");
             if got.exact {
                 assert!(close(got.error, want), "case {case}: claimed exact");
@@ -525,20 +581,54 @@ mod tests {
 
     #[test]
     fn budget_below_cheapest_is_an_error() {
-        let layers = vec![vec![Choice { cost: 5, error: 1.0 }], vec![Choice { cost: 7, error: 0.0 }, Choice { cost: 9, error: -1.0 }]];
-        let err = allocate(&layers, 11, DEFAULT_MAX_CELLS).unwrap_err().to_string();
+        let layers = vec![
+            vec![Choice {
+                cost: 5,
+                error: 1.0,
+            }],
+            vec![
+                Choice {
+                    cost: 7,
+                    error: 0.0,
+                },
+                Choice {
+                    cost: 9,
+                    error: -1.0,
+                },
+            ],
+        ];
+        let err = allocate(&layers, 11, DEFAULT_MAX_CELLS)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("below the cheapest allocation, 12"), "{err}");
         assert!(allocate(&[], 10, DEFAULT_MAX_CELLS).is_err());
         assert!(allocate(&[vec![]], 10, DEFAULT_MAX_CELLS).is_err());
-        let nan = vec![vec![Choice { cost: 1, error: f64::NAN }]];
-        assert!(allocate(&nan, 10, DEFAULT_MAX_CELLS).unwrap_err().to_string().contains("layer 0, option 0"));
+        let nan = vec![vec![Choice {
+            cost: 1,
+            error: f64::NAN,
+        }]];
+        assert!(allocate(&nan, 10, DEFAULT_MAX_CELLS)
+            .unwrap_err()
+            .to_string()
+            .contains("layer 0, option 0"));
     }
 
     #[test]
     fn dominated_options_leave_a_tiny_table() {
         // Dearer options that are also worse: the slack buys nothing, and no huge table is built.
         let layers: Vec<Vec<Choice>> = (0..50)
-            .map(|_| vec![Choice { cost: 10, error: 1.0 }, Choice { cost: 1 << 40, error: 2.0 }])
+            .map(|_| {
+                vec![
+                    Choice {
+                        cost: 10,
+                        error: 1.0,
+                    },
+                    Choice {
+                        cost: 1 << 40,
+                        error: 2.0,
+                    },
+                ]
+            })
             .collect();
         let got = allocate(&layers, u64::MAX / 2, DEFAULT_MAX_CELLS).unwrap();
         assert!(got.exact);
@@ -552,7 +642,10 @@ mod tests {
         let options = |alpha: f64| -> Vec<Choice> {
             [(3u64, 0.04), (4, 0.01), (5, 0.0025)]
                 .iter()
-                .map(|&(bits, t2)| Choice { cost: bits * 1000, error: alpha * t2 })
+                .map(|&(bits, t2)| Choice {
+                    cost: bits * 1000,
+                    error: alpha * t2,
+                })
                 .collect()
         };
         let layers = vec![options(1.0), options(10.0)];
@@ -568,24 +661,37 @@ mod tests {
         let mut exact_hits = 0;
         for case in 0..200 {
             let layers = random_instance(&mut rng, 5, 4, 1);
-            let second: Vec<Vec<u64>> = layers.iter().map(|o| o.iter().map(|_| 1 + rng.next_u64() % 30).collect()).collect();
-            let cheapest: u64 = layers.iter().map(|o| o.iter().map(|c| c.cost).min().unwrap()).sum();
+            let second: Vec<Vec<u64>> = layers
+                .iter()
+                .map(|o| o.iter().map(|_| 1 + rng.next_u64() % 30).collect())
+                .collect();
+            let cheapest: u64 = layers
+                .iter()
+                .map(|o| o.iter().map(|c| c.cost).min().unwrap())
+                .sum();
             let budget = cheapest + rng.next_u64() % 40;
-            let second_budget = second.iter().map(|s| *s.iter().min().unwrap()).sum::<u64>() + rng.next_u64() % 40;
+            let second_budget =
+                second.iter().map(|s| *s.iter().min().unwrap()).sum::<u64>() + rng.next_u64() % 40;
             let want = brute_force(&layers, budget, Some((&second, second_budget)));
             match allocate_two_budgets(&layers, &second, budget, second_budget, DEFAULT_MAX_CELLS) {
                 Ok(got) => {
                     let want = want.expect("found an allocation where none exists");
                     let used: u64 = got.choices.iter().zip(&second).map(|(&k, s)| s[k]).sum();
                     assert!(got.cost <= budget && used <= second_budget, "case {case}");
-                    assert!(got.error >= want - 1e-9 && got.lower_bound <= want + 1e-9, "case {case}");
+                    assert!(
+                        got.error >= want - 1e-9 && got.lower_bound <= want + 1e-9,
+                        "case {case}"
+                    );
                     if got.exact {
                         assert!(close(got.error, want), "case {case}: claimed exact");
                     }
                     exact_hits += close(got.error, want) as usize;
                 }
                 Err(err) => {
-                    assert!(want.is_none(), "case {case}: {err}, but brute force finds {want:?}");
+                    assert!(
+                        want.is_none(),
+                        "case {case}: {err}, but brute force finds {want:?}"
+                    );
                 }
             }
         }
@@ -595,10 +701,25 @@ mod tests {
 
     #[test]
     fn stored_bits_counts_codes_and_scales() {
-        let spec = QuantSpec { p: 2, n: 256, hadamard_size: None, group_size: 64, seed: Some(0) };
+        let spec = QuantSpec {
+            p: 2,
+            n: 256,
+            hadamard_size: None,
+            group_size: 64,
+            seed: Some(0),
+        };
         // 576 columns: 288 codes of 8 bits and 9 scales of 16 bits per row: 4.25 bits per weight.
-        assert_eq!(stored_bits(&spec, 10, 576).unwrap(), 10 * (288 * 8 + 9 * 16));
-        let p4 = QuantSpec { p: 4, n: 8192, hadamard_size: None, group_size: 64, seed: None };
+        assert_eq!(
+            stored_bits(&spec, 10, 576).unwrap(),
+            10 * (288 * 8 + 9 * 16)
+        );
+        let p4 = QuantSpec {
+            p: 4,
+            n: 8192,
+            hadamard_size: None,
+            group_size: 64,
+            seed: None,
+        };
         // 144 codes of 13 bits = 1872 bits = 234 bytes.
         assert_eq!(stored_bits(&p4, 3, 576).unwrap(), 3 * (234 * 8 + 9 * 16));
         assert!(stored_bits(&spec, 0, 576).is_err());

@@ -23,7 +23,12 @@ mod simd {
     pub fn avx2_available() -> bool {
         false
     }
-    pub fn assign_pairs_avx2(_: &super::CellSearch, _: &super::Grid, _: &[f32], _: &mut [u32]) -> bool {
+    pub fn assign_pairs_avx2(
+        _: &super::CellSearch,
+        _: &super::Grid,
+        _: &[f32],
+        _: &mut [u32],
+    ) -> bool {
         false
     }
     pub fn assign_cells_avx2<const P: usize>(
@@ -97,7 +102,13 @@ impl Assigner {
     /// If `xs.len() != codes.len() * p` (a caller bug, not bad data).
     pub fn assign(&self, xs: &[f32], codes: &mut [u32]) {
         let p = self.grid.p;
-        assert_eq!(xs.len(), codes.len() * p, "assign: {} values for {} codes of {p}", xs.len(), codes.len());
+        assert_eq!(
+            xs.len(),
+            codes.len() * p,
+            "assign: {} values for {} codes of {p}",
+            xs.len(),
+            codes.len()
+        );
         match &self.search {
             Search::Line(line) => line.assign(&self.grid.points, xs, codes),
             Search::Cells(cells) => cells.assign(&self.grid, xs, codes),
@@ -169,12 +180,19 @@ pub fn brute_force_nearest(points: &[f32], p: usize, x: &[f32]) -> u32 {
 // p = 1
 
 struct LineSearch {
-    /// Distinct levels, ascending.
+    /// Distinct levels, ascending, with a +inf sentinel at each end (so the neighbours of any
+    /// level exist and a sentinel never wins).
     levels: Vec<f32>,
-    /// Lowest grid index holding each level.
+    /// Lowest grid index holding each level (u32::MAX for the sentinels).
     index: Vec<u32>,
-    /// `thresholds[k]` = midpoint of levels k and k+1, padded with +inf to a power of two.
+    /// `thresholds[k]` = midpoint of levels k and k+1 (unpadded numbering), then +inf padding.
     thresholds: Vec<f32>,
+    /// Bins of width 1/inv_width over [-half_width, half_width] (the end bins extend to ±∞):
+    /// `first[b]` thresholds lie below bin b, and at most `span` more can lie inside it.
+    first: Vec<u32>,
+    span: usize,
+    half_width: f32,
+    inv_width: f32,
     /// Inputs with |x| above this go to brute force (0 when the levels are too close for the
     /// neighbour check to be provably exact).
     far: f32,
@@ -183,28 +201,22 @@ struct LineSearch {
 impl LineSearch {
     fn new(points: &[f32]) -> LineSearch {
         let mut order: Vec<u32> = (0..points.len() as u32).collect();
-        order.sort_by(|&a, &b| points[a as usize].total_cmp(&points[b as usize]).then(a.cmp(&b)));
+        // -0.0 and 0.0 are one level (identical distances): compare them as equal.
+        let key = |i: u32| points[i as usize] + 0.0;
+        order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
         let mut levels: Vec<f32> = Vec::new();
         let mut index = Vec::new();
         for &i in &order {
-            let v = points[i as usize];
-            // -0.0 and 0.0 give identical distances: one level.
+            let v = key(i);
             if levels.last() != Some(&v) {
                 levels.push(v);
                 index.push(i);
             }
         }
-        let mut thresholds: Vec<f32> = levels
+        let thresholds: Vec<f32> = levels
             .windows(2)
             .map(|w| ((w[0] as f64 + w[1] as f64) / 2.0) as f32)
             .collect();
-        thresholds.resize(levels.len().next_power_of_two().max(1), f32::INFINITY);
-        // The answer is among the levels k-1, k, k+1 around the threshold bracket k unless
-        // rounding of two distances can reorder levels two apart. With gap = smallest spacing
-        // and G = max |level|, the exact distance difference to a level two apart is at least
-        // 2·gap² inside the range and grows like 4·gap·(|x| − G) outside; the rounding of
-        // each f32 distance is below 3u·(|x| + G)². Both sides are checked at G and at `far`
-        // (the difference of the two is concave in |x|, so the ends suffice).
         let big = levels.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
         let gap = levels
             .windows(2)
@@ -225,10 +237,39 @@ impl LineSearch {
             }
             far
         };
+        // Bins: the thresholds that can lie in each (with a sliver of slack for the f32 binning).
+        let bins = (4 * levels.len()).next_power_of_two().clamp(64, 1 << 14);
+        let half_width = (big * 1.02).max(1e-6);
+        let width = 2.0 * half_width / bins as f64;
+        let slack = 0.01 * width;
+        let below = |v: f64| thresholds.partition_point(|&t| (t as f64) < v);
+        let upto = |v: f64| thresholds.partition_point(|&t| (t as f64) <= v);
+        let mut first = Vec::with_capacity(bins);
+        let mut span = 0;
+        for b in 0..bins {
+            let lo = -half_width + b as f64 * width - slack;
+            let hi = -half_width + (b + 1) as f64 * width + slack;
+            let start = if b == 0 { 0 } else { below(lo) };
+            let end = if b == bins - 1 { thresholds.len() } else { upto(hi) };
+            first.push(start as u32);
+            span = span.max(end - start);
+        }
+        let mut padded_thresholds = thresholds;
+        padded_thresholds.resize(padded_thresholds.len() + span.max(1), f32::INFINITY);
+        let mut padded_levels = vec![f32::INFINITY];
+        padded_levels.extend_from_slice(&levels);
+        padded_levels.push(f32::INFINITY);
+        let mut padded_index = vec![u32::MAX];
+        padded_index.extend_from_slice(&index);
+        padded_index.push(u32::MAX);
         LineSearch {
-            levels,
-            index,
-            thresholds,
+            levels: padded_levels,
+            index: padded_index,
+            thresholds: padded_thresholds,
+            first,
+            span,
+            half_width: half_width as f32,
+            inv_width: (1.0 / width) as f32,
             far: far.min(f32::MAX as f64) as f32,
         }
     }
@@ -238,22 +279,19 @@ impl LineSearch {
         if !(x.abs() <= self.far) {
             return brute_force_nearest(points, 1, &[x]);
         }
-        // Branchless lower bound: k = number of thresholds <= x.
-        let t = &self.thresholds;
-        let mut k = 0usize;
-        let mut step = t.len() / 2;
-        while step > 0 {
-            k += if t[k + step - 1] <= x { step } else { 0 };
-            step /= 2;
+        // k = number of thresholds <= x: those below the bin, plus a branchless count inside it.
+        let last_bin = self.first.len() as i32 - 1;
+        let bin = (((x + self.half_width) * self.inv_width) as i32).clamp(0, last_bin) as usize;
+        let start = self.first[bin] as usize;
+        let mut k = start;
+        for &t in &self.thresholds[start..start + self.span] {
+            k += (t <= x) as usize;
         }
-        k += (t[k] <= x) as usize;
-        let last = self.levels.len() - 1;
-        let k = k.min(last);
-        let lo = k.saturating_sub(1);
-        let hi = (k + 1).min(last);
+        // Level k is nearest up to rounding; its neighbours k - 1 and k + 1 (padded positions
+        // k, k + 1, k + 2) settle it with the reference distance, ties to the lower index.
         let mut best_d = f32::INFINITY;
         let mut best_i = u32::MAX;
-        for j in lo..=hi {
+        for j in k..k + 3 {
             let d = (self.levels[j] - x) * (self.levels[j] - x);
             let i = self.index[j];
             let better = d < best_d || (d == best_d && i < best_i);
@@ -353,7 +391,11 @@ impl CellSearch {
         let pts: Vec<[f64; P]> = (0..n)
             .map(|i| std::array::from_fn(|d| grid.points[i * P + d] as f64))
             .collect();
-        let big = grid.points.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let norms: Vec<f64> = pts.iter().map(|g| g.iter().map(|v| v * v).sum()).collect();
+        let big = grid
+            .points
+            .iter()
+            .fold(0f64, |m, &v| m.max((v as f64).abs()));
         let m = Self::cells_per_axis(P, n);
         // The box covers the points; the outer cells extend to ±far.
         let half_width = (big * 1.02).max(1e-3) as f32;
@@ -398,9 +440,20 @@ impl CellSearch {
                     let parent_side = side / 2;
                     let parent: usize = (0..P).map(|d| (cell[d] / 2) << (d * (level - 1))).sum();
                     debug_assert!(parent < parent_side.pow(P as u32));
-                    refine(&pts, big, &lists[parent], &bounds_of(level, cell), level == levels)
+                    refine(
+                        &pts,
+                        &norms,
+                        big,
+                        &lists[parent],
+                        &bounds_of(level, cell),
+                        level == levels,
+                    )
                 })
                 .collect();
+            if std::env::var_os("HIGGS_ASSIGN_DEBUG").is_some() {
+                let total: usize = lists.iter().map(Vec::len).sum();
+                eprintln!("level {level}: {} cells, {total} listed, max {}", lists.len(), lists.iter().map(Vec::len).max().unwrap_or(0));
+            }
         }
         CellSearch {
             cells_per_axis: m,
@@ -421,7 +474,9 @@ impl CellSearch {
         for list in lists {
             for chunk in list.chunks(LANES) {
                 let last = *chunk.last().expect("non-empty list");
-                let padded: Vec<u32> = (0..LANES).map(|l| chunk.get(l).copied().unwrap_or(last)).collect();
+                let padded: Vec<u32> = (0..LANES)
+                    .map(|l| chunk.get(l).copied().unwrap_or(last))
+                    .collect();
                 for d in 0..p {
                     coords.extend(padded.iter().map(|&i| points[i as usize * p + d]));
                 }
@@ -441,7 +496,11 @@ impl CellSearch {
             listed: lists.iter().map(Vec::len).sum(),
             longest: lists.iter().map(Vec::len).max().unwrap_or(0),
             avx2: simd::avx2_available(),
-            quads: if p == 2 { Self::pack_quads(points, lists) } else { Vec::new() },
+            quads: if p == 2 {
+                Self::pack_quads(points, lists)
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -546,6 +605,7 @@ impl CellSearch {
 /// computed distance of g is larger than that of h on the whole cell and g never wins.
 fn refine<const P: usize>(
     pts: &[[f64; P]],
+    norms: &[f64],
     big: f64,
     parent: &[u32],
     cell: &Bounds<P>,
@@ -567,7 +627,12 @@ fn refine<const P: usize>(
     };
     let max_d2 = |g: &[f64; P]| -> f64 {
         (0..P)
-            .map(|d| (g[d] - cell.lo[d]).abs().max((cell.hi[d] - g[d]).abs()).powi(2))
+            .map(|d| {
+                (g[d] - cell.lo[d])
+                    .abs()
+                    .max((cell.hi[d] - g[d]).abs())
+                    .powi(2)
+            })
             .sum()
     };
     let upper = parent
@@ -580,8 +645,11 @@ fn refine<const P: usize>(
         .filter(|&i| min_d2(&pts[i as usize]) <= upper + margin)
         .collect();
 
-    // Step 2: pairwise dominance against the points nearest the cell's centre.
-    if final_level || kept.len() <= 512 {
+    // Step 2: pairwise dominance against the points nearest the cell's centre (the likeliest
+    // to beat a far point on the whole cell). Any point may serve as the dominator, so this
+    // heuristic choice only affects how short the lists get, never their exactness.
+    let dominator_count = if final_level { 32 } else { 12 };
+    {
         let centre: [f64; P] = std::array::from_fn(|d| 0.5 * (cell.lo[d] + cell.hi[d]));
         let mut by_centre: Vec<(f64, u32)> = kept
             .iter()
@@ -590,19 +658,22 @@ fn refine<const P: usize>(
                 ((0..P).map(|d| (g[d] - centre[d]).powi(2)).sum(), i)
             })
             .collect();
-        by_centre.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let dominators: Vec<u32> = by_centre.iter().take(48).map(|&(_, i)| i).collect();
+        let order = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if by_centre.len() > dominator_count {
+            by_centre.select_nth_unstable_by(dominator_count, order);
+            by_centre.truncate(dominator_count);
+        }
+        by_centre.sort_unstable_by(order);
+        let dominators: Vec<u32> = by_centre.iter().map(|&(_, i)| i).collect();
         kept.retain(|&gi| {
             let g = &pts[gi as usize];
-            let g2: f64 = g.iter().map(|v| v * v).sum();
             !dominators.iter().any(|&hi| {
                 if hi == gi {
                     return false;
                 }
                 let h = &pts[hi as usize];
-                let h2: f64 = h.iter().map(|v| v * v).sum();
                 // ‖x−g‖² − ‖x−h‖² = ‖g‖² − ‖h‖² − 2 x·(g − h); its minimum over the box.
-                let mut worst = g2 - h2;
+                let mut worst = norms[gi as usize] - norms[hi as usize];
                 for d in 0..P {
                     let diff = g[d] - h[d];
                     worst -= 2.0 * (cell.lo[d] * diff).max(cell.hi[d] * diff);
@@ -629,7 +700,12 @@ mod tests {
         for (t, x) in xs.chunks_exact(p).enumerate() {
             let want = brute_force_nearest(&assigner.grid.points, p, x);
             assert_eq!(fast[t], want, "{}: x = {x:?}", assigner.grid.id());
-            assert_eq!(scalar[t], want, "{} (scalar): x = {x:?}", assigner.grid.id());
+            assert_eq!(
+                scalar[t],
+                want,
+                "{} (scalar): x = {x:?}",
+                assigner.grid.id()
+            );
         }
     }
 
@@ -647,7 +723,18 @@ mod tests {
                 _ => {}
             }
         }
-        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 0.0, -0.0, 64.0, -64.0, 64.0001] {
+        for special in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+            64.0,
+            -64.0,
+            64.0001,
+        ] {
             xs.extend(std::iter::repeat_n(special, p));
             xs.extend(std::iter::repeat_n(0.5, p - 1));
             xs.push(special);
@@ -722,7 +809,9 @@ mod tests {
         check_against_brute(&assigner, &xs);
         check_against_brute(&assigner, &hard_inputs(2, 50_000, 3));
 
-        let line = Assigner::new(Arc::new(Grid::from_points(1, vec![1.0, -1.0, 0.0, 1.0, -0.0], 0).unwrap()));
+        let line = Assigner::new(Arc::new(
+            Grid::from_points(1, vec![1.0, -1.0, 0.0, 1.0, -0.0], 0).unwrap(),
+        ));
         let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.125).collect();
         check_against_brute(&line, &xs);
         check_against_brute(&line, &hard_inputs(1, 10_000, 4));

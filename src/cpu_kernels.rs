@@ -8,8 +8,10 @@
 //!
 //! Paths (picked per call by [`kernel_path`], the same for every thread count):
 //! - `avx512`: x86-64 with AVX-512 F/BW/VBMI, for p ∈ {1, 2}, n ≤ 256 and groups holding whole
-//!   16-code lanes (`group_size % (16·p) == 0`): table lookups with byte permutes, see
-//!   [`avx512`](self::avx512).
+//!   runs of 16 codes (`group_size % (16·p) == 0`): table lookups with byte permutes, see
+//!   `cpu_kernels/avx512.rs`.
+//! - `avx2`: x86-64 with AVX2 + FMA, for p ∈ {1, 2}, any n, `group_size % (8·p) == 0`:
+//!   `vpermps` for small scalar grids, gathers otherwise, see `cpu_kernels/avx2.rs`.
 //! - `scalar`: everything else (any p, n, group size, also groups that split a tuple), and the
 //!   reference the SIMD path is tested against.
 //!
@@ -17,6 +19,8 @@
 //! fixed order, so results do not depend on the thread count.
 #![deny(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -133,15 +137,19 @@ pub enum KernelPath {
     Scalar,
     /// Fails with [`HiggsError::Unsupported`] when the machine or the layout does not allow it.
     Avx512,
+    /// As [`KernelPath::Avx512`].
+    Avx2,
 }
 
-/// The path [`lut_linear`] takes for these weights on this machine: "avx512" or "scalar".
+/// The path [`lut_linear`] takes for these weights on this machine: "avx512", "avx2" or "scalar".
 pub fn kernel_path(w: &LutWeights<'_>) -> Result<&'static str> {
     let layout = w.layout()?;
     Ok(match resolve(w, &layout, KernelPath::Auto)? {
         Resolved::Scalar => "scalar",
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(_) => "avx512",
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Avx2(_) => "avx2",
     })
 }
 
@@ -151,7 +159,13 @@ pub fn lut_linear(w: &LutWeights<'_>, x: &[f32], batch: usize, out: &mut [f32]) 
 }
 
 /// [`lut_linear`] on a chosen path (for tests and benchmarks).
-pub fn lut_linear_with(w: &LutWeights<'_>, x: &[f32], batch: usize, out: &mut [f32], path: KernelPath) -> Result<()> {
+pub fn lut_linear_with(
+    w: &LutWeights<'_>,
+    x: &[f32],
+    batch: usize,
+    out: &mut [f32],
+    path: KernelPath,
+) -> Result<()> {
     let layout = w.layout()?;
     if x.len() != batch * w.cols {
         return Err(HiggsError::invalid(format!(
@@ -178,7 +192,11 @@ pub fn lut_linear_with(w: &LutWeights<'_>, x: &[f32], batch: usize, out: &mut [f
     let x_rot = rotate_activations(x, batch, &layout, w.p, w.signs)?;
     // Each task fills `ROWS_PER_TASK` rows for the whole batch, row-major (row, batch);
     // transposed into (batch, row) at the end when batch > 1.
-    let mut by_row = if batch == 1 { Vec::new() } else { vec![0f32; batch * w.rows] };
+    let mut by_row = if batch == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; batch * w.rows]
+    };
     let target: &mut [f32] = if batch == 1 { out } else { &mut by_row };
     let rb = layout.row_bytes;
     let groups = layout.groups;
@@ -223,6 +241,28 @@ pub fn lut_linear_with(w: &LutWeights<'_>, x: &[f32], batch: usize, out: &mut [f
                     },
                 );
         }
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Avx2(plan) => {
+            let x_simd = plan.prepare_activations(&x_rot, batch);
+            target
+                .par_chunks_mut(ROWS_PER_TASK * batch)
+                .enumerate()
+                .for_each_init(
+                    || plan.scratch(),
+                    |scratch, (task, tile)| {
+                        let r0 = task * ROWS_PER_TASK;
+                        let tile_rows = tile.len() / batch;
+                        plan.rows(
+                            &w.codes[r0 * rb..(r0 + tile_rows) * rb],
+                            &w.scales[r0 * groups..(r0 + tile_rows) * groups],
+                            &x_simd,
+                            batch,
+                            scratch,
+                            tile,
+                        )
+                    },
+                );
+        }
     }
     if batch > 1 {
         for (r, values) in by_row.chunks_exact(batch).enumerate() {
@@ -237,28 +277,35 @@ pub fn lut_linear_with(w: &LutWeights<'_>, x: &[f32], batch: usize, out: &mut [f
 enum Resolved {
     Scalar,
     #[cfg(target_arch = "x86_64")]
-    Avx512(avx512::Plan),
+    Avx512(Box<avx512::Plan>),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Box<avx2::Plan>),
 }
 
 fn resolve(w: &LutWeights<'_>, layout: &Layout, path: KernelPath) -> Result<Resolved> {
+    let unsupported = |name: &str, why: String| {
+        HiggsError::Unsupported(format!("the {name} LUT kernel cannot run: {why}"))
+    };
     #[cfg(target_arch = "x86_64")]
-    let simd = || avx512::Plan::new(w, layout);
+    {
+        let avx512 = || avx512::Plan::new(w, layout).map(|plan| Resolved::Avx512(Box::new(plan)));
+        let avx2 = || avx2::Plan::new(w, layout).map(|plan| Resolved::Avx2(Box::new(plan)));
+        match path {
+            KernelPath::Scalar => Ok(Resolved::Scalar),
+            KernelPath::Auto => Ok(avx512().or_else(|_| avx2()).unwrap_or(Resolved::Scalar)),
+            KernelPath::Avx512 => avx512().map_err(|why| unsupported("AVX-512", why)),
+            KernelPath::Avx2 => avx2().map_err(|why| unsupported("AVX2", why)),
+        }
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    let simd = || Err::<(), String>("this build is not for x86-64".to_string());
-    match path {
-        KernelPath::Scalar => Ok(Resolved::Scalar),
-        KernelPath::Auto => Ok(match simd() {
-            #[cfg(target_arch = "x86_64")]
-            Ok(plan) => Resolved::Avx512(plan),
-            _ => Resolved::Scalar,
-        }),
-        KernelPath::Avx512 => match simd() {
-            #[cfg(target_arch = "x86_64")]
-            Ok(plan) => Ok(Resolved::Avx512(plan)),
-            Err(why) => Err(HiggsError::Unsupported(format!("the AVX-512 LUT kernel cannot run: {why}"))),
-            #[cfg(not(target_arch = "x86_64"))]
-            Ok(()) => unreachable!(),
-        },
+    {
+        let _ = (w, layout);
+        match path {
+            KernelPath::Scalar | KernelPath::Auto => Ok(Resolved::Scalar),
+            KernelPath::Avx512 | KernelPath::Avx2 => {
+                Err(unsupported("x86", "this build is not for x86-64".into()))
+            }
+        }
     }
 }
 
@@ -305,33 +352,52 @@ fn scalar_rows(
     let width = layout.tuples * p;
     let bits = w.n.trailing_zeros();
     let mut row_codes = vec![0u32; layout.tuples];
-    let mut partial = vec![0f32; batch];
-    let mut total = vec![0f32; batch];
     for ((row_bytes, row_scales), y) in codes
         .chunks_exact(layout.row_bytes)
         .zip(scales.chunks_exact(layout.groups))
         .zip(out.chunks_exact_mut(batch))
     {
         unpack_codes(row_bytes, bits, &mut row_codes);
-        total.fill(0.0);
-        for (group, scale) in row_scales.iter().enumerate() {
-            let start = group * g;
-            let end = (start + g).min(layout.padded_cols);
-            partial.fill(0.0);
-            for i in start..end {
-                let code = row_codes[i / p] as usize;
-                let weight = w.grid[code * p + i % p];
-                for (acc, xb) in partial.iter_mut().zip(x_rot.chunks_exact(width)) {
-                    *acc += weight * xb[i];
-                }
+        for (yb, xb) in y.iter_mut().zip(x_rot.chunks_exact(width)) {
+            let mut total = 0f32;
+            for (group, scale) in row_scales.iter().enumerate() {
+                let start = group * g;
+                let end = (start + g).min(layout.padded_cols);
+                let part = if g % p == 0 {
+                    // Whole tuples (the last one may reach into the zero padding of x).
+                    let (t0, t1) = (start / p, end.div_ceil(p));
+                    let (codes, x) = (&row_codes[t0..t1], &xb[t0 * p..t1 * p]);
+                    match p {
+                        1 => group_dot::<1>(codes, w.grid, x),
+                        2 => group_dot::<2>(codes, w.grid, x),
+                        3 => group_dot::<3>(codes, w.grid, x),
+                        4 => group_dot::<4>(codes, w.grid, x),
+                        _ => (start..end)
+                            .map(|i| w.grid[row_codes[i / p] as usize * p + i % p] * xb[i])
+                            .sum(),
+                    }
+                } else {
+                    // A group boundary splits a tuple: value by value.
+                    (start..end)
+                        .map(|i| w.grid[row_codes[i / p] as usize * p + i % p] * xb[i])
+                        .sum()
+                };
+                total += part * scale.to_f32();
             }
-            let s = scale.to_f32();
-            for (t, part) in total.iter_mut().zip(&partial) {
-                *t += part * s;
-            }
+            *yb = total;
         }
-        y.copy_from_slice(&total);
     }
+}
+
+/// Σ_t ⟨grid[codes[t]], x[t·P .. t·P + P]⟩, with four running sums for instruction parallelism.
+fn group_dot<const P: usize>(codes: &[u32], grid: &[f32], x: &[f32]) -> f32 {
+    let mut sums = [0f32; 4];
+    for (t, (&code, xs)) in codes.iter().zip(x.chunks_exact(P)).enumerate() {
+        let point = &grid[code as usize * P..code as usize * P + P];
+        let dot: f32 = point.iter().zip(xs).map(|(a, b)| a * b).sum();
+        sums[t % 4] += dot;
+    }
+    (sums[0] + sums[1]) + (sums[2] + sums[3])
 }
 
 #[cfg(test)]
@@ -357,7 +423,9 @@ mod tests {
     }
 
     impl RandomParts {
-        pub fn new(rows: usize, cols: usize, p: usize, n: usize, h: usize, g: usize, signs: bool, seed: u64) -> Self {
+        /// `shape` is (rows, cols, p, n, hadamard size, group size).
+        pub fn new(shape: Shape, signs: bool, seed: u64) -> Self {
+            let (rows, cols, p, n, h, g) = shape;
             let spec = QuantSpec {
                 p,
                 n,
@@ -372,7 +440,9 @@ mod tests {
             let mut codes = vec![0u8; rows * layout.row_bytes];
             let mut row_codes = vec![0u32; layout.tuples];
             for row in codes.chunks_exact_mut(layout.row_bytes) {
-                row_codes.iter_mut().for_each(|c| *c = (rng.next_u64() % n as u64) as u32);
+                row_codes
+                    .iter_mut()
+                    .for_each(|c| *c = (rng.next_u64() % n as u64) as u32);
                 pack_codes(&row_codes, spec.code_bits(), row);
             }
             let scales = (0..rows * layout.groups)
@@ -426,7 +496,8 @@ mod tests {
                 );
                 for i in 0..l.padded_cols {
                     let v = self.grid[codes[i / self.p] as usize * self.p + i % self.p] as f64;
-                    out[r * l.padded_cols + i] = v * self.scales[r * l.groups + i / self.g].to_f64();
+                    out[r * l.padded_cols + i] =
+                        v * self.scales[r * l.groups + i / self.g].to_f64();
                 }
             }
             out
@@ -459,7 +530,10 @@ mod tests {
     /// would make an elementwise relative error meaningless).
     fn relative_error(a: &[f32], b: &[f64]) -> f64 {
         let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+        let err = a
+            .iter()
+            .zip(b)
+            .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
         err / scale
     }
 
@@ -475,12 +549,40 @@ mod tests {
         let expected = reference_rotated(parts, &x_rot, batch);
         let mut by_row = vec![0f32; batch * parts.rows];
         match resolve(&w, &l, path).unwrap() {
-            Resolved::Scalar => scalar_rows(&w, &l, &parts.codes, &parts.scales, &x_rot, batch, &mut by_row),
+            Resolved::Scalar => scalar_rows(
+                &w,
+                &l,
+                &parts.codes,
+                &parts.scales,
+                &x_rot,
+                batch,
+                &mut by_row,
+            ),
             #[cfg(target_arch = "x86_64")]
             Resolved::Avx512(plan) => {
                 let xs = plan.prepare_activations(&x_rot, batch);
                 let mut scratch = plan.scratch();
-                plan.rows(&parts.codes, &parts.scales, &xs, batch, &mut scratch, &mut by_row)
+                plan.rows(
+                    &parts.codes,
+                    &parts.scales,
+                    &xs,
+                    batch,
+                    &mut scratch,
+                    &mut by_row,
+                )
+            }
+            #[cfg(target_arch = "x86_64")]
+            Resolved::Avx2(plan) => {
+                let xs = plan.prepare_activations(&x_rot, batch);
+                let mut scratch = plan.scratch();
+                plan.rows(
+                    &parts.codes,
+                    &parts.scales,
+                    &xs,
+                    batch,
+                    &mut scratch,
+                    &mut by_row,
+                )
             }
         }
         let mut got = vec![0f32; batch * parts.rows];
@@ -492,8 +594,11 @@ mod tests {
         relative_error(&got, &expected)
     }
 
+    /// (rows, cols, p, n, hadamard size, group size).
+    type Shape = (usize, usize, usize, usize, usize, usize);
+
     /// Shapes that exercise odd row counts, tails of chunks, sub-byte codes and padding.
-    fn shapes() -> Vec<(usize, usize, usize, usize, usize, usize)> {
+    fn shapes() -> Vec<Shape> {
         // (rows, cols, p, n, hadamard, group)
         vec![
             (37, 256, 2, 256, 256, 64),
@@ -524,9 +629,13 @@ mod tests {
         ]);
         for (i, &(rows, cols, p, n, h, g)) in cases.iter().enumerate() {
             for &batch in &[1usize, 5] {
-                let parts = RandomParts::new(rows, cols, p, n, h, g, i % 2 == 0, i as u64);
+                let parts = RandomParts::new((rows, cols, p, n, h, g), i % 2 == 0, i as u64);
                 let err = check_product(&parts, batch, KernelPath::Scalar);
-                assert!(err < 2e-6, "case {i} {:?} batch {batch}: {err}", (rows, cols, p, n, h, g));
+                assert!(
+                    err < 2e-6,
+                    "case {i} {:?} batch {batch}: {err}",
+                    (rows, cols, p, n, h, g)
+                );
             }
         }
     }
@@ -540,33 +649,88 @@ mod tests {
         }
         for (i, &(rows, cols, p, n, h, g)) in shapes().iter().enumerate() {
             for batch in [1usize, 2, 3, 5, 8, 9, 19] {
-                let parts = RandomParts::new(rows, cols, p, n, h, g, i % 2 == 1, 100 + i as u64);
+                let parts = RandomParts::new((rows, cols, p, n, h, g), i % 2 == 1, 100 + i as u64);
                 let err = check_product(&parts, batch, KernelPath::Avx512);
-                assert!(err < 2e-6, "case {i} {:?} batch {batch}: {err}", (rows, cols, p, n, h, g));
+                assert!(
+                    err < 2e-6,
+                    "case {i} {:?} batch {batch}: {err}",
+                    (rows, cols, p, n, h, g)
+                );
             }
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_declines_layouts_it_cannot_take() {
-        // Groups that split a 16-code lane, p = 3, n = 1024: the automatic choice falls back.
-        for (rows, cols, p, n, h, g) in [(3, 64, 2, 256, 64, 16), (3, 96, 3, 64, 32, 24), (3, 128, 2, 1024, 128, 64)] {
-            let parts = RandomParts::new(rows, cols, p, n, h, g, false, 1);
-            let w = parts.weights();
-            let err = resolve(&w, &parts.layout, KernelPath::Avx512).err().expect("must decline");
-            assert!(matches!(err, HiggsError::Unsupported(_)), "{err}");
-            assert!(matches!(resolve(&w, &parts.layout, KernelPath::Auto), Ok(Resolved::Scalar)));
+    fn avx2_matches_reference() {
+        if !avx2::available() {
+            eprintln!("skipped: this machine has no AVX2");
+            return;
+        }
+        let mut cases = shapes();
+        // Grids only this path takes among the SIMD ones (p = 1 with 512 points, p = 2 with
+        // 1024), and 8-bit codes long enough for the SIMD widening loop.
+        cases.extend([
+            (3, 200, 1, 512, 8, 64),
+            (4, 128, 2, 1024, 128, 64),
+            (5, 1024, 2, 256, 1024, 64),
+        ]);
+        for (i, &(rows, cols, p, n, h, g)) in cases.iter().enumerate() {
+            for batch in [1usize, 2, 4, 5, 9] {
+                let parts = RandomParts::new((rows, cols, p, n, h, g), i % 2 == 1, 300 + i as u64);
+                let err = check_product(&parts, batch, KernelPath::Avx2);
+                assert!(
+                    err < 2e-6,
+                    "case {i} {:?} batch {batch}: {err}",
+                    (rows, cols, p, n, h, g)
+                );
+            }
         }
     }
 
-    /// The whole path (rotation included) against the codec: y = x · dequantize(W)ᵀ in f64.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_paths_decline_layouts_they_cannot_take() {
+        let declines = |path, shape: Shape| {
+            let parts = RandomParts::new(shape, false, 1);
+            match resolve(&parts.weights(), &parts.layout, path) {
+                Err(HiggsError::Unsupported(why)) => !why.is_empty(),
+                Err(other) => panic!("{other}"),
+                Ok(_) => false,
+            }
+        };
+        // Groups splitting a 16-code run, p = 3, n = 1024.
+        for shape in [
+            (3, 64, 2, 256, 64, 16),
+            (3, 96, 3, 64, 32, 24),
+            (3, 128, 2, 1024, 128, 64),
+        ] {
+            assert!(declines(KernelPath::Avx512, shape), "{shape:?}");
+        }
+        // Groups splitting an 8-code run, p = 3.
+        for shape in [(3, 96, 2, 256, 32, 24), (3, 96, 3, 64, 32, 24)] {
+            assert!(declines(KernelPath::Avx2, shape), "{shape:?}");
+            let parts = RandomParts::new(shape, false, 1);
+            let auto = resolve(&parts.weights(), &parts.layout, KernelPath::Auto);
+            assert!(matches!(auto, Ok(Resolved::Scalar)), "{shape:?}");
+        }
+    }
+
     #[test]
     fn matches_dequantize_then_matmul() {
         use crate::codec::{dequantize, quantize, Source};
         use crate::grid::Grid;
         // (rows, cols, p, n, hadamard (None: automatic), group, seed)
-        let cases: [(usize, usize, usize, usize, Option<usize>, usize, Option<u64>); 9] = [
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            Option<usize>,
+            usize,
+            Option<u64>,
+        );
+        let cases: [Case; 9] = [
             (37, 256, 2, 256, None, 64, Some(1)),
             (5, 100, 2, 256, Some(64), 64, Some(2)),
             (8, 100, 2, 256, Some(64), 64, None),
@@ -616,7 +780,10 @@ mod tests {
                     let mut y = vec![f32::NAN; batch * rows];
                     lut_linear_with(&w, &x, batch, &mut y, path).unwrap();
                     let err = relative_error(&y, &expected);
-                    assert!(err < 1e-5, "case {i} batch {batch} {path:?}: relative error {err}");
+                    assert!(
+                        err < 1e-5,
+                        "case {i} batch {batch} {path:?}: relative error {err}"
+                    );
                 }
             }
         }
@@ -624,7 +791,7 @@ mod tests {
 
     #[test]
     fn same_bits_for_any_thread_count() {
-        let parts = RandomParts::new(67, 576, 2, 256, 64, 64, true, 9);
+        let parts = RandomParts::new((67, 576, 2, 256, 64, 64), true, 9);
         let x = gaussian(3 * 576, 4);
         let run = |threads: usize, batch: usize| {
             let mut y = vec![0f32; batch * 67];
@@ -632,7 +799,9 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| lut_linear(&parts.weights(), &x[..batch * 576], batch, &mut y).unwrap());
+                .install(|| {
+                    lut_linear(&parts.weights(), &x[..batch * 576], batch, &mut y).unwrap()
+                });
             y
         };
         for batch in [1, 3] {
@@ -640,7 +809,9 @@ mod tests {
             for threads in [2, 3] {
                 let many = run(threads, batch);
                 assert!(
-                    one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    one.iter()
+                        .zip(&many)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "batch {batch}, {threads} threads"
                 );
             }
@@ -650,7 +821,7 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_its_batch() {
         for (i, &(rows, cols, p, n, h, g)) in shapes().iter().enumerate() {
-            let parts = RandomParts::new(rows, cols, p, n, h, g, true, 200 + i as u64);
+            let parts = RandomParts::new((rows, cols, p, n, h, g), true, 200 + i as u64);
             let batch = 11;
             let x = gaussian(batch * cols, 5);
             let mut all = vec![0f32; batch * rows];
@@ -658,7 +829,10 @@ mod tests {
             for b in [0, 7, 10] {
                 let mut one = vec![0f32; rows];
                 lut_linear(&parts.weights(), &x[b * cols..(b + 1) * cols], 1, &mut one).unwrap();
-                let same = one.iter().zip(&all[b * rows..]).all(|(a, c)| a.to_bits() == c.to_bits());
+                let same = one
+                    .iter()
+                    .zip(&all[b * rows..])
+                    .all(|(a, c)| a.to_bits() == c.to_bits());
                 assert!(same, "case {i}, batch row {b}");
             }
         }
@@ -666,7 +840,7 @@ mod tests {
 
     #[test]
     fn sizes_are_checked_and_named() {
-        let parts = RandomParts::new(4, 100, 2, 256, 64, 64, true, 3);
+        let parts = RandomParts::new((4, 100, 2, 256, 64, 64), true, 3);
         let x = gaussian(2 * 100, 1);
         let mut out = vec![0f32; 2 * 4];
         let mut w = parts.weights();
@@ -680,17 +854,29 @@ mod tests {
         assert!(err.to_string().contains("codes hold"), "{err}");
         w = parts.weights();
         w.scales = &parts.scales[1..];
-        assert!(lut_linear(&w, &x, 2, &mut out).unwrap_err().to_string().contains("scales hold"));
+        assert!(lut_linear(&w, &x, 2, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("scales hold"));
         w = parts.weights();
         let short_signs = vec![1f32; 100];
         w.signs = Some(&short_signs);
-        assert!(lut_linear(&w, &x, 2, &mut out).unwrap_err().to_string().contains("signs hold 100"));
+        assert!(lut_linear(&w, &x, 2, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("signs hold 100"));
         w = parts.weights();
         w.grid = &parts.grid[1..];
-        assert!(lut_linear(&w, &x, 2, &mut out).unwrap_err().to_string().contains("grid holds"));
+        assert!(lut_linear(&w, &x, 2, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("grid holds"));
         w = parts.weights();
         w.n = 48;
-        assert!(lut_linear(&w, &x, 2, &mut out).unwrap_err().to_string().contains("power of two"));
+        assert!(lut_linear(&w, &x, 2, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("power of two"));
         w = parts.weights();
         w.p = 0;
         assert!(lut_linear(&w, &x, 2, &mut out).is_err());
@@ -701,7 +887,10 @@ mod tests {
         bad_grid[7] = f32::NAN;
         w = parts.weights();
         w.grid = &bad_grid;
-        assert!(lut_linear(&w, &x, 2, &mut out).unwrap_err().to_string().contains("grid point 3"));
+        assert!(lut_linear(&w, &x, 2, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("grid point 3"));
         // An empty batch is fine and touches nothing.
         assert!(lut_linear(&parts.weights(), &[], 0, &mut []).is_ok());
     }

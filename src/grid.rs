@@ -65,7 +65,9 @@ impl Grid {
         }
         let n = points.len() / p;
         if n > u32::MAX as usize {
-            return Err(HiggsError::invalid(format!("a grid of {n} points is too large")));
+            return Err(HiggsError::invalid(format!(
+                "a grid of {n} points is too large"
+            )));
         }
         if let Some(i) = points.iter().position(|v| !v.is_finite()) {
             return Err(HiggsError::invalid(format!(
@@ -118,7 +120,8 @@ impl Grid {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        Self::from_points(p, points, GRID_VERSION).map_err(|e| HiggsError::format(&path, e.to_string()))
+        Self::from_points(p, points, GRID_VERSION)
+            .map_err(|e| HiggsError::format(&path, e.to_string()))
     }
 
     /// Every shipped (p, n).
@@ -187,10 +190,18 @@ mod tests {
             let count = 1_000_000 / p;
             let mse = measured_mse(p, n, count);
             let shannon = (-2.0 * grid.bits()).exp2();
-            println!("{} mse {mse:.6} shannon {shannon:.6} ratio {:.3}", grid.id(), mse / shannon);
+            println!(
+                "{} mse {mse:.6} shannon {shannon:.6} ratio {:.3}",
+                grid.id(),
+                mse / shannon
+            );
             // The best scalar quantizers stay within ~1.53x...2.7x of the bound at these sizes;
             // vector grids come closer. A grid beyond 3x is broken.
-            assert!(mse > shannon && mse < 3.0 * shannon, "{}: mse {mse}", grid.id());
+            assert!(
+                mse > shannon && mse < 3.0 * shannon,
+                "{}: mse {mse}",
+                grid.id()
+            );
         }
     }
 
@@ -202,7 +213,10 @@ mod tests {
         let err = Grid::load(2, 100).unwrap_err();
         assert!(matches!(err, HiggsError::Unsupported(_)));
         let message = err.to_string();
-        assert!(message.contains("available") && message.contains("(p=2, n=256)"), "{message}");
+        assert!(
+            message.contains("available") && message.contains("(p=2, n=256)"),
+            "{message}"
+        );
         assert!(Grid::from_points(2, vec![0.0, 1.0, 2.0], 1).is_err());
         assert!(Grid::from_points(1, vec![0.0, f32::NAN], 1).is_err());
     }

@@ -482,7 +482,7 @@ fn lut_linear<'py>(
         crate::cpu_kernels::lut_linear(&weights, &x_values, batch, &mut y)?;
         Ok(y)
     })?;
-    Ok(PyArray1::from_vec(py, y).reshape([batch, rows])?)
+    PyArray1::from_vec(py, y).reshape([batch, rows])
 }
 
 /// Whether the CUDA kernels can run here: built with the `cuda` feature, the NVIDIA driver and

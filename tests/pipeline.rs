@@ -222,14 +222,14 @@ fn run_writes_codes_scales_copies_and_config_identically_for_any_thread_count() 
     ] {
         assert!(out.get(name).is_some(), "{name} kept");
     }
-    assert!(out
-        .get(
-            &q["modules"]["model.layers.0.mlp.up_proj"]["grid"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        )
-        .is_some());
+    let grid = q["modules"]["model.layers.0.mlp.up_proj"]["grid"]
+        .as_str()
+        .unwrap();
+    let grid_info = out.get(grid).expect("grid table stored");
+    assert_eq!(
+        (grid_info.dtype, grid_info.shape.clone()),
+        (Dtype::F32, vec![256, 2])
+    );
     let signs = out.get("higgs.signs").expect("signs stored");
     assert_eq!(signs.dtype, Dtype::I8);
     assert!(out.bytes(signs).iter().all(|&s| s == 1 || s == 0xff));

@@ -168,6 +168,7 @@ def test_cli_dynamic_writes_a_mixed_checkpoint_that_loads(
 ) -> None:
     from higgs_rs.cli import main
     from higgs_rs.dynamic import measure_sensitivities, quantized_weights
+    from higgs_rs.eval import load_text
 
     monkeypatch.setenv("HIGGS_RS_CACHE", str(tmp_path / "cache"))
     names = quantized_weights(smollm2, SKIP_ALL_BUT_BLOCK_0)
@@ -195,7 +196,7 @@ def test_cli_dynamic_writes_a_mixed_checkpoint_that_loads(
     # The α's were cached under the (temporary) model cache, keyed by model, text and settings.
     cached = list((tmp_path / "cache" / "dynamic").glob("alphas-*.json"))
     assert len(cached) == 1
-    sens = measure_sensitivities(smollm2, short_text.read_text(), names=names, windows=1, seq_len=48)
+    sens = measure_sensitivities(smollm2, load_text(short_text), names=names, windows=1, seq_len=48)
     assert sens.alphas == json.loads(cached[0].read_text())["alphas"]
     assert all(math.isfinite(a) for a in sens.alphas.values())
     assert sum(sens.alphas.values()) > 0

@@ -16,7 +16,10 @@ fn check(data: &[u8], file_len: u64) {
             let mut covered = 0usize;
             for t in &header.tensors {
                 assert_eq!(t.data_offsets[0], covered);
-                assert_eq!(t.dtype.byte_len(&t.shape), Some(t.data_offsets[1] - t.data_offsets[0]));
+                assert_eq!(
+                    t.dtype.byte_len(&t.shape),
+                    Some(t.data_offsets[1] - t.data_offsets[0])
+                );
                 covered = t.data_offsets[1];
             }
             assert_eq!(covered, header.data_len);

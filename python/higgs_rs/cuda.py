@@ -145,7 +145,9 @@ def lut_linear(
     if out is None:
         out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=x.device)
     elif out.shape != (batch, layer.out_features) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({batch}, {layer.out_features})")
+        raise ValueError(
+            f"out must be a contiguous {x.dtype} tensor of shape ({batch}, {layer.out_features})"
+        )
     if batch == 0:
         return out
     device = x.device.index or 0
@@ -201,7 +203,9 @@ def lut_linear(
     raise RuntimeError(f"the CUDA workspace could not be sized ({need} bytes asked)")
 
 
-def hadamard(x: torch.Tensor, hadamard_size: int, signs: torch.Tensor | None = None, width: int = 0) -> torch.Tensor:
+def hadamard(
+    x: torch.Tensor, hadamard_size: int, signs: torch.Tensor | None = None, width: int = 0
+) -> torch.Tensor:
     """The activation rotation the LUT-GEMM applies: each row of ``x`` (float16/bfloat16, on a GPU)
     zero-padded to a multiple of ``hadamard_size``, multiplied by ``signs`` and transformed per
     block; ``width`` (default: the padded width) adds zero columns."""

@@ -79,8 +79,21 @@ DEFAULT_GRIDS: tuple[tuple[int, int], ...] = (
     (1, 256),
 )
 #: 2-bit grids, offered on request: the linearity theorem is weakest there.
-LOW_BIT_GRIDS: tuple[tuple[int, int], ...] = ((2, 16), (4, 256))
+LOW_BIT_GRIDS: tuple[tuple[int, int], ...] = ((2, 16), (3, 64), (4, 256))
 DEFAULT_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+
+def usable_grids() -> list[tuple[int, int]]:
+    """The grids of this build that load (a build made while a grid file was still being generated
+    lists it but cannot use it)."""
+    usable = []
+    for p, n in _core.available_grids():
+        try:
+            _core.grid_points(p, n)
+        except ValueError:
+            continue
+        usable.append((p, n))
+    return usable
 
 
 def default_options(
@@ -89,7 +102,7 @@ def default_options(
     grids: Sequence[tuple[int, int]] | None = None,
 ) -> list[Option]:
     """Every (grid, group size) pair among the shipped grids: the choices each layer gets."""
-    shipped = set(_core.available_grids())
+    shipped = set(usable_grids())
     wanted = (
         list(grids)
         if grids is not None
@@ -177,6 +190,8 @@ class Sensitivities:
     base_loss: float
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    #: α of each antithetic draw (the first ``k`` draws are what ``draws=k`` would give).
+    per_draw: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _calibration_tokens(tokenizer: Any, text: str, seq_len: int, windows: int) -> Any:
@@ -308,7 +323,9 @@ def measure_sensitivities(
     }
     path = _cache_file("alphas", key)
     if cache and (hit := _read_cache(path, key)) is not None:
-        return Sensitivities(hit["alphas"], hit["stderr"], hit["base_loss"], hit["seconds"], hit["settings"])
+        return Sensitivities(
+            hit["alphas"], hit["stderr"], hit["base_loss"], hit["seconds"], hit["settings"], hit["per_draw"]
+        )
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -318,6 +335,7 @@ def measure_sensitivities(
     modules = dict(model.named_modules())
     alphas: dict[str, float] = {}
     stderr: dict[str, float] = {}
+    per_draw: dict[str, list[float]] = {}
     iterator: Iterable[str] = selected
     if progress:
         from tqdm import tqdm
@@ -344,6 +362,7 @@ def measure_sensitivities(
                 weight.copy_(original)
             changes.append(0.5 * (pair[0] + pair[1]) / realized)
         alphas[name] = sum(changes) / len(changes)
+        per_draw[name] = changes
         if len(changes) > 1:
             mean = alphas[name]
             var = sum((c - mean) ** 2 for c in changes) / (len(changes) - 1)
@@ -351,7 +370,9 @@ def measure_sensitivities(
         else:
             stderr[name] = math.nan
     seconds = time.perf_counter() - start
-    result = Sensitivities(alphas, stderr, runner.base_loss, seconds, {**settings, "device": device})
+    result = Sensitivities(
+        alphas, stderr, runner.base_loss, seconds, {**settings, "device": device}, per_draw
+    )
     if cache:
         _write_cache(path, {"key": key, **asdict(result)})
     return result

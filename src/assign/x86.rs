@@ -12,7 +12,12 @@ pub fn avx2_available() -> bool {
 }
 
 /// Assigns every tuple with AVX2; returns false (and does nothing) when AVX2 is missing.
-pub fn assign_cells_avx2<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) -> bool {
+pub fn assign_cells_avx2<const P: usize>(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) -> bool {
     if !avx2_available() || search.p != P {
         return false;
     }
@@ -24,7 +29,10 @@ pub fn assign_cells_avx2<const P: usize>(search: &CellSearch, grid: &Grid, xs: &
 /// p = 2 with AVX2: cells of 8 pairs at once, then two pairs per register against the 4-lane
 /// candidate quads of their cells. Returns false (and does nothing) when AVX2 is missing.
 pub fn assign_pairs_avx2(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) -> bool {
-    if !avx2_available() || search.p != 2 || search.quads.len() != (search.chunk_offsets.len() - 1) * QUAD_WORDS {
+    if !avx2_available()
+        || search.p != 2
+        || search.quads.len() != (search.chunk_offsets.len() - 1) * QUAD_WORDS
+    {
         return false;
     }
     // SAFETY: the CPU supports AVX2 (checked above) and `quads` has QUAD_WORDS words for every
@@ -49,7 +57,12 @@ unsafe fn assign_pairs(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut
         let x = &xs[b * 16..b * 16 + 16];
         let out = &mut codes[b * 8..b * 8 + 8];
         // SAFETY: `x` holds 16 floats; two unaligned loads of 8.
-        let (v0, v1) = unsafe { (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(x.as_ptr().add(8))) };
+        let (v0, v1) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr()),
+                _mm256_loadu_ps(x.as_ptr().add(8)),
+            )
+        };
         // Deinterleave into the 8 first and the 8 second coordinates, in pair order.
         let first = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
             _mm256_shuffle_ps::<0b10_00_10_00>(v0, v1),
@@ -183,7 +196,10 @@ fn nearest_in_chunk<const P: usize>(coords: &[f32], indices: &[u32], point: &[__
 fn nearest_in_chunks<const P: usize>(coords: &[f32], indices: &[u32], point: &[__m256; P]) -> u32 {
     let mut best_d = _mm256_set1_ps(f32::INFINITY);
     let mut best_i = _mm256_setzero_si256();
-    for (chunk, idx) in coords.chunks_exact(P * LANES).zip(indices.chunks_exact(LANES)) {
+    for (chunk, idx) in coords
+        .chunks_exact(P * LANES)
+        .zip(indices.chunks_exact(LANES))
+    {
         let d = chunk_distances::<P>(chunk, point);
         // SAFETY: `idx` holds exactly LANES = 8 u32 (chunks_exact), 32 bytes, read unaligned.
         let i = unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) };

@@ -83,7 +83,9 @@ impl Checkpoint {
     /// Open a `.safetensors` file, or a directory holding `model.safetensors`, shards listed by
     /// `model.safetensors.index.json`, or (without either) every `*.safetensors` file in it.
     /// Every header is validated, and the index checked against the files, before anything
-    /// is mapped.
+    /// is mapped: each file the index names must exist, and each tensor it names must be in
+    /// the file it says. Tensors of those files that the index omits are still listed (as
+    /// transformers loads them); a name in two files is an error.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| HiggsError::io(path, e))?;
@@ -230,6 +232,8 @@ impl Checkpoint {
     /// finished tensors leave this process's resident set. Later reads still see the file's
     /// contents (they fault the pages back in). A hint: failures are ignored.
     pub fn release(&self, info: &TensorInfo) {
+        #[cfg(not(unix))]
+        let _ = info;
         #[cfg(unix)]
         if let Some(file) = self.files.get(info.file) {
             if info.len > 0 && info.start + info.len <= file.map.len() {

@@ -83,9 +83,12 @@ impl Plan {
             return Err("this CPU lacks AVX-512 F/BW/VBMI".into());
         }
         if w.p > 2 || w.n > 256 {
-            return Err(format!("it takes p ≤ 2 and n ≤ 256 (got p = {}, n = {})", w.p, w.n));
+            return Err(format!(
+                "it takes p ≤ 2 and n ≤ 256 (got p = {}, n = {})",
+                w.p, w.n
+            ));
         }
-        if w.group_size % (16 * w.p) != 0 {
+        if !w.group_size.is_multiple_of(16 * w.p) {
             return Err(format!(
                 "it needs group_size to be a multiple of 16·p = {} (got {})",
                 16 * w.p,
@@ -171,7 +174,10 @@ impl Plan {
         let width = x_rot.len() / batch;
         let tuples = width / p;
         let mut out = vec![0f32; batch * self.stride];
-        for (dst, src) in out.chunks_exact_mut(self.stride).zip(x_rot.chunks_exact(width)) {
+        for (dst, src) in out
+            .chunks_exact_mut(self.stride)
+            .zip(x_rot.chunks_exact(width))
+        {
             for (k, chunk) in dst.chunks_exact_mut(CHUNK * p).enumerate() {
                 for c in 0..CHUNK.min(tuples.saturating_sub(k * CHUNK)) {
                     let pos = self.position(c);
@@ -213,7 +219,11 @@ impl Plan {
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
-        assert_eq!(x.len(), batch * self.stride, "activations not prepared for this plan");
+        assert_eq!(
+            x.len(),
+            batch * self.stride,
+            "activations not prepared for this plan"
+        );
         assert_eq!(codes.len(), out.len() / batch * self.row_bytes);
         assert_eq!(scales.len(), out.len() / batch * self.groups);
         let lane_scales = &mut scratch.lane_scales;
@@ -228,7 +238,9 @@ impl Plan {
                 let xb = &x[b0 * self.stride..(b0 + nb) * self.stride];
                 // SAFETY: holding a `Plan` proves the CPU features (`Plan::new`); the slices
                 // have the lengths the kernels read (asserted above and in `kernel_for`).
-                unsafe { self.kernel_for(nb)(self, row, lane_scales.as_slice(), xb, &mut y[b0..b0 + nb]) };
+                unsafe {
+                    self.kernel_for(nb)(self, row, lane_scales.as_slice(), xb, &mut y[b0..b0 + nb])
+                };
             }
         }
     }
@@ -348,9 +360,14 @@ unsafe fn load_codes(plan: &Plan, row: &[u8], k: usize) -> __m512i {
         let start = k * chunk_bytes;
         let avail = (row.len() - start).min(chunk_bytes);
         // SAFETY: as above, only the `avail` in-row bytes from `start` are read.
-        let raw = unsafe { _mm512_maskz_loadu_epi8((1u64 << avail) - 1, row.as_ptr().add(start) as *const i8) };
+        let raw = unsafe {
+            _mm512_maskz_loadu_epi8((1u64 << avail) - 1, row.as_ptr().add(start) as *const i8)
+        };
         let windows = _mm512_permutexvar_epi8(plan.spread, raw);
-        _mm512_and_si512(_mm512_multishift_epi64_epi8(plan.shifts, windows), plan.code_mask)
+        _mm512_and_si512(
+            _mm512_multishift_epi64_epi8(plan.shifts, windows),
+            plan.code_mask,
+        )
     }
 }
 
@@ -360,7 +377,11 @@ unsafe fn load_codes(plan: &Plan, row: &[u8], k: usize) -> __m512i {
 /// Needs AVX-512F/BW/VBMI; `table` points at `T` registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn lookup_plane<const T: usize>(table: *const __m512i, idx: __m512i, high: __mmask64) -> __m512i {
+unsafe fn lookup_plane<const T: usize>(
+    table: *const __m512i,
+    idx: __m512i,
+    high: __mmask64,
+) -> __m512i {
     // SAFETY: `table` holds T registers (caller).
     unsafe {
         match T {
@@ -381,7 +402,11 @@ unsafe fn lookup_plane<const T: usize>(table: *const __m512i, idx: __m512i, high
 /// Needs AVX-512F/BW/VBMI; chunk `k` must start inside `row`; `plan.tables` holds `4·P·T` registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn plane_front<const P: usize, const T: usize>(plan: &Plan, row: &[u8], k: usize) -> [[__m512; 4]; P] {
+unsafe fn plane_front<const P: usize, const T: usize>(
+    plan: &Plan,
+    row: &[u8],
+    k: usize,
+) -> [[__m512; 4]; P] {
     // SAFETY: forwarded from the caller's contract.
     let idx = unsafe { load_codes(plan, row, k) };
     let high = _mm512_movepi8_mask(idx);
@@ -440,7 +465,10 @@ unsafe fn plane_kernel<const P: usize, const T: usize, const B: usize>(
         // SAFETY: chunk k < chunks starts inside the row; tables per `Plan::new`.
         let f = unsafe { plane_front::<P, T>(plan, row, k) };
         // SAFETY: lane_scales holds 4·chunks (asserted).
-        let sv = _mm512_permutexvar_ps(per_lane, _mm512_castps128_ps512(unsafe { chunk_scales(lane_scales, k) }));
+        let sv = _mm512_permutexvar_ps(
+            per_lane,
+            _mm512_castps128_ps512(unsafe { chunk_scales(lane_scales, k) }),
+        );
         // The same operations in the same order for every batch row, so a row's result does not
         // depend on the batch it came in.
         for (b, acc_b) in acc.iter_mut().enumerate() {
@@ -466,7 +494,13 @@ unsafe fn plane_kernel<const P: usize, const T: usize, const B: usize>(
 /// # Safety
 /// As [`plane_kernel`]; `plan.tables[0]` holds the 16 grid values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,fma")]
-unsafe fn nibble_kernel<const B: usize>(plan: &Plan, row: &[u8], lane_scales: &[f32], x: &[f32], out: &mut [f32]) {
+unsafe fn nibble_kernel<const B: usize>(
+    plan: &Plan,
+    row: &[u8],
+    lane_scales: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+) {
     assert!(lane_scales.len() >= 4 * plan.chunks && x.len() >= B * plan.stride && out.len() >= B);
     let table = _mm512_castsi512_ps(plan.tables[0]);
     // Half h of a chunk holds runs 2h and 2h + 1: lanes 0-1 of its registers are run 2h.
@@ -502,7 +536,12 @@ unsafe fn nibble_kernel<const B: usize>(plan: &Plan, row: &[u8], lane_scales: &[
             for (b, acc_b) in acc.iter_mut().enumerate() {
                 let xb = xk.wrapping_add(b * plan.stride);
                 // SAFETY: batch row b < B of x, chunk k's 64 floats (asserted length).
-                let (xe, xo) = unsafe { (_mm512_loadu_ps(xb.add(32 * h)), _mm512_loadu_ps(xb.add(32 * h + 16))) };
+                let (xe, xo) = unsafe {
+                    (
+                        _mm512_loadu_ps(xb.add(32 * h)),
+                        _mm512_loadu_ps(xb.add(32 * h + 16)),
+                    )
+                };
                 let part = _mm512_fmadd_ps(odd, xo, _mm512_mul_ps(even, xe));
                 acc_b[h] = _mm512_fmadd_ps(part, sv, acc_b[h]);
             }

@@ -6,7 +6,7 @@
 //! `data_ptr()`): a wrong one makes the GPU report an illegal address on that stream; it cannot
 //! touch host memory.
 
-use super::source::ActType;
+use super::source::{ActType, LutKernel};
 use crate::{HiggsError, Result};
 use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc;
@@ -43,7 +43,8 @@ pub(crate) fn libraries() -> std::result::Result<(), String> {
 pub(crate) fn device_count() -> std::result::Result<usize, String> {
     libraries()?;
     driver::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
-    let count = driver::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+    let count =
+        driver::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
     if count <= 0 {
         return Err("the NVIDIA driver reports no CUDA device".into());
     }
@@ -61,8 +62,15 @@ pub(crate) struct Kernel {
 /// What a module is compiled from; the cache key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum ModuleKey {
-    LutGemm { bits: u32, act: ActType },
-    Hadamard { order: usize, act: ActType },
+    LutGemm {
+        bits: u32,
+        act: ActType,
+        kernel: LutKernel,
+    },
+    Hadamard {
+        order: usize,
+        act: ActType,
+    },
 }
 
 struct Module {
@@ -95,7 +103,8 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<Device>> {
             "CUDA device {ordinal} does not exist: this machine has {count}"
         )));
     }
-    let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error("retaining the device's primary context", e))?;
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| cuda_error("retaining the device's primary context", e))?;
     let attribute = |a: sys::CUdevice_attribute| {
         ctx.attribute(a)
             .map_err(|e| cuda_error("reading a device attribute", e))
@@ -112,9 +121,11 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<Device>> {
     }
     let d = Arc::new(Device {
         name: ctx.name().unwrap_or_else(|_| "unknown".into()),
-        sm_count: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize,
-        max_shared_optin: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+        sm_count: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize,
+        max_shared_optin: attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )? as usize,
         arch,
         ctx,
         modules: Mutex::new(HashMap::new()),
@@ -128,7 +139,11 @@ fn program_log(prog: nvrtc::sys::nvrtcProgram) -> String {
     // SAFETY: `prog` is a live program created by `create_program` and not yet destroyed.
     match unsafe { nvrtc::result::get_program_log(prog) } {
         Ok(raw) => {
-            let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            let bytes: Vec<u8> = raw
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&b| b != 0)
+                .collect();
             String::from_utf8_lossy(&bytes).into_owned()
         }
         Err(e) => format!("(no log: {e:?})"),
@@ -137,9 +152,12 @@ fn program_log(prog: nvrtc::sys::nvrtcProgram) -> String {
 
 /// Compile `source` to a cubin for `arch` with NVRTC.
 fn compile_cubin(source: &str, name: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
-    let src = CString::new(source).map_err(|_| HiggsError::invalid("kernel source holds a NUL byte"))?;
-    let cname = CString::new(name).map_err(|_| HiggsError::invalid("kernel name holds a NUL byte"))?;
-    let prog = nvrtc::result::create_program(&src, Some(&cname)).map_err(|e| cuda_error("nvrtcCreateProgram", e))?;
+    let src =
+        CString::new(source).map_err(|_| HiggsError::invalid("kernel source holds a NUL byte"))?;
+    let cname =
+        CString::new(name).map_err(|_| HiggsError::invalid("kernel name holds a NUL byte"))?;
+    let prog = nvrtc::result::create_program(&src, Some(&cname))
+        .map_err(|e| cuda_error("nvrtcCreateProgram", e))?;
     let verbose = std::env::var_os("HIGGS_CUDA_VERBOSE").is_some_and(|v| !v.is_empty() && v != "0");
     let mut options = vec![
         format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
@@ -153,7 +171,12 @@ fn compile_cubin(source: &str, name: &str, arch: (i32, i32)) -> Result<Vec<u8>> 
     let compiled = unsafe { nvrtc::result::compile_program(prog, &options) };
     let log = program_log(prog);
     let result = compiled
-        .map_err(|e| cuda_error(&format!("NVRTC compiling {name} for sm_{}{} ({e:?})", arch.0, arch.1), log.trim()))
+        .map_err(|e| {
+            cuda_error(
+                &format!("NVRTC compiling {name} for sm_{}{} ({e:?})", arch.0, arch.1),
+                log.trim(),
+            )
+        })
         .and_then(|()| {
             if verbose {
                 eprintln!("higgs_rs: NVRTC {name} sm_{}{}:\n{log}", arch.0, arch.1);
@@ -177,6 +200,79 @@ fn compile_cubin(source: &str, name: &str, arch: (i32, i32)) -> Result<Vec<u8>> 
     result
 }
 
+/// NVRTC's version as (major, minor).
+fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| cuda_error("nvrtcVersion", e))?;
+    Ok((major, minor))
+}
+
+/// 64-bit FNV-1a: a stable content hash for cache file names.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for part in parts {
+        for &b in *part {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Where compiled kernels are kept between processes: `$HIGGS_CUDA_CACHE` (`off` disables),
+/// else `$XDG_CACHE_HOME/higgs_rs/cuda`, else `~/.cache/higgs_rs/cuda`.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os("HIGGS_CUDA_CACHE") {
+        Some(v) if v == "off" || v == "0" || v.is_empty() => None,
+        Some(v) => Some(v.into()),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+            .map(|d| d.join("higgs_rs").join("cuda")),
+    }
+}
+
+/// [`compile_cubin`] through the on-disk cache (keyed by source, architecture and NVRTC
+/// version). A cache that cannot be read or written is skipped, never an error.
+fn cached_cubin(source: &str, name: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
+    let verbose = std::env::var_os("HIGGS_CUDA_VERBOSE").is_some_and(|v| !v.is_empty() && v != "0");
+    let version = nvrtc_version()?;
+    let key = fnv1a(&[
+        source.as_bytes(),
+        format!("sm_{}{} nvrtc {}.{}", arch.0, arch.1, version.0, version.1).as_bytes(),
+    ]);
+    let path = cache_dir().map(|d| {
+        let stem: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        d.join(format!("{stem}-{key:016x}.cubin"))
+    });
+    if let (Some(p), false) = (&path, verbose) {
+        if let Ok(bytes) = std::fs::read(p) {
+            if bytes.starts_with(b"\x7fELF") {
+                return Ok(bytes);
+            }
+        }
+    }
+    let cubin = compile_cubin(source, name, arch)?;
+    if let Some(p) = path {
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let written = p
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, &cubin))
+            .and_then(|()| std::fs::rename(&tmp, &p));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(cubin)
+}
+
 impl Device {
     /// The kernel `name` of module `key`, compiling the module from `source()` on first use.
     pub(crate) fn kernel(
@@ -195,14 +291,20 @@ impl Device {
                 m
             }
         };
-        module.kernels.get(name).cloned().ok_or_else(|| {
-            HiggsError::invalid(format!("CUDA module {key:?} has no kernel {name}"))
-        })
+        module
+            .kernels
+            .get(name)
+            .cloned()
+            .ok_or_else(|| HiggsError::invalid(format!("CUDA module {key:?} has no kernel {name}")))
     }
 
-    fn build(&self, key: ModuleKey, source: impl FnOnce() -> Result<(String, Vec<String>)>) -> Result<Module> {
+    fn build(
+        &self,
+        key: ModuleKey,
+        source: impl FnOnce() -> Result<(String, Vec<String>)>,
+    ) -> Result<Module> {
         let (code, names) = source()?;
-        let cubin = compile_cubin(&code, &format!("{key:?}.cu"), self.arch)?;
+        let cubin = cached_cubin(&code, &format!("{key:?}.cu"), self.arch)?;
         let module = self
             .ctx
             .load_module(nvrtc::Ptx::from_binary(cubin))
@@ -219,7 +321,8 @@ impl Device {
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
                 )
             }
-            .map_err(|e| cuda_error("reading a kernel's shared memory size", e))? as usize;
+            .map_err(|e| cuda_error("reading a kernel's shared memory size", e))?
+                as usize;
             let max_dynamic_shared = self.max_shared_optin.saturating_sub(static_shared);
             // Allow launches up to the device's opt-in limit; occupancy follows each launch's own size.
             // SAFETY: as above.
@@ -267,7 +370,9 @@ impl Device {
             )));
         }
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
-            return Err(HiggsError::invalid(format!("CUDA grid {grid:?} is out of range")));
+            return Err(HiggsError::invalid(format!(
+                "CUDA grid {grid:?} is out of range"
+            )));
         }
         self.ctx
             .bind_to_thread()
@@ -299,7 +404,71 @@ impl Device {
 
 /// The driver's name and text for an error code.
 fn describe(e: driver::DriverError) -> String {
-    let name = e.error_name().map(CStr::to_string_lossy).unwrap_or_default();
-    let text = e.error_string().map(CStr::to_string_lossy).unwrap_or_default();
+    let name = e
+        .error_name()
+        .map(CStr::to_string_lossy)
+        .unwrap_or_default();
+    let text = e
+        .error_string()
+        .map(CStr::to_string_lossy)
+        .unwrap_or_default();
     format!("{name}: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::source::{self, HadamardShape};
+
+    /// Every kernel source compiles with NVRTC for Ampere and Hopper. Needs only NVRTC, no GPU
+    /// (e.g. `LD_LIBRARY_PATH=.venv/lib/python3.11/site-packages/nvidia/cu13/lib`); skipped
+    /// with a message where NVRTC is absent.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { nvrtc::sys::is_culib_present() } {
+            eprintln!("NVRTC not found: kernel compilation not checked");
+            return;
+        }
+        for arch in [(8, 0), (9, 0)] {
+            for act in [ActType::F16, ActType::Bf16] {
+                for bits in [2, 3, 4] {
+                    for kernel in [LutKernel::Mma { mt: 2, nt: 8 }, LutKernel::Dequantize] {
+                        if arch == (8, 0) && bits != 4 {
+                            continue;
+                        }
+                        let cubin = compile_cubin(
+                            &source::lut_gemm(bits, act, kernel),
+                            "lut_gemm.cu",
+                            arch,
+                        )
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "bits {bits} {act:?} {kernel:?} sm_{}{}: {e}",
+                                arch.0, arch.1
+                            )
+                        });
+                        assert!(cubin.starts_with(b"\x7fELF"));
+                    }
+                }
+                for order in [64, 4096, 32768, 12, 28 * 512, 784 * 16, 240 * 4] {
+                    let shape = HadamardShape::new(order).unwrap();
+                    compile_cubin(&source::hadamard(&shape, act).unwrap(), "hadamard.cu", arch)
+                        .unwrap_or_else(|e| panic!("order {order} {act:?}: {e}"));
+                }
+            }
+        }
+        let err = compile_cubin("this is not CUDA", "broken.cu", (9, 0)).unwrap_err();
+        assert!(err.to_string().contains("broken.cu"), "{err}");
+        // The disk cache returns what was compiled, keyed by content.
+        let dir =
+            std::env::temp_dir().join(format!("higgs_cuda_cache_test_{}", std::process::id()));
+        std::env::set_var("HIGGS_CUDA_CACHE", &dir);
+        let src = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] = 1.f; }";
+        let first = cached_cubin(src, "tiny.cu", (9, 0)).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(cached_cubin(src, "tiny.cu", (9, 0)).unwrap(), first);
+        std::env::remove_var("HIGGS_CUDA_CACHE");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -20,6 +20,7 @@ use crate::codec::{Layout, QuantSpec};
 use crate::{HiggsError, Result};
 use device::{device, Kernel, ModuleKey};
 pub use source::ActType;
+use source::LutKernel;
 
 /// k values per warp super-step of the LUT-GEMM (must match `KSTEP` in `lut_gemm.cu`).
 const KSTEP: usize = 128;
@@ -27,10 +28,6 @@ const KSTEP: usize = 128;
 const WARPS: usize = 8;
 /// Batch columns per LUT-GEMM launch slice (`MAX_COLS`).
 const MAX_COLS: usize = 64;
-const LUT_NAMES: [[&str; 4]; 2] = [
-    ["lut_mma_m1_n1", "lut_mma_m1_n2", "lut_mma_m1_n4", "lut_mma_m1_n8"],
-    ["lut_mma_m2_n1", "lut_mma_m2_n2", "lut_mma_m2_n4", "lut_mma_m2_n8"],
-];
 const MAX_SPLITS: usize = 16;
 
 /// `Ok(description of device 0)` when the driver, NVRTC and a GPU are there; otherwise why not.
@@ -75,7 +72,9 @@ impl LayerShape {
                 self.p
             )));
         }
-        let bits = if self.n.is_power_of_two() && self.n.trailing_zeros() as usize % self.p == 0 {
+        let bits = if self.n.is_power_of_two()
+            && (self.n.trailing_zeros() as usize).is_multiple_of(self.p)
+        {
             self.n.trailing_zeros() / self.p as u32
         } else {
             0
@@ -86,7 +85,7 @@ impl LayerShape {
                 self.p, self.n
             )));
         }
-        if self.group_size == 0 || self.group_size % 32 != 0 {
+        if self.group_size == 0 || !self.group_size.is_multiple_of(32) {
             return Err(HiggsError::Unsupported(format!(
                 "the CUDA kernels need a group size that is a multiple of 32; this layer has {}",
                 self.group_size
@@ -116,7 +115,9 @@ impl LayerShape {
                 self.groups
             )));
         }
-        if layout.padded_cols > i32::MAX as usize / MAX_COLS || self.out_features > i32::MAX as usize / MAX_COLS {
+        if layout.padded_cols > i32::MAX as usize / MAX_COLS
+            || self.out_features > i32::MAX as usize / MAX_COLS
+        {
             return Err(HiggsError::invalid(format!(
                 "layer {}×{} is too large for the CUDA kernels",
                 self.out_features, self.in_features
@@ -152,7 +153,14 @@ fn align256(x: usize) -> usize {
 
 /// The plan for `batch` rows through a layer of `rows` outputs and `padded` rotated inputs on a
 /// GPU with `sm_count` multiprocessors.
-pub fn plan_linear(batch: usize, rows: usize, padded: usize, bits: u32, sm_count: usize, tuning: Tuning) -> Result<LinearPlan> {
+pub fn plan_linear(
+    batch: usize,
+    rows: usize,
+    padded: usize,
+    bits: u32,
+    sm_count: usize,
+    tuning: Tuning,
+) -> Result<LinearPlan> {
     if batch == 0 {
         return Err(HiggsError::invalid("batch must be at least 1"));
     }
@@ -184,14 +192,22 @@ pub fn plan_linear(batch: usize, rows: usize, padded: usize, bits: u32, sm_count
         1
     } else {
         // About two blocks per multiprocessor, each warp keeping at least one super-step.
-        (2 * sm_count).div_ceil(row_tiles).min((total_steps / WARPS).max(1)).min(MAX_SPLITS)
+        (2 * sm_count)
+            .div_ceil(row_tiles)
+            .min((total_steps / WARPS).max(1))
+            .min(MAX_SPLITS)
     };
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);
     let counters_offset = 0;
     let x_rot_offset = align256(row_tiles * 4);
     let partials_offset = x_rot_offset + align256(batch * kp * 2);
-    let workspace_bytes = partials_offset + if splits > 1 { splits * MAX_COLS * rows * 4 } else { 0 };
+    let workspace_bytes = partials_offset
+        + if splits > 1 {
+            splits * MAX_COLS * rows * 4
+        } else {
+            0
+        };
     let lut_bytes = (1usize << (2 * bits)) * 32 * 4;
     let reduce_bytes = WARPS * (8 * nt) * (16 * mt + 4) * 4;
     Ok(LinearPlan {
@@ -290,36 +306,65 @@ struct DequantParams {
 fn require_pointers(pointers: &[(&str, u64)]) -> Result<()> {
     for (name, ptr) in pointers {
         if *ptr == 0 {
-            return Err(HiggsError::invalid(format!("the {name} device pointer is null")));
+            return Err(HiggsError::invalid(format!(
+                "the {name} device pointer is null"
+            )));
         }
     }
     Ok(())
 }
 
-fn lut_kernel(dev: &device::Device, bits: u32, act: ActType, name: &str) -> Result<Kernel> {
-    dev.kernel(ModuleKey::LutGemm { bits, act }, name, || {
-        let mut names: Vec<String> = LUT_NAMES.iter().flatten().map(|s| s.to_string()).collect();
-        names.push("dequantize_rotated".into());
-        Ok((source::lut_gemm(bits, act), names))
-    })
+fn lut_kernel(dev: &device::Device, bits: u32, act: ActType, kernel: LutKernel) -> Result<Kernel> {
+    dev.kernel(
+        ModuleKey::LutGemm { bits, act, kernel },
+        kernel.name(),
+        || {
+            Ok((
+                source::lut_gemm(bits, act, kernel),
+                vec![kernel.name().to_string()],
+            ))
+        },
+    )
 }
 
-fn hadamard_kernel(dev: &device::Device, shape: &source::HadamardShape, act: ActType) -> Result<Kernel> {
+fn hadamard_kernel(
+    dev: &device::Device,
+    shape: &source::HadamardShape,
+    act: ActType,
+) -> Result<Kernel> {
     dev.kernel(
         ModuleKey::Hadamard {
             order: shape.order,
             act,
         },
         "hadamard_rotate",
-        || Ok((source::hadamard(shape, act)?, vec!["hadamard_rotate".to_string()])),
+        || {
+            Ok((
+                source::hadamard(shape, act)?,
+                vec!["hadamard_rotate".to_string()],
+            ))
+        },
     )
 }
 
 /// Bytes of workspace a call needs.
-pub fn workspace_bytes(shape: &LayerShape, batch: usize, device_index: usize, tuning: Tuning) -> Result<usize> {
+pub fn workspace_bytes(
+    shape: &LayerShape,
+    batch: usize,
+    device_index: usize,
+    tuning: Tuning,
+) -> Result<usize> {
     let (layout, bits) = shape.layout()?;
     let dev = device(device_index)?;
-    Ok(plan_linear(batch, shape.out_features, layout.padded_cols, bits, dev.sm_count, tuning)?.workspace_bytes)
+    Ok(plan_linear(
+        batch,
+        shape.out_features,
+        layout.padded_cols,
+        bits,
+        dev.sm_count,
+        tuning,
+    )?
+    .workspace_bytes)
 }
 
 /// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
@@ -341,7 +386,9 @@ pub fn hadamard_rotate(
     let shape = source::HadamardShape::new(hadamard_size)?;
     let padded = in_features.div_ceil(hadamard_size) * hadamard_size;
     if in_features == 0 || batch == 0 {
-        return Err(HiggsError::invalid("the Hadamard transform needs at least one row and one column"));
+        return Err(HiggsError::invalid(
+            "the Hadamard transform needs at least one row and one column",
+        ));
     }
     if out_width < padded || out_width > i32::MAX as usize || batch > 65535 {
         return Err(HiggsError::invalid(format!(
@@ -383,16 +430,28 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         ("grid", call.grid),
     ])?;
     let dev = device(call.device)?;
-    let plan = plan_linear(call.batch, shape.out_features, layout.padded_cols, bits, dev.sm_count, call.tuning)?;
+    let plan = plan_linear(
+        call.batch,
+        shape.out_features,
+        layout.padded_cols,
+        bits,
+        dev.sm_count,
+        call.tuning,
+    )?;
     if call.workspace_bytes < plan.workspace_bytes {
         return Ok(plan.workspace_bytes);
     }
     require_pointers(&[("workspace", call.workspace)])?;
-    if call.workspace % 256 != 0 {
-        return Err(HiggsError::invalid("the workspace must be 256-byte aligned"));
+    if !call.workspace.is_multiple_of(256) {
+        return Err(HiggsError::invalid(
+            "the workspace must be 256-byte aligned",
+        ));
     }
     if plan.batch_chunks > 65535 || plan.splits > 65535 {
-        return Err(HiggsError::invalid(format!("batch {} is too large", call.batch)));
+        return Err(HiggsError::invalid(format!(
+            "batch {} is too large",
+            call.batch
+        )));
     }
     let x_rot = call.workspace + plan.x_rot_offset as u64;
     hadamard_rotate(
@@ -431,13 +490,25 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         splits: plan.splits as i32,
         steps_per_split: plan.steps_per_split as i32,
         total_steps: plan.total_steps as i32,
-        vector_codes: (call.codes % 16 == 0 && layout.row_bytes % alignment == 0) as i32,
+        vector_codes: (call.codes.is_multiple_of(16) && layout.row_bytes.is_multiple_of(alignment))
+            as i32,
     };
-    let name = LUT_NAMES[plan.mt - 1][plan.nt.trailing_zeros() as usize];
-    let kernel = lut_kernel(&dev, bits, call.act, name)?;
+    let kernel = lut_kernel(
+        &dev,
+        bits,
+        call.act,
+        LutKernel::Mma {
+            mt: plan.mt,
+            nt: plan.nt,
+        },
+    )?;
     dev.launch(
         &kernel,
-        (plan.row_tiles as u32, plan.splits as u32, plan.batch_chunks as u32),
+        (
+            plan.row_tiles as u32,
+            plan.splits as u32,
+            plan.batch_chunks as u32,
+        ),
         (WARPS * 32) as u32,
         plan.shared_bytes,
         call.stream,
@@ -462,15 +533,24 @@ pub fn dequantize_rotated(
     device_index: usize,
 ) -> Result<()> {
     let (layout, bits) = shape.layout()?;
-    require_pointers(&[("codes", codes), ("scales", scales), ("grid", grid), ("output", out)])?;
-    if ld < layout.padded_cols || ld % 2 != 0 || ld > i32::MAX as usize || out % 4 != 0 {
+    require_pointers(&[
+        ("codes", codes),
+        ("scales", scales),
+        ("grid", grid),
+        ("output", out),
+    ])?;
+    if ld < layout.padded_cols
+        || !ld.is_multiple_of(2)
+        || ld > i32::MAX as usize
+        || !out.is_multiple_of(4)
+    {
         return Err(HiggsError::invalid(format!(
             "the rotated weights need an even row stride >= {} and a 4-byte aligned output; got {ld}",
             layout.padded_cols
         )));
     }
     let dev = device(device_index)?;
-    let kernel = lut_kernel(&dev, bits, act, "dequantize_rotated")?;
+    let kernel = lut_kernel(&dev, bits, act, LutKernel::Dequantize)?;
     let params = DequantParams {
         codes,
         scales,
@@ -528,21 +608,44 @@ mod tests {
 
     #[test]
     fn plans_cover_every_step_and_row() {
-        for (batch, rows, padded) in [(1, 4096, 4096), (1, 1024, 4096), (16, 14336, 4096), (64, 4096, 14336), (3, 1000, 576), (200, 100, 128)] {
+        for (batch, rows, padded) in [
+            (1, 4096, 4096),
+            (1, 1024, 4096),
+            (16, 14336, 4096),
+            (64, 4096, 14336),
+            (3, 1000, 576),
+            (200, 100, 128),
+        ] {
             let p = plan_linear(batch, rows, padded, 4, 132, Tuning::default()).unwrap();
             assert!(p.row_tiles * 16 * p.mt >= rows);
             assert!(p.splits * p.steps_per_split >= p.total_steps);
             assert!((p.splits - 1) * p.steps_per_split < p.total_steps, "{p:?}");
-            assert!(p.kp >= padded && p.kp % KSTEP == 0);
-            assert!(p.batch_chunks * MAX_COLS >= batch && p.nt * 8 * p.batch_chunks >= batch.min(MAX_COLS));
-            assert!(p.x_rot_offset >= p.row_tiles * 4 && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2);
+            assert!(p.kp >= padded && p.kp.is_multiple_of(KSTEP));
+            assert!(
+                p.batch_chunks * MAX_COLS >= batch
+                    && p.nt * 8 * p.batch_chunks >= batch.min(MAX_COLS)
+            );
+            assert!(
+                p.x_rot_offset >= p.row_tiles * 4
+                    && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2
+            );
             if p.batch_chunks > 1 {
                 assert_eq!(p.splits, 1);
             }
         }
         // Few rows: split-K keeps the GPU busy.
-        assert!(plan_linear(1, 1024, 4096, 4, 132, Tuning::default()).unwrap().splits > 1);
-        assert_eq!(plan_linear(1, 14336, 4096, 4, 132, Tuning::default()).unwrap().splits, 1);
+        assert!(
+            plan_linear(1, 1024, 4096, 4, 132, Tuning::default())
+                .unwrap()
+                .splits
+                > 1
+        );
+        assert_eq!(
+            plan_linear(1, 14336, 4096, 4, 132, Tuning::default())
+                .unwrap()
+                .splits,
+            1
+        );
         assert!(plan_linear(0, 8, 128, 4, 132, Tuning::default()).is_err());
     }
 }

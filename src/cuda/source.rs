@@ -45,9 +45,34 @@ impl ActType {
     }
 }
 
-/// The LUT-GEMM module for `bits` per weight (2, 3 or 4).
-pub fn lut_gemm(bits: u32, act: ActType) -> String {
-    format!("#define BITS {bits}\n{}{COMMON}\n{LUT_GEMM}", act.define())
+/// What a LUT-GEMM module holds besides the shared helpers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LutKernel {
+    /// `lut_mma` with `mt` m16 row tiles and `nt` n8 batch tiles per warp.
+    Mma { mt: usize, nt: usize },
+    /// `dequantize_rotated`.
+    Dequantize,
+}
+
+impl LutKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            LutKernel::Mma { .. } => "lut_mma",
+            LutKernel::Dequantize => "dequantize_rotated",
+        }
+    }
+}
+
+/// A LUT-GEMM module for `bits` per weight (2, 3 or 4).
+pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel) -> String {
+    let select = match kernel {
+        LutKernel::Mma { mt, nt } => format!("#define LUT_MT {mt}\n#define LUT_NT {nt}\n"),
+        LutKernel::Dequantize => "#define LUT_DEQUANT 1\n".to_string(),
+    };
+    format!(
+        "#define BITS {bits}\n{select}{}{COMMON}\n{LUT_GEMM}",
+        act.define()
+    )
 }
 
 /// How one Hadamard order is cut into factors, and the tile a CUDA block transforms.
@@ -78,7 +103,7 @@ impl HadamardShape {
         let m = hadamard::BASE_ORDERS
             .iter()
             .copied()
-            .find(|&m| order % m == 0 && (order / m).is_power_of_two())
+            .find(|&m| order.is_multiple_of(m) && (order / m).is_power_of_two())
             .unwrap_or(order);
         let log2 = (order / m).trailing_zeros();
         let (slow, fast) = match m {
@@ -203,7 +228,21 @@ mod tests {
 
     #[test]
     fn kernel_factorization_matches_cpu_transform() {
-        for order in [2, 64, 12, 48, 20, 28 * 4, 144, 240 * 2, 336, 400, 560, 784, 28 * 512] {
+        for order in [
+            2,
+            64,
+            12,
+            48,
+            20,
+            28 * 4,
+            144,
+            240 * 2,
+            336,
+            400,
+            560,
+            784,
+            28 * 512,
+        ] {
             let shape = HadamardShape::new(order).unwrap();
             let mut x = vec![0f32; order];
             crate::rng::SplitMix64::new(order as u64).fill_gaussian(&mut x);
@@ -213,18 +252,32 @@ mod tests {
                 y
             };
             let got = emulate(&shape, &x);
-            let err = expected.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let err = expected
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(err < 1e-4, "order {order}: max error {err}");
         }
     }
 
     #[test]
     fn shapes_tile_whole_blocks() {
-        for order in [2, 64, 1024, 4096, 16384, 32768, 12 * 1024, 28 * 512, 784 * 32] {
+        for order in [
+            2,
+            64,
+            1024,
+            4096,
+            16384,
+            32768,
+            12 * 1024,
+            28 * 512,
+            784 * 32,
+        ] {
             let s = HadamardShape::new(order).unwrap();
-            assert_eq!(s.tile % order, 0);
-            assert_eq!(s.order, s.slow * s.fast << s.log2);
-            assert!(s.threads % 32 == 0 && s.threads <= 1024);
+            assert!(s.tile.is_multiple_of(order));
+            assert_eq!(s.order, (s.slow * s.fast) << s.log2);
+            assert!(s.threads.is_multiple_of(32) && s.threads <= 1024);
         }
         assert!(HadamardShape::new(44).is_err());
     }
@@ -235,8 +288,9 @@ mod tests {
         assert!(src.contains("#define ACT_BF16"));
         assert!(src.contains("paley_fast(float (&v)[28])"));
         assert!(!src.contains("void paley_slow"));
-        let src = lut_gemm(3, ActType::F16);
-        assert!(src.starts_with("#define BITS 3\n"));
-        assert!(src.contains("LUT_MMA_KERNEL(2, 8)"));
+        let src = lut_gemm(3, ActType::F16, LutKernel::Mma { mt: 2, nt: 8 });
+        assert!(src.starts_with("#define BITS 3\n#define LUT_MT 2\n#define LUT_NT 8\n"));
+        assert!(!src.contains("#define ACT_BF16"));
+        assert!(lut_gemm(2, ActType::Bf16, LutKernel::Dequantize).contains("#define LUT_DEQUANT 1"));
     }
 }

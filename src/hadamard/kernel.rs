@@ -15,7 +15,7 @@
 //! - Shorter still (L = 1, 2 on 8 or 16 lanes): `H_fast ⊗ S_L` as one dense matrix,
 //!   broadcast-multiply-accumulate over four rows at a time.
 
-use super::{scalar, DenseStage, Plan};
+use super::{scalar, DenseStage, MixStage, Plan};
 
 /// One SIMD register of f32 lanes and the operations the transforms need.
 ///
@@ -70,13 +70,9 @@ pub(super) unsafe fn transform<S: Vector>(data: &mut [f32], plan: &Plan) {
         // SAFETY: the caller's contract; pow2 is a power of two >= LANES dividing data.len().
         unsafe { fwht_blocks::<S>(data, plan.pow2, None) };
         for (i, stage) in plan.stages.iter().enumerate() {
-            let matrix = if i == last {
-                &stage.scaled
-            } else {
-                &stage.matrix
-            };
+            let scale = (i == last).then_some(plan.scale);
             // SAFETY: the caller's contract; size·inner divides plan.order.
-            unsafe { mix::<S>(data, matrix, stage.size, stage.inner) };
+            unsafe { mix::<S>(data, stage, scale) };
         }
         return;
     }
@@ -98,7 +94,7 @@ pub(super) unsafe fn transform<S: Vector>(data: &mut [f32], plan: &Plan) {
     }
     for stage in &plan.stages[1..] {
         // SAFETY: the caller's contract; size·inner divides plan.order.
-        unsafe { mix::<S>(data, &stage.scaled, stage.size, stage.inner) };
+        unsafe { mix::<S>(data, stage, Some(plan.scale)) };
     }
 }
 
@@ -259,64 +255,248 @@ unsafe fn pass<S: Vector, const R: usize>(
 }
 
 /// A Paley factor: in each group of `size·inner` values, sub-vector `i` becomes
-/// `Σ_j matrix[i][j] · sub-vector j`.
+/// `Σ_j M[i][j] · sub-vector j` (`M` the stage's matrix, times `scale` if given).
 ///
 /// # Safety
-/// CPU support for `S`; `matrix.len() == size²`; `data.len()` a multiple of `size·inner`.
+/// CPU support for `S`; `data.len()` a multiple of `stage.size·stage.inner`.
 #[inline(always)]
-unsafe fn mix<S: Vector>(data: &mut [f32], matrix: &[f32], size: usize, inner: usize) {
-    debug_assert_eq!(matrix.len(), size * size);
-    // SAFETY: the caller's contract, with P = size.
+unsafe fn mix<S: Vector>(data: &mut [f32], stage: &MixStage, scale: Option<f32>) {
+    // SAFETY: the caller's contract, with P = stage.size.
     unsafe {
-        match size {
-            12 => mix_sized::<S, 12>(data, matrix, inner),
-            20 => mix_sized::<S, 20>(data, matrix, inner),
-            28 => mix_sized::<S, 28>(data, matrix, inner),
-            _ => scalar::mix(data, matrix, size, inner),
+        match stage.size {
+            12 => mix_sized::<S, 12>(data, stage, scale),
+            20 => mix_sized::<S, 20>(data, stage, scale),
+            28 => mix_sized::<S, 28>(data, stage, scale),
+            _ => {
+                let matrix = if scale.is_some() {
+                    &stage.scaled
+                } else {
+                    &stage.matrix
+                };
+                scalar::mix(data, matrix, stage.size, stage.inner)
+            }
         }
     }
 }
 
 /// # Safety
-/// As [`mix`] with `size = P`.
+/// As [`mix`] with `stage.size = P`.
 #[inline(always)]
-unsafe fn mix_sized<S: Vector, const P: usize>(data: &mut [f32], matrix: &[f32], inner: usize) {
+unsafe fn mix_sized<S: Vector, const P: usize>(
+    data: &mut [f32],
+    stage: &MixStage,
+    scale: Option<f32>,
+) {
     let lanes = S::LANES;
+    let inner = stage.inner;
     let full = inner / lanes * lanes;
     let group_len = P * inner;
     let groups = data.len() / group_len;
     let ptr = data.as_mut_ptr();
-    let m = matrix.as_ptr();
     // SAFETY (whole loop): CPU support for `S`; group g spans ptr[g·P·inner ..][.. P·inner],
-    // columns col..col+LANES <= full <= inner; matrix indices < P².
+    // columns col..col+LANES <= full <= inner. All inputs of a column are loaded before its
+    // outputs are stored.
     unsafe {
-        let mut x = [S::splat(0.0); P];
         for g in 0..groups {
             let gp = ptr.add(g * group_len);
             let mut col = 0;
             while col < full {
-                for (j, xj) in x.iter_mut().enumerate() {
-                    *xj = S::load(gp.add(j * inner + col));
-                }
-                for i in 0..P {
-                    let row = m.add(i * P);
-                    // Two chains halve the dependent-FMA latency.
-                    let mut even = S::mul(S::splat(*row), x[0]);
-                    let mut odd = S::mul(S::splat(*row.add(1)), x[1]);
-                    let mut j = 2;
-                    while j < P {
-                        even = S::mul_add(S::splat(*row.add(j)), x[j], even);
-                        odd = S::mul_add(S::splat(*row.add(j + 1)), x[j + 1], odd);
-                        j += 2;
+                let x: [S::V; P] = std::array::from_fn(|j| S::load(gp.add(j * inner + col)));
+                let out = gp.add(col);
+                match P {
+                    12 => {
+                        paley_one::<S, P, 5>(&x, &NEIGHBOURS_11, stage.transpose, scale, out, inner)
                     }
-                    S::store(gp.add(i * inner + col), S::add(even, odd));
+                    20 => {
+                        paley_one::<S, P, 9>(&x, &NEIGHBOURS_19, stage.transpose, scale, out, inner)
+                    }
+                    // Symmetric: its own transpose.
+                    _ => paley_two::<S, P>(&x, scale, out, inner),
                 }
                 col += lanes;
             }
         }
     }
     if full < inner {
+        let matrix = if scale.is_some() {
+            &stage.scaled
+        } else {
+            &stage.matrix
+        };
         scalar::mix_columns(data, matrix, P, inner, full);
+    }
+}
+
+/// For prime `Q`: row `i` lists `1 + (i + r) mod Q` over the quadratic residues `r` (the
+/// nonzero squares mod `Q`), i.e. the positions of the +1 entries of row `i` of the Jacobsthal
+/// matrix `Q[i][j] = χ(j − i)`, offset by the leading infinity index.
+const fn residue_neighbours<const Q: usize, const K: usize>() -> [[usize; K]; Q] {
+    let mut is_residue = [false; Q];
+    let mut x = 1;
+    while x < Q {
+        is_residue[x * x % Q] = true;
+        x += 1;
+    }
+    let mut residues = [0usize; K];
+    let (mut k, mut r) = (0, 1);
+    while r < Q {
+        if is_residue[r] {
+            residues[k] = r;
+            k += 1;
+        }
+        r += 1;
+    }
+    assert!(k == K, "K must be (Q - 1) / 2");
+    let mut table = [[0usize; K]; Q];
+    let mut i = 0;
+    while i < Q {
+        let mut k = 0;
+        while k < K {
+            table[i][k] = 1 + (i + residues[k]) % Q;
+            k += 1;
+        }
+        i += 1;
+    }
+    table
+}
+
+const NEIGHBOURS_11: [[usize; 5]; 11] = residue_neighbours::<11, 5>();
+const NEIGHBOURS_19: [[usize; 9]; 19] = residue_neighbours::<19, 9>();
+const NEIGHBOURS_13: [[usize; 6]; 13] = residue_neighbours::<13, 6>();
+
+/// Sum of registers `x[first..last]`, two chains.
+///
+/// # Safety
+/// CPU support for `S`; `last - first >= 2`.
+#[inline(always)]
+unsafe fn sum_range<S: Vector>(x: &[S::V], first: usize, last: usize) -> S::V {
+    // SAFETY: CPU support for `S` (caller).
+    unsafe {
+        let (mut even, mut odd) = (x[first], x[first + 1]);
+        let mut j = first + 2;
+        while j + 1 < last {
+            even = S::add(even, x[j]);
+            odd = S::add(odd, x[j + 1]);
+            j += 2;
+        }
+        if j < last {
+            even = S::add(even, x[j]);
+        }
+        S::add(even, odd)
+    }
+}
+
+/// Paley I of order `N = q + 1` (or its transpose) on `N` registers, times `scale` if given.
+/// With `v = x[1..]`, `s = Σ v`, `t = x0 + s` and `P` the residue indicator (`Q = 2P − J + I`
+/// on `v`, since `χ` is +1 on residues, −1 on the rest, 0 on the diagonal):
+/// forward `y0 = t`, `y[1+i] = 2(v_i + (Pv)_i) − t`; transpose `y0 = x0 − s`,
+/// `y[1+i] = t − 2(Pv)_i`. About `N·(K+2)` operations instead of `N²`. Output `i` is stored
+/// at `out + i·stride`.
+///
+/// # Safety
+/// CPU support for `S`; `neighbours` from [`residue_neighbours`] for `q = N − 1`; `out + i·stride`
+/// valid for a register for every `i < N`.
+#[inline(always)]
+unsafe fn paley_one<S: Vector, const N: usize, const K: usize>(
+    x: &[S::V; N],
+    neighbours: &[[usize; K]],
+    transpose: bool,
+    scale: Option<f32>,
+    out: *mut f32,
+    stride: usize,
+) {
+    let sigma = scale.unwrap_or(1.0);
+    // SAFETY: CPU support for `S` and valid outputs (caller); every index is below N.
+    unsafe {
+        let s = sum_range::<S>(x, 1, N);
+        let t = S::add(x[0], s);
+        if !transpose {
+            let two = S::splat(2.0 * sigma);
+            let minus_t = S::mul(t, S::splat(-sigma));
+            S::store(out, S::mul(t, S::splat(sigma)));
+            for (i, row) in neighbours.iter().enumerate() {
+                let mut w = x[1 + i];
+                for &j in row {
+                    w = S::add(w, x[j]);
+                }
+                S::store(out.add((1 + i) * stride), S::mul_add(w, two, minus_t));
+            }
+        } else {
+            let minus_two = S::splat(-2.0 * sigma);
+            let ts = S::mul(t, S::splat(sigma));
+            S::store(out, S::mul(S::sub(x[0], s), S::splat(sigma)));
+            for (i, row) in neighbours.iter().enumerate() {
+                let mut p = x[row[0]];
+                for &j in &row[1..] {
+                    p = S::add(p, x[j]);
+                }
+                S::store(out.add((1 + i) * stride), S::mul_add(p, minus_two, ts));
+            }
+        }
+    }
+}
+
+/// Paley II of order 28 (q = 13) on 28 registers, times `scale` if given:
+/// `H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]`. With `a = (x[2c] + x[2c+1])`,
+/// `b = (x[2c] − x[2c+1])`: `y[2c] = (C a)_c + b_c`, `y[2c+1] = (C b)_c − a_c`. Output `i`
+/// is stored at `out + i·stride`.
+///
+/// # Safety
+/// CPU support for `S`; `N == 28`; `out + i·stride` valid for a register for every `i < N`.
+#[inline(always)]
+unsafe fn paley_two<S: Vector, const N: usize>(
+    x: &[S::V; N],
+    scale: Option<f32>,
+    out: *mut f32,
+    stride: usize,
+) {
+    const C: usize = 14;
+    debug_assert_eq!(N, 2 * C);
+    // SAFETY: CPU support for `S` and valid outputs (caller); every index is below N = 2·C.
+    unsafe {
+        let a: [S::V; C] = std::array::from_fn(|c| S::add(x[2 * c], x[2 * c + 1]));
+        let b: [S::V; C] = std::array::from_fn(|c| S::sub(x[2 * c], x[2 * c + 1]));
+        conference_14::<S, false>(&a, &b, scale, out, 2 * stride);
+        conference_14::<S, true>(&b, &a, scale, out.add(stride), 2 * stride);
+    }
+}
+
+/// `(C a)_c ± extra_c` (minus when `SUBTRACT`), times `scale` if given, stored at
+/// `out + c·stride`, for the symmetric conference matrix of order 14 (`C[0][1+j] = C[1+j][0]
+/// = 1`, `C[1+i][1+j] = χ(j − i)` over GF(13)): `(Ca)_0 = s`,
+/// `(Ca)_{1+i} = a_0 − s + a'_i + 2(Pa')_i` with `a' = a[1..]`, `s = Σ a'`.
+///
+/// # Safety
+/// CPU support for `S`; `out + c·stride` valid for a register for every `c < 14`.
+#[inline(always)]
+unsafe fn conference_14<S: Vector, const SUBTRACT: bool>(
+    a: &[S::V; 14],
+    extra: &[S::V; 14],
+    scale: Option<f32>,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: CPU support for `S` and valid outputs (caller); every index is below 14.
+    unsafe {
+        let finish = |v: S::V, e: S::V| {
+            let v = if SUBTRACT { S::sub(v, e) } else { S::add(v, e) };
+            match scale {
+                Some(sigma) => S::mul(v, S::splat(sigma)),
+                None => v,
+            }
+        };
+        let s = sum_range::<S>(a, 1, 14);
+        S::store(out, finish(s, extra[0]));
+        let base = S::sub(a[0], s);
+        let two = S::splat(2.0);
+        for (i, row) in NEIGHBOURS_13.iter().enumerate() {
+            let mut p = a[row[0]];
+            for &j in &row[1..] {
+                p = S::add(p, a[j]);
+            }
+            let v = S::mul_add(p, two, S::add(base, a[1 + i]));
+            S::store(out.add((1 + i) * stride), finish(v, extra[1 + i]));
+        }
     }
 }
 

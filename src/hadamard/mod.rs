@@ -268,6 +268,8 @@ pub(crate) struct MixStage {
     pub inner: usize,
     /// ±1 entries, already transposed for the inverse.
     pub matrix: Vec<f32>,
+    /// Whether `matrix` is the transposed Paley matrix (the inverse transform).
+    pub transpose: bool,
     /// `matrix` times the plan's scale: used where this is the last stage.
     pub scaled: Vec<f32>,
 }
@@ -311,6 +313,7 @@ impl Plan {
                 size: p,
                 inner,
                 matrix,
+                transpose: inverse,
                 scaled,
             });
             inner *= p;

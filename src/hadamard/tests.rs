@@ -383,7 +383,10 @@ fn the_simd_algorithm_matches_the_reference_at_every_register_width() {
         ("4 lanes, radix 16 (NEON)", portable::transform::<4, 16>),
         ("4 lanes, radix 8", portable::transform::<4, 8>),
         ("8 lanes, radix 8 (AVX2)", portable::transform::<8, 8>),
-        ("16 lanes, radix 16 (AVX-512)", portable::transform::<16, 16>),
+        (
+            "16 lanes, radix 16 (AVX-512)",
+            portable::transform::<16, 16>,
+        ),
     ];
     for order in supported_orders() {
         let x = gaussian(order * 2, 77 + order as u64);
@@ -396,7 +399,10 @@ fn the_simd_algorithm_matches_the_reference_at_every_register_width() {
                 let mut y = x.clone();
                 run(&mut y, plan);
                 let err = max_abs_diff(&y, &reference);
-                assert!(err <= tol, "{name}, order {order}, inverse {inverse}: {err} > {tol}");
+                assert!(
+                    err <= tol,
+                    "{name}, order {order}, inverse {inverse}: {err} > {tol}"
+                );
             }
         }
     }

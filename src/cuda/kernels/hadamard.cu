@@ -19,10 +19,10 @@ struct HadamardParams {
 };
 
 extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const HadamardParams P) {
-    extern __shared__ __align__(16) float buf[];
+    extern __shared__ float buf[];
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
-    const u16* xrow = P.x + (size_t)b * P.in_features;
+    const u16* xrow = P.x + (u64)b * P.in_features;
     for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
         const int gi = start + i;
         float v = 0.f;
@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     __syncthreads();
 #endif
 
-    u16* orow = P.out + (size_t)b * P.kp;
+    u16* orow = P.out + (u64)b * P.kp;
     for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
         const int gi = start + i;
         if (gi < P.kp) orow[gi] = f32_to_act(buf[i] * P.scale);

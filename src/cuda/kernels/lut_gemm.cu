@@ -86,7 +86,7 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, int row, int kl, 
     for (int i = 0; i < BITS; ++i) w[i] = 0;
     s2 = 0;
     if (row >= P.rows || kl >= P.padded) return;
-    const unsigned char* base = P.codes + (size_t)row * P.row_bytes;
+    const unsigned char* base = P.codes + (u64)row * P.row_bytes;
     const int byte0 = (kl >> 5) * (4 * BITS);
     if (P.vector_codes && byte0 + 4 * BITS <= P.row_bytes) {
 #if BITS == 4
@@ -111,7 +111,7 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, int row, int kl, 
     }
     int group = kl / P.group_size;
     if (group >= P.groups) group = P.groups - 1;
-    s2 = scale_pair(load_cached_u16(P.scales + (size_t)row * P.groups + group));
+    s2 = scale_pair(load_cached_u16(P.scales + (u64)row * P.groups + group));
 }
 
 // Pair code number i (0..15) of a chunk; i is a compile-time constant after unrolling.
@@ -130,7 +130,7 @@ __device__ __forceinline__ u32 dequant_pair(const u32* lut, int lane, const u32 
 
 template <int MT, int NT>
 __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
-    extern __shared__ __align__(16) u32 smem[];
+    extern __shared__ u32 smem[];
     __shared__ int is_last_block;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -145,7 +145,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     const int split = blockIdx.y;
     const int col0 = blockIdx.z * MAX_COLS;
     const int step_begin = split * P.steps_per_split;
-    const int step_end = min(step_begin + P.steps_per_split, P.total_steps);
+    const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split : P.total_steps;
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -160,7 +160,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const int col = col0 + nt * 8 + g;
-        xcol[nt] = col < P.batch ? P.x_rot + (size_t)col * P.kp + 32 * t : (const u16*)0;
+        xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
     }
 
     u32 cw[MT][2][BITS];
@@ -258,9 +258,9 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
         const int b = col0 + col;
         if (r < P.rows && b < P.batch) {
             if (split_mode) {
-                P.partials[((size_t)split * MAX_COLS + b) * P.rows + r] = sum;
+                P.partials[((u64)split * MAX_COLS + b) * P.rows + r] = sum;
             } else {
-                P.out[(size_t)b * P.rows + r] = f32_to_act(sum);
+                P.out[(u64)b * P.rows + r] = f32_to_act(sum);
             }
         }
     }
@@ -284,29 +284,23 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
         if (r < P.rows && b < P.batch) {
             float sum = 0.f;
             for (int sp = 0; sp < P.splits; ++sp)
-                sum += load_coherent_f32(P.partials + ((size_t)sp * MAX_COLS + b) * P.rows + r);
-            P.out[(size_t)b * P.rows + r] = f32_to_act(sum);
+                sum += load_coherent_f32(P.partials + ((u64)sp * MAX_COLS + b) * P.rows + r);
+            P.out[(u64)b * P.rows + r] = f32_to_act(sum);
         }
     }
     if (tid == 0) P.counters[blockIdx.x] = 0;
 }
 
-#define LUT_MMA_KERNEL(MT, NT)                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS) lut_mma_m##MT##_n##NT(const LutParams P) { \
-        lut_mma_body<MT, NT>(P);                                                            \
-    }
-
-LUT_MMA_KERNEL(1, 1)
-LUT_MMA_KERNEL(1, 2)
-LUT_MMA_KERNEL(1, 4)
-LUT_MMA_KERNEL(1, 8)
-LUT_MMA_KERNEL(2, 1)
-LUT_MMA_KERNEL(2, 2)
-LUT_MMA_KERNEL(2, 4)
-LUT_MMA_KERNEL(2, 8)
+// One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
+#ifdef LUT_MT
+extern "C" __global__ void __launch_bounds__(THREADS) lut_mma(const LutParams P) {
+    lut_mma_body<LUT_MT, LUT_NT>(P);
+}
+#endif
 
 // The rotated-domain weights W_rot (rows x ld, activation dtype; columns [padded, ld) untouched)
 // for large batches, where one dequantization feeds a library GEMM. One thread per pair code.
+#ifdef LUT_DEQUANT
 struct DequantParams {
     const unsigned char* codes;
     const u16* scales;
@@ -341,14 +335,15 @@ extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const Dequa
          q += (long long)gridDim.x * blockDim.x) {
         const int r = (int)(q / pairs);
         const int pair = (int)(q % pairs);
-        const unsigned char* row = P.codes + (size_t)r * P.row_bytes;
+        const unsigned char* row = P.codes + (u64)r * P.row_bytes;
         const int bit = pair * PAIR_BITS;
         const int byte = bit >> 3;
         u32 v = row[byte];
         if (byte + 1 < P.row_bytes) v |= (u32)row[byte + 1] << 8;
         const u32 code = (v >> (bit & 7)) & (LUT_N - 1);
         const int k = 2 * pair;
-        const u32 s2 = scale_pair(P.scales[(size_t)r * P.groups + k / P.group_size]);
-        *(u32*)(P.out + (size_t)r * P.ld + k) = mul_act2(lut[code], s2);
+        const u32 s2 = scale_pair(P.scales[(u64)r * P.groups + k / P.group_size]);
+        *(u32*)(P.out + (u64)r * P.ld + k) = mul_act2(lut[code], s2);
     }
 }
+#endif

@@ -1,0 +1,306 @@
+"""GPU benchmark of the HIGGS CUDA path: Llama-3-8B layer shapes and a Llama-shaped decode loop.
+
+    python3 benches/gpu_bench.py [--out results.json] [--quick]
+
+Per shape and batch: torch fp16 ``F.linear``, ours (4 bits: p=2, n=256, group 64, whole-row
+Hadamard; the Hadamard kernel and the LUT-GEMM together), and higgs-kernels 0.4.0 (the authors'
+package: dequantize kernel + Hadamard + ``F.linear``) when importable. Timing: CUDA events around
+each call, median of many calls, L2 flushed before each call (a 256 MB write), so every call reads
+its weights from HBM. Our weights are random codes and scales (speed does not depend on the
+values; correctness is tests/test_cuda.py's job). GB/s counts code + scale bytes (fp16: weight
+bytes) against the measured device copy rate.
+
+Then decode: a Llama-3-8B-shaped stack (hidden 4096, MLP 14336, 32 heads / 8 KV heads, few layers,
+small vocabulary; RMSNorm, attention over a static KV cache, SiLU MLP) with fp16 ``nn.Linear`` vs
+``HiggsLinear``, one token per step, eager and captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import higgs_rs
+import numpy as np
+import torch
+from higgs_rs import cuda as hcuda
+from higgs_rs.torch import HiggsLinear
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+BATCHES = [1, 4, 16, 64]
+DEVICE = torch.device("cuda")
+
+
+class Timer:
+    """Median CUDA-event time of a call, with the L2 cache flushed before each call."""
+
+    def __init__(self) -> None:
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+
+    def __call__(self, fn: Callable[[], Any], reps: int = 100, warmup: int = 5) -> float:
+        for _ in range(warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            self.flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3  # µs
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read and written."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    return 2 * a.numel() / seconds / 1e9
+
+
+def random_layer(out_f: int, in_f: int, seed: int = 0) -> HiggsLinear:
+    """A 4-bit p=2 layer with random codes and realistic scales (whole-row Hadamard, group 64)."""
+    rng = np.random.default_rng(seed)
+    h = in_f  # 4096 = 2^12, 14336 = 28·2^9: both supported whole-row orders
+    assert higgs_rs.is_supported_hadamard_order(h)
+    layer = HiggsLinear(in_f, out_f, p=2, n=256, hadamard_size=h, group_size=64, padded_in_features=in_f,
+                        row_bytes=in_f // 2, bias=False, has_signs=True, device="cpu")
+    with torch.no_grad():
+        layer.codes.copy_(torch.from_numpy(rng.integers(0, 256, (out_f, in_f // 2), dtype=np.uint8)))
+        scales = np.abs(rng.standard_normal((out_f, in_f // 64))) * 0.01 + 0.01
+        layer.scales.copy_(torch.from_numpy(scales.astype(np.float16)))
+        layer.grid.copy_(torch.from_numpy(higgs_rs.grid_points(2, 256)))
+        layer.signs.copy_(torch.from_numpy(higgs_rs.random_signs(seed, in_f)))
+    return layer.to(DEVICE)
+
+
+def higgs_kernels_op(out_f: int, in_f: int) -> Callable[[torch.Tensor], torch.Tensor] | str:
+    """The authors' package: quantize on the GPU with its kernel, then its matmul (dequantize +
+    Hadamard + F.linear). A string says why it is not available."""
+    try:
+        from higgs_kernels.grids import load_optimal_grid_2_256
+        from higgs_kernels.linear import higgs_matmul_linear_2_256, higgs_quantize_linear_2_256
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        return f"higgs-kernels not importable: {e!r}"
+    try:
+        grid = load_optimal_grid_2_256(device="cuda", dtype=torch.float16)
+        w = torch.randn(out_f, in_f, device=DEVICE, dtype=torch.float16) * 0.02
+        q, s = higgs_quantize_linear_2_256(w, grid, 64)
+        del w
+        return lambda x: higgs_matmul_linear_2_256(x, q, s, grid, 64)
+    except Exception as e:  # noqa: BLE001
+        return f"higgs-kernels failed: {e!r}"
+
+
+def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> list[dict]:
+    rows = []
+    for out_f, in_f in SHAPES:
+        w16 = torch.randn(out_f, in_f, device=DEVICE, dtype=torch.float16) * 0.02
+        layer = random_layer(out_f, in_f)
+        quant_bytes = layer.codes.numel() + layer.scales.numel() * 2
+        floor_us = quant_bytes / (copy_gbs * 1e9) * 1e6
+        hk = higgs_kernels_op(out_f, in_f) if not quick else "skipped (--quick)"
+        for batch in BATCHES:
+            x = torch.randn(batch, in_f, device=DEVICE, dtype=torch.float16)
+            out = torch.empty(batch, out_f, device=DEVICE, dtype=torch.float16)
+            t16 = timer(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
+            ours = timer(lambda x=x, lay=layer, o=out: hcuda.lut_linear(lay, x, o))
+            row = {
+                "shape": f"{out_f}x{in_f}",
+                "batch": batch,
+                "fp16_us": t16,
+                "ours_us": ours,
+                "floor_us": floor_us,
+                "ours_gbs": quant_bytes / ours / 1e3,
+                "fp16_gbs": w16.numel() * 2 / t16 / 1e3,
+                "speedup_vs_fp16": t16 / ours,
+            }
+            if callable(hk):
+                try:
+                    row["higgs_kernels_us"] = timer(lambda x=x, op=hk: op(x), reps=10, warmup=2)
+                except Exception as e:  # noqa: BLE001
+                    row["higgs_kernels_us"] = float("nan")
+                    results.setdefault("notes", []).append(f"higgs-kernels {out_f}x{in_f} b{batch}: {e!r}")
+            # Launch-configuration sweep: does the heuristic pick well?
+            if batch in (1, 16) and not quick:
+                sweep = {}
+                for mt in (1, 2):
+                    for splits in (1, 2, 4, 8):
+                        sweep[f"mt{mt}_s{splits}"] = timer(
+                            lambda x=x, lay=layer, o=out, mt=mt, splits=splits: hcuda.lut_linear(
+                                lay, x, o, mt=mt, splits=splits
+                            ),
+                            reps=50,
+                        )
+                row["sweep_us"] = sweep
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if isinstance(hk, str):
+            results.setdefault("notes", []).append(hk)
+        torch.cuda.empty_cache()
+    return rows
+
+
+class Block(torch.nn.Module):
+    """One Llama decoder layer for single-token decode over a static KV cache (no RoPE: it does not
+    change the linear layers' cost, which is what is measured)."""
+
+    def __init__(self, hidden: int, mlp: int, heads: int, kv_heads: int, max_len: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        kv = kv_heads * self.head_dim
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.q, self.o = lin(hidden, hidden), lin(hidden, hidden)
+        self.k, self.v = lin(hidden, kv), lin(hidden, kv)
+        self.gate, self.up, self.down = lin(hidden, mlp), lin(hidden, mlp), lin(mlp, hidden)
+        self.norm1 = torch.nn.RMSNorm(hidden)
+        self.norm2 = torch.nn.RMSNorm(hidden)
+        self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
+        self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(h)
+        q = self.q(x).view(1, 1, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True
+        )
+        h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
+        x = self.norm2(h)
+        return h + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class TinyLlama(torch.nn.Module):
+    def __init__(self, layers: int, vocab: int, max_len: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 4096)
+        self.blocks = torch.nn.ModuleList(Block(4096, 14336, 32, 8, max_len) for _ in range(layers))
+        self.norm = torch.nn.RMSNorm(4096)
+        self.head = torch.nn.Linear(4096, vocab, bias=False)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(token).view(1, 1, -1)
+        for b in self.blocks:
+            h = b(h, pos, mask)
+        return self.head(self.norm(h))
+
+
+def quantize_blocks(model: TinyLlama) -> None:
+    """Replace every projection of the blocks with a random-code 4-bit HiggsLinear."""
+    for i, block in enumerate(model.blocks):
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            old = getattr(block, name)
+            setattr(block, name, random_layer(old.out_features, old.in_features, seed=i))
+
+
+def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float:
+    max_len = model.blocks[0].k_cache.shape[2]
+    token = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros(1, 1, 1, max_len, dtype=torch.float16, device=DEVICE)
+
+    def set_step(t: int) -> None:
+        pos.fill_(t)
+        mask.fill_(float("-inf"))
+        mask[..., : t + 1] = 0
+
+    with torch.no_grad():
+        set_step(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(token, pos, mask)
+        torch.cuda.current_stream().wait_stream(side)
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                model(token, pos, mask)
+            run = g.replay
+        else:
+            def run() -> None:
+                model(token, pos, mask)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for t in range(steps):
+            set_step(t % max_len)
+            run()
+        torch.cuda.synchronize()
+        return steps / (time.perf_counter() - start)
+
+
+def bench_decode(quick: bool, results: dict) -> list[dict]:
+    layers, vocab, max_len, steps = (4, 32000, 256, 100) if not quick else (2, 32000, 128, 20)
+    with torch.device(DEVICE):
+        model = TinyLlama(layers, vocab, max_len).half().eval()
+    rows = []
+    for label in ("fp16", "higgs 4-bit"):
+        if label != "fp16":
+            quantize_blocks(model)
+        for graph in (False, True):
+            try:
+                tps = decode_tokens_per_second(model, steps, graph)
+            except Exception as e:  # noqa: BLE001
+                tps = float("nan")
+                results.setdefault("notes", []).append(f"decode {label} graph={graph}: {e!r}")
+            row = {"model": f"Llama-3-8B-shaped, {layers} layers, vocab {vocab}", "weights": label,
+                   "mode": "cuda graph" if graph else "eager", "tokens_per_s": tps}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(DEVICE)
+    results: dict[str, Any] = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "higgs_rs_cuda": higgs_rs.cuda_status(),
+    }
+    copy_gbs = copy_bandwidth()
+    results["copy_gbs"] = copy_gbs
+    print(f"{props.name}: device copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    timer = Timer()
+    results["layers"] = bench_layers(timer, copy_gbs, args.quick, results)
+    results["decode"] = bench_decode(args.quick, results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n| shape | batch | floor µs | fp16 µs | ours µs | ours GB/s | × fp16 | higgs-kernels µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["layers"]:
+        hk = r.get("higgs_kernels_us", float("nan"))
+        print(f"| {r['shape']} | {r['batch']} | {r['floor_us']:.1f} | {r['fp16_us']:.1f} | "
+              f"{r['ours_us']:.1f} | "
+              f"{r['ours_gbs']:.0f} | {r['speedup_vs_fp16']:.2f} | {hk:.0f} |")
+    for r in results["decode"]:
+        print(f"decode {r['weights']:>12} {r['mode']:>10}: {r['tokens_per_s']:.1f} tokens/s ({r['model']})")
+    for n in results.get("notes", []):
+        print("note:", n)
+    if not math.isfinite(results["copy_gbs"]):
+        raise SystemExit("copy bandwidth measurement failed")
+
+
+if __name__ == "__main__":
+    main()

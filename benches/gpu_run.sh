@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels (.whl/: higgs_rs built with `--features python,cuda`,
+# higgs-kernels 0.4.0), print the kernels' register/spill report, run the CUDA tests, the tests
+# under compute-sanitizer (reduced set), and the benchmark. Logs go to $OUT.
+#   maturin build --release --features python,cuda -o .whl   (on the build machine)
+#   device: bash benches/gpu_run.sh [quick]
+set -uo pipefail
+MODE=${1:-}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/higgs-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, higgs_rs; print('torch', torch.__version__, '|', higgs_rs.cuda_status())" 2>&1 | tee -a "$OUT/gpu.txt"
+
+echo "== ptxas report (nvcc on the image; the same sources NVRTC compiles)"
+for cfg in "4 1 1" "4 1 2" "4 1 4" "4 1 8" "4 2 1" "4 2 2" "4 2 4" "4 2 8" "3 2 1" "2 2 1"; do
+  set -- $cfg
+  ( nvcc -arch=sm_90 -cubin -o /tmp/lut_$1_$2_$3.cubin -Xptxas -v -DBITS=$1 -DLUT_MT=$2 -DLUT_NT=$3 \
+      -include src/cuda/kernels/common.cuh src/cuda/kernels/lut_gemm.cu 2>&1 \
+      | grep -E "registers|spill" | sed "s/^/bits=$1 mt=$2 nt=$3: /" > /tmp/ptxas_$1_$2_$3.txt ) &
+done
+wait
+cat /tmp/ptxas_*.txt | tee "$OUT/ptxas.txt"
+
+echo "== tests"
+timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+
+echo "== benchmark"
+timeout 230 python3 benches/gpu_bench.py --out "$OUT/bench.json" ${MODE:+--$MODE} 2>&1 | tee "$OUT/bench.txt" | grep -v '^{'
+
+echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
+HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py > "$OUT/sanitizer.txt" 2>&1
+echo "compute-sanitizer exit code $?"
+grep -E "ERROR SUMMARY|passed|failed|Error" "$OUT/sanitizer.txt" | tail -8
