@@ -10,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use higgs_rs::codec::QuantSpec;
-use higgs_rs::cpu_kernels::{lut_linear, lut_linear_with, KernelPath, LutWeights};
+use higgs_rs::cpu_kernels::{kernel_path, lut_linear, lut_linear_with, KernelPath, LutWeights};
 use higgs_rs::grid::Grid;
 use higgs_rs::hadamard;
 use higgs_rs::rng::SplitMix64;
@@ -108,13 +108,17 @@ fn bench_lut(c: &mut Criterion) {
     for (rows, cols) in [(4096usize, 14336usize), (14336, 4096)] {
         let mut group = c.benchmark_group(format!("{rows}x{cols}"));
         group
-            .sample_size(20)
+            .sample_size(10)
             .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(4));
+            .measurement_time(Duration::from_secs(3));
         for (p, n) in [(2usize, 256usize), (1, 16)] {
             let layer = Layer::random(rows, cols, p, n);
             let w = layer.weights();
             group.throughput(Throughput::Bytes(layer.stored_bytes() as u64));
+            eprintln!(
+                "{rows}x{cols} p{p} n{n}: automatic path {}",
+                kernel_path(&w).unwrap()
+            );
             for batch in [1usize, 8] {
                 let x = gaussian(batch * cols, 2);
                 let mut y = vec![0f32; batch * rows];
@@ -122,13 +126,26 @@ fn bench_lut(c: &mut Criterion) {
                     b.iter(|| lut_linear(&w, black_box(&x), batch, &mut y).unwrap())
                 });
             }
-            if p == 2 {
+            // One thread, to compare with `memcpy_one_thread` (per-core rate).
+            let one_thread = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let x = gaussian(cols, 2);
+            let mut y = vec![0f32; rows];
+            group.bench_function(format!("lut_p{p}_n{n}_one_thread/batch1"), |b| {
+                b.iter(|| one_thread.install(|| lut_linear(&w, black_box(&x), 1, &mut y).unwrap()))
+            });
+            // The other paths, batch 1, all threads (a path that cannot take the layout on this
+            // machine is skipped).
+            for (name, path) in [("avx2", KernelPath::Avx2), ("scalar", KernelPath::Scalar)] {
                 let x = gaussian(cols, 2);
                 let mut y = vec![0f32; rows];
-                group.bench_function(format!("lut_p{p}_n{n}_scalar/batch1"), |b| {
-                    b.iter(|| {
-                        lut_linear_with(&w, black_box(&x), 1, &mut y, KernelPath::Scalar).unwrap()
-                    })
+                if lut_linear_with(&w, &x, 1, &mut y, path).is_err() {
+                    continue;
+                }
+                group.bench_function(format!("lut_p{p}_n{n}_{name}/batch1"), |b| {
+                    b.iter(|| lut_linear_with(&w, black_box(&x), 1, &mut y, path).unwrap())
                 });
             }
             if p == 2 {

@@ -25,9 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import higgs_rs
 import numpy as np
 import torch
+
+import higgs_rs
 from higgs_rs import cuda as hcuda
 from higgs_rs.torch import HiggsLinear
 
@@ -119,6 +120,21 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> l
             out = torch.empty(batch, out_f, device=DEVICE, dtype=torch.float16)
             t16 = timer(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
             ours = timer(lambda x=x, lay=layer, o=out: hcuda.lut_linear(lay, x, o))
+            # The same call captured in a CUDA graph (no CPU launch gaps), and its first kernel alone.
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                hcuda.lut_linear(layer, x, out)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                hcuda.lut_linear(layer, x, out)
+            ours_graph = timer(graph.replay)
+            graph16 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph16):
+                torch.nn.functional.linear(x, w16)
+            fp16_graph = timer(graph16.replay)
+            hadamard_us = timer(lambda x=x, h=in_f, s=layer.signs: hcuda.hadamard(x, h, s))
             row = {
                 "shape": f"{out_f}x{in_f}",
                 "batch": batch,
@@ -128,6 +144,9 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> l
                 "ours_gbs": quant_bytes / ours / 1e3,
                 "fp16_gbs": w16.numel() * 2 / t16 / 1e3,
                 "speedup_vs_fp16": t16 / ours,
+                "ours_graph_us": ours_graph,
+                "fp16_graph_us": fp16_graph,
+                "hadamard_only_us": hadamard_us,
             }
             if callable(hk):
                 try:
@@ -287,13 +306,15 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    print("\n| shape | batch | floor µs | fp16 µs | ours µs | ours GB/s | × fp16 | higgs-kernels µs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| shape | batch | floor µs | fp16 µs | ours µs | ours GB/s | × fp16 | graph: fp16 / ours µs "
+          "| Hadamard alone µs | higgs-kernels µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["layers"]:
         hk = r.get("higgs_kernels_us", float("nan"))
         print(f"| {r['shape']} | {r['batch']} | {r['floor_us']:.1f} | {r['fp16_us']:.1f} | "
-              f"{r['ours_us']:.1f} | "
-              f"{r['ours_gbs']:.0f} | {r['speedup_vs_fp16']:.2f} | {hk:.0f} |")
+              f"{r['ours_us']:.1f} | {r['ours_gbs']:.0f} | {r['speedup_vs_fp16']:.2f} | "
+              f"{r['fp16_graph_us']:.1f} / {r['ours_graph_us']:.1f} | {r['hadamard_only_us']:.1f} | "
+              f"{hk:.0f} |")
     for r in results["decode"]:
         print(f"decode {r['weights']:>12} {r['mode']:>10}: {r['tokens_per_s']:.1f} tokens/s ({r['model']})")
     for n in results.get("notes", []):

@@ -31,6 +31,26 @@ timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1
 echo "== benchmark"
 timeout 230 python3 benches/gpu_bench.py --out "$OUT/bench.json" ${MODE:+--$MODE} 2>&1 | tee "$OUT/bench.txt" | grep -v '^{'
 
+echo "== kernel durations under Nsight Compute (cold L2)"
+timeout 120 ncu --clock-control none --csv -k regex:'hadamard_rotate|lut_mma' \
+  --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+  python3 benches/gpu_profile.py > "$OUT/ncu.csv" 2>&1
+python3 - "$OUT/ncu.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    print(open(sys.argv[1]).read()[-3000:]); sys.exit()
+head, data = rows[0], rows[1:]
+ix = {k: i for i, k in enumerate(head)}
+kernels = {}
+for r in data:
+    k = kernels.setdefault(r[ix["ID"]], {"name": r[ix["Kernel Name"]], "grid": r[ix["Grid Size"]], "block": r[ix["Block Size"]]})
+    k[r[ix["Metric Name"]]] = f'{r[ix["Metric Value"]]} {r[ix["Metric Unit"]]}'
+for i, k in kernels.items():
+    print(i, k["name"], "grid", k["grid"], "block", k["block"], "|", k.get("gpu__time_duration.sum"), "| dram",
+          k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"))
+PY
+
 echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
 HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py > "$OUT/sanitizer.txt" 2>&1

@@ -24,7 +24,10 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let table_only = args.iter().any(|a| a == "--table");
-    let out = args.iter().position(|a| a == "--out").map(|i| PathBuf::from(&args[i + 1]));
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .map(|i| PathBuf::from(&args[i + 1]));
     let wanted: Vec<&String> = args
         .iter()
         .enumerate()
@@ -381,19 +384,26 @@ fn lloyd_vq(p: usize, n: usize) -> Vec<f32> {
     points.extend(start.iter().map(|v| -v));
     let mut k = 2;
     let mut mse = f64::INFINITY;
+    if p == 2 && std::env::var_os("HEX").is_some() {
+        points = hex_init(n);
+        k = n;
+    }
     loop {
-        // Lloyd to convergence at this size (on a subset of samples while k is small).
-        let used = (k * 2000).clamp(1 << 16, total) / 2;
+        // Lloyd at this size, on a subset of the samples until the last stage.
+        let final_stage = k == n;
+        let used = if final_stage { total / 2 } else { (k * 2000).clamp(1 << 16, total) / 2 };
         let subset: Vec<f32> = samples[..used * p]
             .iter()
             .chain(&samples[total / 2 * p..(total / 2 + used) * p])
             .copied()
             .collect();
-        let final_stage = k == n;
+        let env = |name: &str, default: f64| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
         let (tolerance, max_iterations) = match (final_stage, p) {
-            (true, 2) => (1e-6, 400),
+            (true, 2) => (env("T2", 1e-6), env("I2", 400.0) as usize),
             (true, _) => (1e-6, 150),
-            (false, _) => (1e-4, 40),
+            (false, _) => (1e-4, env("IM", 40.0) as usize),
         };
         let mut dist = vec![0f64; k];
         for iteration in 0..max_iterations {
@@ -428,5 +438,39 @@ fn lloyd_vq(p: usize, n: usize) -> Vec<f32> {
         k *= 2;
         mse = f64::INFINITY;
     }
+    points
+}
+
+/// n points of a hexagonal lattice (shifted by half a lattice vector, so it is centrally
+/// symmetric without a point at 0), nearest the origin, warped radially so that their density
+/// follows φ^{1/2}, the asymptotically optimal point density for N(0, I_2). Point i + n/2 is −point i.
+fn hex_init(n: usize) -> Vec<f32> {
+    let reach = (n as f64).sqrt() as i64 + 4;
+    let mut half: Vec<(f64, f64, f64)> = Vec::new();
+    for a in -reach..=reach {
+        for b in -reach..=reach {
+            let x = a as f64 + 0.5 * b as f64 + 0.5;
+            let y = b as f64 * 3f64.sqrt() / 2.0;
+            if y > 0.0 || (y == 0.0 && x > 0.0) {
+                half.push((x * x + y * y, x, y));
+            }
+        }
+    }
+    half.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.2.total_cmp(&b.2)).then(a.1.total_cmp(&b.1)));
+    half.truncate(n / 2);
+    // Uniform density inside radius r_max: fraction inside r is (r / r_max)²; the target
+    // density ∝ exp(−|x|²/4) has fraction 1 − exp(−R²/4) inside R. The outermost point sits
+    // half a point's share inside r_max.
+    let r_max2 = half.last().expect("points").0 * (1.0 + 1.0 / n as f64);
+    let mut first = Vec::with_capacity(n);
+    for &(r2, x, y) in &half {
+        let fraction = r2 / r_max2;
+        let big_r = (-4.0 * (1.0 - fraction).ln()).sqrt();
+        let scale = big_r / r2.sqrt();
+        first.push((x * scale) as f32);
+        first.push((y * scale) as f32);
+    }
+    let mut points = first.clone();
+    points.extend(first.iter().map(|v| -v));
     points
 }

@@ -82,8 +82,8 @@ impl Assigner {
 
     /// Built once per (p, n) and cached.
     pub fn for_grid(p: usize, n: usize) -> Result<Arc<Assigner>> {
-        static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<OnceLock<Arc<Assigner>>>>>> =
-            OnceLock::new();
+        type Slot = Arc<OnceLock<Arc<Assigner>>>;
+        static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Slot>>> = OnceLock::new();
         let grid = Grid::load(p, n)?;
         let slot = CACHE
             .get_or_init(Default::default)
@@ -137,7 +137,7 @@ impl Assigner {
         let p = self.grid.p;
         assert_eq!(xs.len(), codes.len() * p);
         match &self.search {
-            Search::Line(line) => line.assign(&self.grid.points, xs, codes),
+            Search::Line(line) => line.assign_scalar(&self.grid.points, xs, codes),
             Search::Cells(cells) => cells.assign_scalar(&self.grid, xs, codes),
         }
     }
@@ -196,6 +196,8 @@ struct LineSearch {
     /// Inputs with |x| above this go to brute force (0 when the levels are too close for the
     /// neighbour check to be provably exact).
     far: f32,
+    /// AVX2 is available (checked once at construction).
+    avx2: bool,
 }
 
 impl LineSearch {
@@ -250,7 +252,11 @@ impl LineSearch {
             let lo = -half_width + b as f64 * width - slack;
             let hi = -half_width + (b + 1) as f64 * width + slack;
             let start = if b == 0 { 0 } else { below(lo) };
-            let end = if b == bins - 1 { thresholds.len() } else { upto(hi) };
+            let end = if b == bins - 1 {
+                thresholds.len()
+            } else {
+                upto(hi)
+            };
             first.push(start as u32);
             span = span.max(end - start);
         }
@@ -271,12 +277,13 @@ impl LineSearch {
             half_width: half_width as f32,
             inv_width: (1.0 / width) as f32,
             far: far.min(f32::MAX as f64) as f32,
+            avx2: simd::avx2_available(),
         }
     }
 
     #[inline(always)]
     fn nearest(&self, points: &[f32], x: f32) -> u32 {
-        if !(x.abs() <= self.far) {
+        if x.is_nan() || x.abs() > self.far {
             return brute_force_nearest(points, 1, &[x]);
         }
         // k = number of thresholds <= x: those below the bin, plus a branchless count inside it.
@@ -302,6 +309,12 @@ impl LineSearch {
     }
 
     fn assign(&self, points: &[f32], xs: &[f32], codes: &mut [u32]) {
+        if !(self.avx2 && simd::assign_line_avx2(self, points, xs, codes)) {
+            self.assign_scalar(points, xs, codes);
+        }
+    }
+
+    fn assign_scalar(&self, points: &[f32], xs: &[f32], codes: &mut [u32]) {
         for (&x, c) in xs.iter().zip(codes.iter_mut()) {
             *c = self.nearest(points, x);
         }
@@ -411,8 +424,8 @@ impl CellSearch {
                 lo: [0.0; P],
                 hi: [0.0; P],
             };
-            for d in 0..P {
-                let start = cell[d] * span;
+            for (d, &k) in cell.iter().enumerate() {
+                let start = k * span;
                 let end = start + span;
                 b.lo[d] = if start == 0 {
                     -(far as f64)
@@ -452,7 +465,11 @@ impl CellSearch {
                 .collect();
             if std::env::var_os("HIGGS_ASSIGN_DEBUG").is_some() {
                 let total: usize = lists.iter().map(Vec::len).sum();
-                eprintln!("level {level}: {} cells, {total} listed, max {}", lists.len(), lists.iter().map(Vec::len).max().unwrap_or(0));
+                eprintln!(
+                    "level {level}: {} cells, {total} listed, max {}",
+                    lists.len(),
+                    lists.iter().map(Vec::len).max().unwrap_or(0)
+                );
             }
         }
         CellSearch {
@@ -525,7 +542,7 @@ impl CellSearch {
         let shift = self.cells_per_axis.trailing_zeros();
         for d in (0..P).rev() {
             let v = x[d];
-            if !(v.abs() <= self.far) {
+            if v.is_nan() || v.abs() > self.far {
                 return None;
             }
             let k = (((v + self.half_width) * self.inv_width) as i32).clamp(0, last);

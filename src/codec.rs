@@ -247,16 +247,101 @@ struct Scratch {
     row: Vec<f32>,
     codes: Vec<u32>,
     back: Vec<f32>,
+    search: SearchScratch,
 }
 
 impl Scratch {
-    fn new(layout: &Layout, p: usize) -> Scratch {
+    fn new(layout: &Layout, p: usize, group_size: usize) -> Scratch {
         Scratch {
             row: vec![0.0; layout.tuples * p],
             codes: vec![0; layout.tuples],
             back: vec![0.0; layout.padded_cols],
+            search: SearchScratch::new(group_size.min(layout.padded_cols), p),
         }
     }
+}
+
+/// Buffers of the per-group scale search.
+struct SearchScratch {
+    scaled: Vec<f32>,
+    codes: Vec<u32>,
+}
+
+impl SearchScratch {
+    fn new(group_size: usize, p: usize) -> SearchScratch {
+        SearchScratch {
+            scaled: vec![0.0; group_size],
+            codes: vec![0; group_size.div_ceil(p)],
+        }
+    }
+}
+
+/// Multipliers of the group's RMS tried as scales. The grid is MSE-optimal for N(0, 1), but a
+/// group of 32–128 rotated values is one sample, not the distribution: the scale that fits this
+/// sample best is often 10–25 % off its RMS. Choosing it cuts the weight MSE by about a fifth
+/// (p = 2, n = 256, g = 64) in the same stored format.
+const SCALE_MULTIPLIERS: [f64; 11] = [0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30];
+/// Rounds of (least-squares scale for the current codes → nearest codes for that scale).
+const LEAST_SQUARES_ROUNDS: usize = 4;
+
+/// The f16 scale for one group of rotated values `x` that gives the least squared error
+/// Σ‖x − s·q‖² with nearest grid points q, among: RMS × each of [`SCALE_MULTIPLIERS`], the
+/// least-squares scale Σx·q / Σq² of each candidate's codes, and a few rounds alternating
+/// least squares and assignment from the best. Ties keep the earlier candidate (the order is
+/// fixed), so the result is deterministic. The returned scale is finite; 0 for an all-zero group.
+fn choose_scale(assigner: &Assigner, x: &[f32], rms: f64, scratch: &mut SearchScratch) -> f16 {
+    if rms == 0.0 {
+        return f16::ZERO;
+    }
+    let p = assigner.grid.p;
+    let tuples = x.len() / p;
+    let scaled = &mut scratch.scaled[..x.len()];
+    let codes = &mut scratch.codes[..tuples];
+    // Error of scale s with nearest codes (left in `codes`), and the least-squares scale of
+    // those codes.
+    let mut score = |s: f16, codes: &mut [u32]| -> (f64, f16) {
+        let sf = s.to_f32();
+        let inv = 1.0 / sf;
+        scaled.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
+        assigner.assign(scaled, codes);
+        let (mut err, mut xq, mut qq) = (0f64, 0f64, 0f64);
+        for (tuple, &c) in x.chunks_exact(p).zip(codes.iter()) {
+            for (&v, &q) in tuple.iter().zip(assigner.grid.point(c as usize)) {
+                let d = v as f64 - sf as f64 * q as f64;
+                err += d * d;
+                xq += v as f64 * q as f64;
+                qq += q as f64 * q as f64;
+            }
+        }
+        let ls = if qq > 0.0 && xq > 0.0 { f16::from_f64(xq / qq) } else { s };
+        (err, if ls.is_finite() && ls.to_f32() > 0.0 { ls } else { s })
+    };
+    let mut best = (f64::INFINITY, f16::from_f64(rms), f16::from_f64(rms));
+    let mut consider = |s: f16, codes: &mut [u32], best: &mut (f64, f16, f16)| -> f16 {
+        if !s.is_finite() || s.to_f32() <= 0.0 {
+            return s;
+        }
+        let (err, ls) = score(s, codes);
+        if err < best.0 {
+            *best = (err, s, ls);
+        }
+        ls
+    };
+    for m in SCALE_MULTIPLIERS {
+        let ls = consider(f16::from_f64(rms * m), codes, &mut best);
+        consider(ls, codes, &mut best);
+    }
+    for _ in 0..LEAST_SQUARES_ROUNDS {
+        let (err, s, ls) = best;
+        if ls == s {
+            break;
+        }
+        consider(ls, codes, &mut best);
+        if best.0 >= err {
+            break;
+        }
+    }
+    best.1
 }
 
 /// Quantize a row-major `rows × cols` matrix. Rows run in parallel on the current rayon pool;
@@ -280,7 +365,7 @@ pub fn quantize(source: Source<'_>, rows: usize, cols: usize, spec: &QuantSpec) 
         .zip(errors.par_iter_mut())
         .enumerate()
         .try_for_each_init(
-            || Scratch::new(&layout, spec.p),
+            || Scratch::new(&layout, spec.p, spec.group_size),
             |scratch, (r, ((row_codes, row_scales), err))| {
                 *err = quantize_row(&prep, source, r, scratch, row_codes, row_scales)?;
                 Ok::<(), HiggsError>(())
@@ -310,7 +395,12 @@ fn quantize_row(
     row_scales: &mut [f16],
 ) -> Result<(f64, f64)> {
     let layout = &prep.layout;
-    let Scratch { row, codes, back } = scratch;
+    let Scratch {
+        row,
+        codes,
+        back,
+        search,
+    } = scratch;
     let cols = layout.cols;
     source.read(r * cols, &mut row[..cols]);
     row[cols..].fill(0.0);
@@ -332,19 +422,26 @@ fn quantize_row(
     }
     hadamard::forward(padded, layout.block)?;
     let g = prep.spec.group_size;
+    let p = prep.spec.p;
     for (group, scale) in padded.chunks_mut(g).zip(row_scales.iter_mut()) {
         let mean_square = group.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / group.len() as f64;
-        let s = f16::from_f64(mean_square.sqrt());
-        if s.is_infinite() {
+        let rms = mean_square.sqrt();
+        if f16::from_f64(rms).is_infinite() {
             return Err(HiggsError::Unsupported(format!(
-                "row {r}: a group's RMS {:.3e} overflows the f16 scale; weights this large are not supported",
-                mean_square.sqrt()
+                "row {r}: a group's RMS {rms:.3e} overflows the f16 scale; weights this large are not supported"
             )));
         }
+        // Tuples must not straddle groups for a per-group search; otherwise (p ∤ g) the RMS.
+        let s = if group.len() % p == 0 {
+            choose_scale(&prep.assigner, group, rms, search)
+        } else {
+            f16::from_f64(rms)
+        };
         *scale = s;
         let inv = if s.to_f32() > 0.0 { 1.0 / s.to_f32() } else { 0.0 };
         group.iter_mut().for_each(|x| *x *= inv);
     }
+    // Nearest points for the chosen scales (never worse than the codes the search scored).
     prep.assigner.assign(row, codes);
     pack_codes(codes, prep.spec.code_bits(), row_codes);
 

@@ -198,70 +198,44 @@ pub fn lut_linear_with(
         vec![0f32; batch * w.rows]
     };
     let target: &mut [f32] = if batch == 1 { out } else { &mut by_row };
-    let rb = layout.row_bytes;
-    let groups = layout.groups;
     match resolved {
-        Resolved::Scalar => {
-            target
-                .par_chunks_mut(ROWS_PER_TASK * batch)
-                .enumerate()
-                .for_each(|(task, tile)| {
-                    let r0 = task * ROWS_PER_TASK;
-                    let tile_rows = tile.len() / batch;
-                    scalar_rows(
-                        w,
-                        &layout,
-                        &w.codes[r0 * rb..(r0 + tile_rows) * rb],
-                        &w.scales[r0 * groups..(r0 + tile_rows) * groups],
-                        &x_rot,
-                        batch,
-                        tile,
-                    )
-                });
-        }
+        Resolved::Scalar => for_row_tiles(
+            w,
+            &layout,
+            batch,
+            target,
+            || vec![0u32; layout.tuples],
+            |row_codes, codes, scales, tile| {
+                scalar_rows(w, &layout, codes, scales, &x_rot, batch, row_codes, tile)
+            },
+        ),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(plan) => {
             let x_simd = plan.prepare_activations(&x_rot, batch);
-            target
-                .par_chunks_mut(ROWS_PER_TASK * batch)
-                .enumerate()
-                .for_each_init(
-                    || plan.scratch(),
-                    |scratch, (task, tile)| {
-                        let r0 = task * ROWS_PER_TASK;
-                        let tile_rows = tile.len() / batch;
-                        plan.rows(
-                            &w.codes[r0 * rb..(r0 + tile_rows) * rb],
-                            &w.scales[r0 * groups..(r0 + tile_rows) * groups],
-                            &x_simd,
-                            batch,
-                            scratch,
-                            tile,
-                        )
-                    },
-                );
+            for_row_tiles(
+                w,
+                &layout,
+                batch,
+                target,
+                || plan.scratch(),
+                |scratch, codes, scales, tile| {
+                    plan.rows(codes, scales, &x_simd, batch, scratch, tile)
+                },
+            )
         }
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx2(plan) => {
             let x_simd = plan.prepare_activations(&x_rot, batch);
-            target
-                .par_chunks_mut(ROWS_PER_TASK * batch)
-                .enumerate()
-                .for_each_init(
-                    || plan.scratch(),
-                    |scratch, (task, tile)| {
-                        let r0 = task * ROWS_PER_TASK;
-                        let tile_rows = tile.len() / batch;
-                        plan.rows(
-                            &w.codes[r0 * rb..(r0 + tile_rows) * rb],
-                            &w.scales[r0 * groups..(r0 + tile_rows) * groups],
-                            &x_simd,
-                            batch,
-                            scratch,
-                            tile,
-                        )
-                    },
-                );
+            for_row_tiles(
+                w,
+                &layout,
+                batch,
+                target,
+                || plan.scratch(),
+                |scratch, codes, scales, tile| {
+                    plan.rows(codes, scales, &x_simd, batch, scratch, tile)
+                },
+            )
         }
     }
     if batch > 1 {
@@ -272,6 +246,34 @@ pub fn lut_linear_with(
         }
     }
     Ok(())
+}
+
+/// Run `work(scratch, codes, scales, out)` on tiles of `ROWS_PER_TASK` rows in parallel; `out` is
+/// the tile's `rows × batch` outputs. One scratch per rayon worker, from `init`.
+fn for_row_tiles<S>(
+    w: &LutWeights<'_>,
+    layout: &Layout,
+    batch: usize,
+    target: &mut [f32],
+    init: impl Fn() -> S + Send + Sync,
+    work: impl Fn(&mut S, &[u8], &[f16], &mut [f32]) + Send + Sync,
+) {
+    let (rb, groups) = (layout.row_bytes, layout.groups);
+    target
+        .par_chunks_mut(ROWS_PER_TASK * batch)
+        .enumerate()
+        .for_each_init(init, |scratch, (task, tile)| {
+            let (r0, r1) = (
+                task * ROWS_PER_TASK,
+                task * ROWS_PER_TASK + tile.len() / batch,
+            );
+            work(
+                scratch,
+                &w.codes[r0 * rb..r1 * rb],
+                &w.scales[r0 * groups..r1 * groups],
+                tile,
+            )
+        });
 }
 
 enum Resolved {
@@ -337,7 +339,9 @@ pub fn rotate_activations(
 }
 
 /// The portable kernel and the reference: any p, n and group size. `x_rot` is `batch` rows of
-/// `tuples · p`; `out` is `rows × batch` for the rows of `codes`/`scales`.
+/// `tuples · p`; `row_codes` is scratch of `tuples`; `out` is `rows × batch` for the rows of
+/// `codes`/`scales`.
+#[allow(clippy::too_many_arguments)]
 fn scalar_rows(
     w: &LutWeights<'_>,
     layout: &Layout,
@@ -345,25 +349,25 @@ fn scalar_rows(
     scales: &[f16],
     x_rot: &[f32],
     batch: usize,
+    row_codes: &mut [u32],
     out: &mut [f32],
 ) {
     let p = w.p;
     let g = w.group_size;
     let width = layout.tuples * p;
     let bits = w.n.trailing_zeros();
-    let mut row_codes = vec![0u32; layout.tuples];
     for ((row_bytes, row_scales), y) in codes
         .chunks_exact(layout.row_bytes)
         .zip(scales.chunks_exact(layout.groups))
         .zip(out.chunks_exact_mut(batch))
     {
-        unpack_codes(row_bytes, bits, &mut row_codes);
+        unpack_codes(row_bytes, bits, row_codes);
         for (yb, xb) in y.iter_mut().zip(x_rot.chunks_exact(width)) {
             let mut total = 0f32;
             for (group, scale) in row_scales.iter().enumerate() {
                 let start = group * g;
                 let end = (start + g).min(layout.padded_cols);
-                let part = if g % p == 0 {
+                let part = if g.is_multiple_of(p) {
                     // Whole tuples (the last one may reach into the zero padding of x).
                     let (t0, t1) = (start / p, end.div_ceil(p));
                     let (codes, x) = (&row_codes[t0..t1], &xb[t0 * p..t1 * p]);
@@ -556,6 +560,7 @@ mod tests {
                 &parts.scales,
                 &x_rot,
                 batch,
+                &mut vec![0; l.tuples],
                 &mut by_row,
             ),
             #[cfg(target_arch = "x86_64")]

@@ -64,7 +64,8 @@ impl Grid {
             )));
         }
         let n = points.len() / p;
-        if n > u32::MAX as usize {
+        // Codes are u32 and the search tables use the top bit as a flag.
+        if n >= 1 << 31 {
             return Err(HiggsError::invalid(format!(
                 "a grid of {n} points is too large"
             )));

@@ -90,7 +90,9 @@ def test_leading_dimensions_and_empty_batch() -> None:
 
 def test_state_dict_round_trips_into_a_fresh_layer() -> None:
     rows, cols = 13, 100
-    q = higgs_rs.quantize_tensor(weights(rows, cols, seed=10), bits=3, p=1, hadamard_size=64, group_size=32, seed=4)
+    q = higgs_rs.quantize_tensor(
+        weights(rows, cols, seed=10), bits=3, p=1, hadamard_size=64, group_size=32, seed=4
+    )
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(4))
     layer = HiggsLinear.from_quantized(q, bias=bias)
     fresh = HiggsLinear(

@@ -75,7 +75,8 @@ def lut_linear(
     group_size: int,
     threads: int | None = None,
 ) -> npt.NDArray[np.float32]:
-    """``x @ W.T`` (float32 ``batch × rows``) for HIGGS-packed ``W`` on the CPU, without materializing ``W``."""
+    """``x @ W.T`` (float32 ``batch × rows``) for HIGGS-packed ``W`` on the CPU, without
+    materializing ``W``."""
 
 # CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated exist only in builds with the
 # `cuda` feature; pointers are device addresses from torch's data_ptr()).

@@ -121,6 +121,41 @@ def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
     return ws
 
 
+def _current_stream(device: torch.device) -> int:
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device.index or 0)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _layer_args(layer: Any, x: torch.Tensor) -> tuple[int, ...]:
+    """(codes, scales, grid, signs addresses, row_bytes, groups, p, n, hadamard_size, group_size),
+    with the buffers checked once per set of buffers (a cache on the layer, keyed by address)."""
+    ptrs = (
+        layer.codes.data_ptr(),
+        layer.scales.data_ptr(),
+        layer.grid.data_ptr(),
+        0 if layer.signs is None else layer.signs.data_ptr(),
+    )
+    cached = layer.__dict__.get("_higgs_cuda_args")
+    if cached is not None and cached[0] == ptrs and cached[1] == x.device:
+        return cached[2]
+    _check_buffers(layer, x)
+    args = (
+        *ptrs,
+        layer.codes.shape[1],
+        layer.scales.shape[1],
+        layer.p,
+        layer.n,
+        layer.hadamard_size,
+        layer.group_size,
+    )
+    layer.__dict__["_higgs_cuda_args"] = (ptrs, x.device, args)
+    return args
+
+
 def lut_linear(
     layer: Any,
     x: torch.Tensor,
@@ -139,7 +174,7 @@ def lut_linear(
         raise ValueError(f"expected activations of shape (batch, {layer.in_features}); got {tuple(x.shape)}")
     _require_kernels()
     dtype = _dtype_name(x.dtype)
-    _check_buffers(layer, x)
+    args = _layer_args(layer, x)
     x = x.contiguous()
     batch = x.shape[0]
     if out is None:
@@ -151,32 +186,22 @@ def lut_linear(
     if batch == 0:
         return out
     device = x.device.index or 0
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    signs = 0 if layer.signs is None else layer.signs.data_ptr()
-    layout = (
-        layer.codes.shape[1],
-        layer.scales.shape[1],
-        layer.p,
-        layer.n,
-        layer.hadamard_size,
-        layer.group_size,
-    )
+    stream = _current_stream(x.device)
     if batch >= dense_min_batch:
         padded = layer.padded_in_features
         x_rot = torch.empty(batch, padded, dtype=x.dtype, device=x.device)
         _core.cuda_hadamard(
-            x.data_ptr(), x_rot.data_ptr(), signs, batch, layer.in_features, layer.hadamard_size, padded,
+            x.data_ptr(), x_rot.data_ptr(), args[3], batch, layer.in_features, layer.hadamard_size, padded,
             dtype, stream, device,
         )
         w_rot = torch.empty(layer.out_features, padded, dtype=x.dtype, device=x.device)
         _core.cuda_dequantize_rotated(
-            layer.codes.data_ptr(), layer.scales.data_ptr(), layer.grid.data_ptr(), w_rot.data_ptr(), padded,
-            layer.in_features, layer.out_features, *layout, dtype, stream, device,
+            *args[:3], w_rot.data_ptr(), padded, layer.in_features, layer.out_features, *args[4:],
+            dtype, stream, device,
         )
         torch.matmul(x_rot, w_rot.t(), out=out)
         return out
-    key = (device, stream)
-    ws = _workspaces.get(key)
+    ws = _workspaces.get((device, stream))
     for _ in range(2):
         need = _core.cuda_lut_linear(
             x.data_ptr(),
@@ -186,11 +211,7 @@ def lut_linear(
             batch,
             layer.in_features,
             layer.out_features,
-            layer.codes.data_ptr(),
-            layer.scales.data_ptr(),
-            layer.grid.data_ptr(),
-            signs,
-            *layout,
+            *args,
             dtype,
             stream,
             device,
@@ -230,7 +251,7 @@ def hadamard(
         hadamard_size,
         width,
         dtype,
-        torch.cuda.current_stream(x.device).cuda_stream,
+        _current_stream(x.device),
         x.device.index or 0,
     )
     return out

@@ -3,7 +3,7 @@
 //! answers are bit-identical to [`super::brute_force_nearest`]; tests compare both.
 #![allow(unsafe_code)]
 
-use super::{brute_force_nearest, CellSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS};
+use super::{brute_force_nearest, CellSearch, LineSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS};
 use crate::grid::Grid;
 use std::arch::x86_64::*;
 
@@ -24,6 +24,187 @@ pub fn assign_cells_avx2<const P: usize>(
     // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of `assign`.
     unsafe { assign::<P>(search, grid, xs, codes) };
     true
+}
+
+/// p = 1 with AVX2, 8 inputs at once (the scalar `LineSearch::nearest` lane by lane, with
+/// gathers for the table look-ups). Returns false (and does nothing) when AVX2 is missing.
+pub fn assign_line_avx2(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut [u32]) -> bool {
+    let tables_fit = line.thresholds.len()
+        >= line.first.iter().map(|&s| s as usize).max().unwrap_or(0) + line.span
+        && line.levels.len() == line.index.len()
+        && line.levels.len() < i32::MAX as usize
+        && line.thresholds.len() < i32::MAX as usize;
+    if !avx2_available() || !tables_fit {
+        return false;
+    }
+    let distinct = line.levels.len() - 2;
+    if avx2_available() && distinct <= 16 {
+        // SAFETY: AVX2 is available; `assign_line_small` reads only `levels`/`index` at padded
+        // positions 1..=distinct (they have distinct + 2 entries) and the distinct − 1 real thresholds.
+        unsafe { assign_line_small(line, points, xs, codes) };
+        return true;
+    }
+    // SAFETY: AVX2 is available, and every gather index `assign_line` forms is in bounds:
+    // bins are clamped to `first`'s length; `first[b] + j < thresholds.len()` for j < span
+    // (checked above); k <= levels.len() - 3 because k counts at most the real thresholds,
+    // which are levels.len() - 3 in number, so k + 2 < levels.len() = index.len().
+    unsafe { assign_line(line, points, xs, codes) };
+    true
+}
+
+/// Up to 16 distinct levels: thresholds are compared from registers and the levels looked up
+/// with in-register permutes, so no memory gathers are needed.
+#[target_feature(enable = "avx2")]
+unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut [u32]) {
+    let distinct = line.levels.len() - 2;
+    debug_assert!((1..=16).contains(&distinct));
+    let mut table_levels = [f32::INFINITY; 16];
+    let mut table_index = [u32::MAX; 16];
+    table_levels[..distinct].copy_from_slice(&line.levels[1..=distinct]);
+    table_index[..distinct].copy_from_slice(&line.index[1..=distinct]);
+    let thresholds: Vec<__m256> = line.thresholds[..distinct - 1]
+        .iter()
+        .map(|&t| _mm256_set1_ps(t))
+        .collect();
+    // SAFETY: the tables are 16 entries, read as two halves of 8.
+    let (levels_lo, levels_hi, index_lo, index_hi) = unsafe {
+        (
+            _mm256_loadu_ps(table_levels.as_ptr()),
+            _mm256_loadu_ps(table_levels.as_ptr().add(8)),
+            _mm256_loadu_si256(table_index.as_ptr().cast()),
+            _mm256_loadu_si256(table_index.as_ptr().add(8).cast()),
+        )
+    };
+    let far = _mm256_set1_ps(line.far);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign = _mm256_set1_epi32(i32::MIN);
+    let seven = _mm256_set1_epi32(7);
+    let last = _mm256_set1_epi32(distinct as i32 - 1);
+    let blocks = codes.len() / 8;
+    for b in 0..blocks {
+        let x_block = &xs[b * 8..b * 8 + 8];
+        let out = &mut codes[b * 8..b * 8 + 8];
+        // SAFETY: `x_block` holds 8 floats.
+        let x = unsafe { _mm256_loadu_ps(x_block.as_ptr()) };
+        let inside = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(x, abs_mask), far);
+        if _mm256_movemask_ps(inside) != 0xFF {
+            line.assign_scalar(points, x_block, out);
+            continue;
+        }
+        // k = number of thresholds <= x, as in the scalar path.
+        let mut k = _mm256_setzero_si256();
+        for &t in &thresholds {
+            k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(t, x)));
+        }
+        let mut best_d = _mm256_set1_ps(f32::INFINITY);
+        let mut best_i = _mm256_set1_epi32(-1);
+        for step in -1..=1 {
+            // Levels k − 1, k, k + 1, clamped (a repeated level never beats its first look).
+            let j = _mm256_min_epi32(
+                _mm256_max_epi32(
+                    _mm256_add_epi32(k, _mm256_set1_epi32(step)),
+                    _mm256_setzero_si256(),
+                ),
+                last,
+            );
+            let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(j, seven));
+            let level = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(levels_lo, j),
+                _mm256_permutevar8x32_ps(levels_hi, j),
+                high,
+            );
+            let i = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(index_lo, j)),
+                _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(index_hi, j)),
+                high,
+            ));
+            let diff = _mm256_sub_ps(level, x);
+            let d = _mm256_mul_ps(diff, diff);
+            let lower_index =
+                _mm256_cmpgt_epi32(_mm256_xor_si256(best_i, sign), _mm256_xor_si256(i, sign));
+            let better = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d),
+                _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_EQ_OQ>(d, best_d),
+                    _mm256_castsi256_ps(lower_index),
+                ),
+            );
+            best_d = _mm256_blendv_ps(best_d, d, better);
+            best_i = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(best_i),
+                _mm256_castsi256_ps(i),
+                better,
+            ));
+        }
+        // SAFETY: `out` holds 8 u32.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), best_i) };
+    }
+    let done = blocks * 8;
+    line.assign_scalar(points, &xs[done..], &mut codes[done..]);
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn assign_line(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut [u32]) {
+    let blocks = codes.len() / 8;
+    let offset = _mm256_set1_ps(line.half_width);
+    let scale = _mm256_set1_ps(line.inv_width);
+    let far = _mm256_set1_ps(line.far);
+    let top = _mm256_set1_ps((line.first.len() - 1) as f32);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign = _mm256_set1_epi32(i32::MIN);
+    let one = _mm256_set1_epi32(1);
+    for b in 0..blocks {
+        let x_block = &xs[b * 8..b * 8 + 8];
+        let out = &mut codes[b * 8..b * 8 + 8];
+        // SAFETY: `x_block` holds 8 floats.
+        let x = unsafe { _mm256_loadu_ps(x_block.as_ptr()) };
+        let inside = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(x, abs_mask), far);
+        if _mm256_movemask_ps(inside) != 0xFF {
+            line.assign_scalar(points, x_block, out);
+            continue;
+        }
+        // Same arithmetic as the scalar path: (x + half_width) · inv_width, clamped.
+        let u = _mm256_mul_ps(_mm256_add_ps(x, offset), scale);
+        let bin = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), top));
+        // SAFETY (all gathers): indices are in bounds as argued in `assign_line_avx2`.
+        let start = unsafe { _mm256_i32gather_epi32::<4>(line.first.as_ptr().cast(), bin) };
+        let mut k = start;
+        for j in 0..line.span as i32 {
+            let at = _mm256_add_epi32(start, _mm256_set1_epi32(j));
+            let t = unsafe { _mm256_i32gather_ps::<4>(line.thresholds.as_ptr(), at) };
+            // (t <= x) is all ones, i.e. −1: subtracting it counts the threshold.
+            k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(t, x)));
+        }
+        let mut best_d = _mm256_set1_ps(f32::INFINITY);
+        let mut best_i = _mm256_set1_epi32(-1);
+        for _ in 0..3 {
+            let level = unsafe { _mm256_i32gather_ps::<4>(line.levels.as_ptr(), k) };
+            let i = unsafe { _mm256_i32gather_epi32::<4>(line.index.as_ptr().cast(), k) };
+            let diff = _mm256_sub_ps(level, x);
+            let d = _mm256_mul_ps(diff, diff);
+            // better = d < best_d || (d == best_d && i < best_i), i compared unsigned.
+            let lower_index =
+                _mm256_cmpgt_epi32(_mm256_xor_si256(best_i, sign), _mm256_xor_si256(i, sign));
+            let better = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d),
+                _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_EQ_OQ>(d, best_d),
+                    _mm256_castsi256_ps(lower_index),
+                ),
+            );
+            best_d = _mm256_blendv_ps(best_d, d, better);
+            best_i = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(best_i),
+                _mm256_castsi256_ps(i),
+                better,
+            ));
+            k = _mm256_add_epi32(k, one);
+        }
+        // SAFETY: `out` holds 8 u32.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), best_i) };
+    }
+    let done = blocks * 8;
+    line.assign_scalar(points, &xs[done..], &mut codes[done..]);
 }
 
 /// p = 2 with AVX2: cells of 8 pairs at once, then two pairs per register against the 4-lane

@@ -282,11 +282,27 @@ mod tests {
     use super::*;
     use crate::checkpoint::{parse_header, Checkpoint};
 
-    fn scratch(name: &str) -> PathBuf {
+    /// A fresh directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("higgs-writer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        Scratch(dir)
     }
 
     fn entries() -> Vec<(String, Dtype, Vec<usize>)> {
@@ -348,7 +364,7 @@ mod tests {
         assert!(!w.temp.exists());
         assert!(w.finish().is_err());
         assert!(!path.exists());
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 0);
     }
 
     /// ENOSPC surfacing only at the final flush (small data stays in the buffer until then).
@@ -380,7 +396,7 @@ mod tests {
         atomic_write(&path, b"one").unwrap();
         atomic_write(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 1);
         let err = atomic_write(dir.join("missing/x.json"), b"x").unwrap_err();
         assert!(err.to_string().contains("missing/x.json"), "{err}");
     }

@@ -244,7 +244,7 @@ unsafe fn lookup(plan: &Plan, idx: __m256i, table_lo: __m256, table_hi: __m256) 
                 let hi = _mm256_permutevar8x32_ps(table_hi, idx);
                 // Bit 3 of the index, moved to the sign bit, picks the upper table.
                 let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                [_mm256_blendv_ps(hi, lo, upper), _mm256_setzero_ps()]
+                [_mm256_blendv_ps(lo, hi, upper), _mm256_setzero_ps()]
             }
             Lookup::Gather1 => [_mm256_i32gather_ps::<4>(grid, idx), _mm256_setzero_ps()],
             Lookup::Gather2 => {

@@ -349,6 +349,32 @@ impl Device {
         })
     }
 
+    /// How many blocks of `kernel` fit on one multiprocessor at once.
+    pub(crate) fn blocks_per_sm(
+        &self,
+        kernel: &Kernel,
+        block: u32,
+        dynamic_shared: usize,
+    ) -> Result<usize> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("making the device's context current", e))?;
+        let mut blocks: std::ffi::c_int = 0;
+        // SAFETY: the function is alive (its module is cached for the process); `blocks` is a
+        // valid out-pointer.
+        unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut blocks,
+                kernel.function.cu_function(),
+                block as std::ffi::c_int,
+                dynamic_shared,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_error("computing occupancy", describe(e)))?;
+        Ok(blocks.max(1) as usize)
+    }
+
     /// Launch `kernel`, whose only parameter is a `P` by value, on the raw stream `stream`
     /// (0 = the legacy default stream). Nothing is synchronized or allocated.
     ///
@@ -362,6 +388,23 @@ impl Device {
         dynamic_shared: usize,
         stream: u64,
         params: &P,
+    ) -> Result<()> {
+        self.launch_with(kernel, grid, block, dynamic_shared, stream, params, false)
+    }
+
+    /// [`Device::launch`], optionally as a programmatic dependent launch (Hopper and newer): the
+    /// kernel may start before the previous kernel on the stream finishes, and must execute
+    /// `griddepcontrol.wait` before touching anything that kernel writes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_with<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        dynamic_shared: usize,
+        stream: u64,
+        params: &P,
+        programmatic: bool,
     ) -> Result<()> {
         if dynamic_shared > kernel.max_dynamic_shared {
             return Err(HiggsError::Unsupported(format!(
@@ -378,6 +421,40 @@ impl Device {
             .bind_to_thread()
             .map_err(|e| cuda_error("making the device's context current", e))?;
         let mut args = [params as *const P as *mut c_void];
+        let stream = stream as usize as sys::CUstream;
+        if programmatic && self.arch >= (9, 0) && !programmatic_launch_disabled() {
+            let mut attribute = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            };
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: dynamic_shared as u32,
+                hStream: stream,
+                attrs: &mut attribute,
+                numAttrs: 1,
+            };
+            // SAFETY: as for `cuLaunchKernel` below; `config` and the one attribute it points to
+            // live until the call returns.
+            return unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    kernel.function.cu_function(),
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(|e| cuda_error("launching a kernel", describe(e)));
+        }
         // SAFETY: the function is alive (its module is cached for the process); `args` holds
         // one pointer to a `P`, the kernel's single by-value parameter, which the driver copies
         // before returning; the stream handle comes from the caller (PyTorch's current stream on
@@ -392,7 +469,7 @@ impl Device {
                 1,
                 1,
                 dynamic_shared as u32,
-                stream as usize as sys::CUstream,
+                stream,
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
@@ -400,6 +477,12 @@ impl Device {
         .result()
         .map_err(|e| cuda_error("launching a kernel", describe(e)))
     }
+}
+
+/// `HIGGS_CUDA_PDL=0` turns programmatic dependent launches off (for comparisons).
+fn programmatic_launch_disabled() -> bool {
+    static DISABLED: OnceLock<bool> = OnceLock::new();
+    *DISABLED.get_or_init(|| std::env::var_os("HIGGS_CUDA_PDL").is_some_and(|v| v == "0"))
 }
 
 /// The driver's name and text for an error code.

@@ -143,6 +143,8 @@ pub struct LinearPlan {
     pub counters_offset: usize,
     pub x_rot_offset: usize,
     pub partials_offset: usize,
+    /// Batch columns per split in the partials (`min(batch, 64)`).
+    pub partial_cols: usize,
     pub workspace_bytes: usize,
     pub shared_bytes: usize,
 }
@@ -151,16 +153,8 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
-/// The plan for `batch` rows through a layer of `rows` outputs and `padded` rotated inputs on a
-/// GPU with `sm_count` multiprocessors.
-pub fn plan_linear(
-    batch: usize,
-    rows: usize,
-    padded: usize,
-    bits: u32,
-    sm_count: usize,
-    tuning: Tuning,
-) -> Result<LinearPlan> {
+/// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
+pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, usize)> {
     if batch == 0 {
         return Err(HiggsError::invalid("batch must be at least 1"));
     }
@@ -169,47 +163,57 @@ pub fn plan_linear(
             "tuning {tuning:?}: mt must be 0 (auto), 1 or 2 and splits at most {MAX_SPLITS}"
         )));
     }
-    let kp = padded.next_multiple_of(KSTEP);
-    let total_steps = kp / KSTEP;
     let nt = match batch {
         1..=8 => 1,
         9..=16 => 2,
         17..=32 => 4,
         _ => 8,
     };
-    let batch_chunks = batch.div_ceil(MAX_COLS);
     let mt = match tuning.mt {
-        0 if rows.div_ceil(32) >= sm_count && nt < 8 => 2,
+        0 if nt <= 2 && rows >= 4096 => 2,
         0 => 1,
         m => m,
     };
-    let row_tiles = rows.div_ceil(16 * mt);
+    Ok((mt, nt))
+}
+
+/// The plan for `batch` rows through a layer of `rows` outputs and `padded` rotated inputs on a
+/// GPU with `sm_count` multiprocessors, each holding `blocks_per_sm` blocks of the kernel.
+pub fn plan_linear(
+    batch: usize,
+    rows: usize,
+    padded: usize,
+    bits: u32,
+    sm_count: usize,
+    blocks_per_sm: usize,
+    tuning: Tuning,
+) -> Result<LinearPlan> {
+    let (mt, nt) = tile_shape(batch, rows, tuning)?;
+    let kp = padded.next_multiple_of(KSTEP);
+    let total_steps = kp / KSTEP;
+    let batch_chunks = batch.div_ceil(MAX_COLS);
+    let row_tiles = rows.div_ceil(WARPS * 16 * mt);
+    let slots = sm_count * blocks_per_sm.max(1);
     let splits = if batch_chunks > 1 {
         1
     } else if tuning.splits > 0 {
         tuning.splits
-    } else if row_tiles >= sm_count {
-        1
     } else {
-        // About two blocks per multiprocessor, each warp keeping at least one super-step.
-        (2 * sm_count)
-            .div_ceil(row_tiles)
-            .min((total_steps / WARPS).max(1))
-            .min(MAX_SPLITS)
+        // About one full wave of blocks, each warp keeping at least two super-steps.
+        ((slots + row_tiles / 2) / row_tiles).clamp(1, (total_steps / 2).clamp(1, MAX_SPLITS))
     };
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);
     let counters_offset = 0;
     let x_rot_offset = align256(row_tiles * 4);
     let partials_offset = x_rot_offset + align256(batch * kp * 2);
+    let partial_cols = batch.min(MAX_COLS);
     let workspace_bytes = partials_offset
         + if splits > 1 {
-            splits * MAX_COLS * rows * 4
+            splits * partial_cols * rows * 4
         } else {
             0
         };
-    let lut_bytes = (1usize << (2 * bits)) * 32 * 4;
-    let reduce_bytes = WARPS * (8 * nt) * (16 * mt + 4) * 4;
     Ok(LinearPlan {
         mt,
         nt,
@@ -222,8 +226,9 @@ pub fn plan_linear(
         counters_offset,
         x_rot_offset,
         partials_offset,
+        partial_cols,
         workspace_bytes,
-        shared_bytes: lut_bytes.max(reduce_bytes),
+        shared_bytes: (1usize << (2 * bits)) * 32 * 4,
     })
 }
 
@@ -274,6 +279,9 @@ struct LutParams {
     steps_per_split: i32,
     total_steps: i32,
     vector_codes: i32,
+    row_tiles: i32,
+    batch_chunks: i32,
+    partial_cols: i32,
 }
 
 #[repr(C)]
@@ -347,24 +355,47 @@ fn hadamard_kernel(
     )
 }
 
-/// Bytes of workspace a call needs.
+/// The LUT-GEMM kernel variant for a call, its plan, and how many of its blocks fit per SM.
+fn prepare(
+    dev: &device::Device,
+    shape: &LayerShape,
+    padded: usize,
+    bits: u32,
+    batch: usize,
+    act: ActType,
+    tuning: Tuning,
+) -> Result<(Kernel, LinearPlan, usize)> {
+    let (mt, nt) = tile_shape(batch, shape.out_features, tuning)?;
+    let kernel = lut_kernel(dev, bits, act, LutKernel::Mma { mt, nt })?;
+    let shared = (1usize << (2 * bits)) * 32 * 4;
+    let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
+    let plan = plan_linear(
+        batch,
+        shape.out_features,
+        padded,
+        bits,
+        dev.sm_count,
+        resident,
+        tuning,
+    )?;
+    Ok((kernel, plan, resident))
+}
+
+/// Bytes of workspace a call needs (compiles the kernel variant on first use).
 pub fn workspace_bytes(
     shape: &LayerShape,
     batch: usize,
+    act: ActType,
     device_index: usize,
     tuning: Tuning,
 ) -> Result<usize> {
     let (layout, bits) = shape.layout()?;
     let dev = device(device_index)?;
-    Ok(plan_linear(
-        batch,
-        shape.out_features,
-        layout.padded_cols,
-        bits,
-        dev.sm_count,
-        tuning,
-    )?
-    .workspace_bytes)
+    Ok(
+        prepare(&dev, shape, layout.padded_cols, bits, batch, act, tuning)?
+            .1
+            .workspace_bytes,
+    )
 }
 
 /// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
@@ -430,12 +461,13 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         ("grid", call.grid),
     ])?;
     let dev = device(call.device)?;
-    let plan = plan_linear(
-        call.batch,
-        shape.out_features,
+    let (kernel, plan, resident) = prepare(
+        &dev,
+        shape,
         layout.padded_cols,
         bits,
-        dev.sm_count,
+        call.batch,
+        call.act,
         call.tuning,
     )?;
     if call.workspace_bytes < plan.workspace_bytes {
@@ -492,27 +524,21 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         total_steps: plan.total_steps as i32,
         vector_codes: (call.codes.is_multiple_of(16) && layout.row_bytes.is_multiple_of(alignment))
             as i32,
+        row_tiles: plan.row_tiles as i32,
+        batch_chunks: plan.batch_chunks as i32,
+        partial_cols: plan.partial_cols as i32,
     };
-    let kernel = lut_kernel(
-        &dev,
-        bits,
-        call.act,
-        LutKernel::Mma {
-            mt: plan.mt,
-            nt: plan.nt,
-        },
-    )?;
-    dev.launch(
+    // Persistent blocks: one wave of as many as fit, looping over the work items.
+    let items = plan.row_tiles * plan.splits * plan.batch_chunks;
+    let blocks = items.min(resident * dev.sm_count).max(1);
+    dev.launch_with(
         &kernel,
-        (
-            plan.row_tiles as u32,
-            plan.splits as u32,
-            plan.batch_chunks as u32,
-        ),
+        (blocks as u32, 1, 1),
         (WARPS * 32) as u32,
         plan.shared_bytes,
         call.stream,
         &params,
+        true,
     )?;
     Ok(0)
 }
@@ -616,8 +642,8 @@ mod tests {
             (3, 1000, 576),
             (200, 100, 128),
         ] {
-            let p = plan_linear(batch, rows, padded, 4, 132, Tuning::default()).unwrap();
-            assert!(p.row_tiles * 16 * p.mt >= rows);
+            let p = plan_linear(batch, rows, padded, 4, 132, 3, Tuning::default()).unwrap();
+            assert!(p.row_tiles * WARPS * 16 * p.mt >= rows);
             assert!(p.splits * p.steps_per_split >= p.total_steps);
             assert!((p.splits - 1) * p.steps_per_split < p.total_steps, "{p:?}");
             assert!(p.kp >= padded && p.kp.is_multiple_of(KSTEP));
@@ -629,23 +655,31 @@ mod tests {
                 p.x_rot_offset >= p.row_tiles * 4
                     && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2
             );
+            assert!(
+                p.workspace_bytes
+                    >= p.partials_offset
+                        + (p.splits > 1) as usize * p.splits * p.partial_cols * rows * 4
+            );
             if p.batch_chunks > 1 {
                 assert_eq!(p.splits, 1);
             }
         }
-        // Few rows: split-K keeps the GPU busy.
-        assert!(
-            plan_linear(1, 1024, 4096, 4, 132, Tuning::default())
-                .unwrap()
-                .splits
-                > 1
-        );
+        // Few rows: split-K fills the GPU; many rows and few slots: no split.
+        let few = plan_linear(1, 1024, 4096, 4, 132, 4, Tuning::default()).unwrap();
+        assert!(few.splits > 1 && few.steps_per_split >= 2, "{few:?}");
         assert_eq!(
-            plan_linear(1, 14336, 4096, 4, 132, Tuning::default())
+            plan_linear(1, 14336, 4096, 4, 8, 1, Tuning::default())
                 .unwrap()
                 .splits,
             1
         );
-        assert!(plan_linear(0, 8, 128, 4, 132, Tuning::default()).is_err());
+        assert_eq!(
+            plan_linear(1, 4096, 4096, 4, 132, 3, Tuning { mt: 1, splits: 5 })
+                .unwrap()
+                .splits,
+            5
+        );
+        assert!(plan_linear(0, 8, 128, 4, 132, 1, Tuning::default()).is_err());
+        assert!(plan_linear(1, 8, 128, 4, 132, 1, Tuning { mt: 3, splits: 0 }).is_err());
     }
 }

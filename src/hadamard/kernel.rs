@@ -54,6 +54,22 @@ const MAX_DENSE_SIZE: usize = 28 * (super::DENSE_BELOW / 2);
 #[inline(always)]
 pub(super) unsafe fn transform<S: Vector>(data: &mut [f32], plan: &Plan) {
     debug_assert!(data.len().is_multiple_of(plan.order));
+    // All stages run on one cache-sized chunk of whole blocks before the next chunk, so the
+    // data crosses the memory bus once however many stages there are.
+    let chunk = plan.order * (CHUNK_VALUES / plan.order).max(1);
+    for part in data.chunks_mut(chunk) {
+        // SAFETY: the caller's contract; each part is a whole number of blocks.
+        unsafe { transform_chunk::<S>(part, plan) };
+    }
+}
+
+/// Values (f32) per chunk: 32 KiB, an L1 data cache.
+const CHUNK_VALUES: usize = 8192;
+
+/// # Safety
+/// As [`transform`].
+#[inline(always)]
+unsafe fn transform_chunk<S: Vector>(data: &mut [f32], plan: &Plan) {
     let lanes = S::LANES;
     if plan.stages.is_empty() {
         if plan.pow2 >= lanes {

@@ -20,9 +20,14 @@ struct HadamardParams {
 
 extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const HadamardParams P) {
     extern __shared__ float buf[];
+#if __CUDA_ARCH__ >= 900
+    // Let the LUT-GEMM launch now: it builds its table and fetches codes, then waits for this grid.
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
+#pragma unroll
     for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
         const int gi = start + i;
         float v = 0.f;
@@ -37,6 +42,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     // Sylvester part on the fastest index: radix-4 passes (two stages each), then radix-2.
 #pragma unroll
     for (int s = 0; s + 2 <= HAD_LOG2; s += 2) {
+#pragma unroll
         for (int q = threadIdx.x; q < HAD_TILE / 4; q += HAD_THREADS) {
             const int low = q & ((1 << s) - 1);
             const int base = ((q >> s) << (s + 2)) | low;
@@ -93,6 +99,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
 #endif
 
     u16* orow = P.out + (u64)b * P.kp;
+#pragma unroll
     for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
         const int gi = start + i;
         if (gi < P.kp) orow[gi] = f32_to_act(buf[i] * P.scale);

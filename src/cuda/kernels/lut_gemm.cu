@@ -19,11 +19,11 @@
 // A lane's chunk lies inside one scale group (group_size is a multiple of 32), so one scale
 // multiplies all its pairs.
 //
-// Work split: a block (8 warps) owns 16*MT rows and a range of super-steps (split-K over
-// gridDim.y); warps take super-steps round-robin and are reduced in shared memory in a fixed
-// order. With gridDim.y > 1, blocks write f32 partials and the last block of a row tile (a
-// counter per tile, reset by that block) sums them in split order: deterministic, no atomics on
-// data, no memset between calls.
+// Work split: a block (8 warps) owns 8*16*MT rows (16*MT per warp) and a range of super-steps
+// (split-K); blocks are persistent and loop over (row block, split, batch chunk) items. With
+// several splits, blocks write f32 partials and the last block of a row block (a counter per row
+// block, reset by that block) sums them in split order: deterministic, no atomics on data, no
+// memset between calls.
 
 #define WARPS 8
 #define THREADS (WARPS * 32)
@@ -38,7 +38,7 @@ struct LutParams {
     const unsigned char* codes;  // rows x row_bytes
     const u16* scales;           // rows x groups, float16
     const float* grid;           // n x p, float32
-    float* partials;             // splits x MAX_COLS x rows (split mode only)
+    float* partials;             // splits x partial_cols x rows (split mode only)
     u32* counters;               // one per row tile, zero between launches (split mode only)
     int batch;
     int rows;
@@ -52,21 +52,43 @@ struct LutParams {
     int steps_per_split;
     int total_steps;
     int vector_codes;            // codes pointer and row_bytes aligned for vector loads
+    int row_tiles;
+    int batch_chunks;
+    int partial_cols;            // batch columns per split in `partials`
 };
 
+// Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
+// 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
 __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
-    for (int i = threadIdx.x; i < LUT_N * 32; i += THREADS) {
-        const int e = i >> 5;
-        float lo, hi;
-        if (P.p == 2) {
-            lo = P.grid[2 * e];
-            hi = P.grid[2 * e + 1];
-        } else {
-            lo = P.grid[e & ((1 << BITS) - 1)];
-            hi = P.grid[e >> BITS];
+    const int lane = threadIdx.x & 31;
+    for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS) {
+        const int e = base + lane;
+        u32 v = 0;
+        if (e < LUT_N) {
+            float lo, hi;
+            if (P.p == 2) {
+                lo = P.grid[2 * e];
+                hi = P.grid[2 * e + 1];
+            } else {
+                lo = P.grid[e & ((1 << BITS) - 1)];
+                hi = P.grid[e >> BITS];
+            }
+            v = pack_act2(lo, hi);
         }
-        lut[i] = pack_act2(lo, hi);
+#pragma unroll 8
+        for (int j = 0; j < 32; ++j) {
+            const u32 vj = __shfl_sync(0xffffffffu, v, j);
+            if (base + j < LUT_N) lut[(base + j) * 32 + lane] = vj;
+        }
     }
+}
+
+// Programmatic dependent launch (sm_90): this kernel may start while the Hadamard kernel before it
+// runs; everything that reads that kernel's output (or writes what later work reads) comes after.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ u32 scale_pair(u16 s) {
@@ -130,6 +152,11 @@ __device__ __forceinline__ u32 dequant_pair(const u32* lut, int lane, const u32 
 
 template <int MT, int NT>
 __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
+    constexpr int RT = 16 * MT;        // rows per warp
+    constexpr int RB = WARPS * RT;     // rows per block
+    constexpr int CT = 8 * NT;         // batch columns per item
+    // Activation slices loaded at once: all four of a super-step when few batch tiles.
+    constexpr int BU = NT <= 2 ? 4 : 1;
     extern __shared__ u32 smem[];
     __shared__ int is_last_block;
     const int tid = threadIdx.x;
@@ -141,154 +168,158 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     build_lut(P, smem);
     __syncthreads();
 
-    const int row0 = blockIdx.x * (16 * MT);
-    const int split = blockIdx.y;
-    const int col0 = blockIdx.z * MAX_COLS;
-    const int step_begin = split * P.steps_per_split;
-    const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split : P.total_steps;
+    // Persistent blocks over work items (row block, split, batch chunk), row block fastest. Each
+    // warp owns RT rows of the block and walks the item's super-steps in the same order as its
+    // neighbours, so the activation slices it reads are mostly L1 hits after the first warp's.
+    const int items = P.row_tiles * P.splits * P.batch_chunks;
+    bool waited = false;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item % P.row_tiles;
+        const int split = (item / P.row_tiles) % P.splits;
+        const int chunk = item / (P.row_tiles * P.splits);
+        const int row0 = tile * RB + warp * RT;
+        const int col0 = chunk * MAX_COLS;
+        const int step_begin = split * P.steps_per_split;
+        const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
+                                                                            : P.total_steps;
 
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-
-    // Activation rows of this lane's batch columns (null past the batch: B stays zero).
-    const u16* xcol[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int col = col0 + nt * 8 + g;
-        xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
-    }
-
-    u32 cw[MT][2][BITS];
-    u32 cs[MT][2];
-    int step = step_begin + warp;
-    if (step < step_end) {
+        float acc[MT][NT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-                load_chunk(P, row0 + mt * 16 + g + 8 * h, step * KSTEP + 32 * t, cw[mt][h], cs[mt][h]);
-    }
-    for (; step < step_end; step += WARPS) {
-        // Prefetch the next super-step's codes while this one computes.
-        u32 nw[MT][2][BITS];
-        u32 ns[MT][2];
-        const int next = step + WARPS;
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+                for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+        // Activation rows of this lane's batch columns (null past the batch: B stays zero).
+        const u16* xcol[NT];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (next < step_end) {
-                    load_chunk(P, row0 + mt * 16 + g + 8 * h, next * KSTEP + 32 * t, nw[mt][h], ns[mt][h]);
-                } else {
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = col0 + nt * 8 + g;
+            xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
+        }
+
+        u32 cw[MT][2][BITS];
+        u32 cs[MT][2];
+        int step = step_begin;
+        if (step < step_end) {
 #pragma unroll
-                    for (int i = 0; i < BITS; ++i) nw[mt][h][i] = 0;
-                    ns[mt][h] = 0;
-                }
-            }
-        const int k0 = step * KSTEP;
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            U4 bq[NT];
+                for (int h = 0; h < 2; ++h)
+                    load_chunk(P, row0 + mt * 16 + g + 8 * h, step * KSTEP + 32 * t, cw[mt][h], cs[mt][h]);
+        }
+        if (!waited) {
+            wait_for_previous_grid();
+            waited = true;
+        }
+        for (; step < step_end; ++step) {
+            // Prefetch the next super-step's codes while this one computes.
+            u32 nw[MT][2][BITS];
+            u32 ns[MT][2];
+            const int next = step + 1;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                if (xcol[nt]) {
-                    bq[nt] = load_cached_v4(xcol[nt] + k0 + 8 * u);
-                } else {
-                    bq[nt].x = bq[nt].y = bq[nt].z = bq[nt].w = 0;
-                }
-            }
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int s = 2 * u + h;
+                for (int h = 0; h < 2; ++h) {
+                    if (next < step_end) {
+                        load_chunk(P, row0 + mt * 16 + g + 8 * h, next * KSTEP + 32 * t, nw[mt][h], ns[mt][h]);
+                    } else {
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const u32 a0 = dequant_pair(lut, lane, cw[mt][0], 2 * s, cs[mt][0]);
-                    const u32 a1 = dequant_pair(lut, lane, cw[mt][1], 2 * s, cs[mt][1]);
-                    const u32 a2 = dequant_pair(lut, lane, cw[mt][0], 2 * s + 1, cs[mt][0]);
-                    const u32 a3 = dequant_pair(lut, lane, cw[mt][1], 2 * s + 1, cs[mt][1]);
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        const u32 b0 = h ? bq[nt].z : bq[nt].x;
-                        const u32 b1 = h ? bq[nt].w : bq[nt].y;
-                        mma_16816(acc[mt][nt], a0, a1, a2, a3, b0, b1);
+                        for (int i = 0; i < BITS; ++i) nw[mt][h][i] = 0;
+                        ns[mt][h] = 0;
                     }
                 }
+            const int k0 = step * KSTEP;
+#pragma unroll
+            for (int u0 = 0; u0 < 4; u0 += BU) {
+                U4 bq[BU][NT];
+#pragma unroll
+                for (int du = 0; du < BU; ++du)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if (xcol[nt]) {
+                            bq[du][nt] = load_cached_v4(xcol[nt] + k0 + 8 * (u0 + du));
+                        } else {
+                            bq[du][nt].x = bq[du][nt].y = bq[du][nt].z = bq[du][nt].w = 0;
+                        }
+                    }
+#pragma unroll
+                for (int du = 0; du < BU; ++du)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int s = 2 * (u0 + du) + h;
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            const u32 a0 = dequant_pair(lut, lane, cw[mt][0], 2 * s, cs[mt][0]);
+                            const u32 a1 = dequant_pair(lut, lane, cw[mt][1], 2 * s, cs[mt][1]);
+                            const u32 a2 = dequant_pair(lut, lane, cw[mt][0], 2 * s + 1, cs[mt][0]);
+                            const u32 a3 = dequant_pair(lut, lane, cw[mt][1], 2 * s + 1, cs[mt][1]);
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) {
+                                const u32 b0 = h ? bq[du][nt].z : bq[du][nt].x;
+                                const u32 b1 = h ? bq[du][nt].w : bq[du][nt].y;
+                                mma_16816(acc[mt][nt], a0, a1, a2, a3, b0, b1);
+                            }
+                        }
+                    }
             }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                    for (int i = 0; i < BITS; ++i) cw[mt][h][i] = nw[mt][h][i];
+                    cs[mt][h] = ns[mt][h];
+                }
         }
+
+        // Each warp's accumulators are complete for its rows over this split's k range.
+        const bool split_mode = P.splits > 1;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int i = 0; i < BITS; ++i) cw[mt][h][i] = nw[mt][h][i];
-                cs[mt][h] = ns[mt][h];
+                for (int i = 0; i < 4; ++i) {
+                    const int r = row0 + mt * 16 + g + 8 * (i >> 1);
+                    const int b = col0 + nt * 8 + 2 * t + (i & 1);
+                    if (r < P.rows && b < P.batch) {
+                        if (split_mode) {
+                            P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = acc[mt][nt][i];
+                        } else {
+                            P.out[(u64)b * P.rows + r] = f32_to_act(acc[mt][nt][i]);
+                        }
+                    }
+                }
+        if (split_mode) {
+            // The last block to finish this row block adds the splits up, in split order.
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) {
+                const u32 before = atomicAdd(&P.counters[tile], 1u);
+                is_last_block = before == (u32)(P.splits - 1);
             }
-    }
-
-    // Reduce the warps' accumulators in shared memory (the table is no longer needed).
-    constexpr int RT = 16 * MT;
-    constexpr int CT = 8 * NT;
-    constexpr int RS = RT + 4;  // padded stride: the fragment stores hit distinct banks
-    __syncthreads();
-    float* red = (float*)smem;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = mt * 16 + g + 8 * (i >> 1);
-                const int col = nt * 8 + 2 * t + (i & 1);
-                red[(warp * CT + col) * RS + row] = acc[mt][nt][i];
+            __syncthreads();
+            if (is_last_block) {
+                __threadfence();
+                const int rb0 = tile * RB;
+                for (int e = tid; e < RB * CT; e += THREADS) {
+                    const int r = rb0 + e % RB;
+                    const int b = col0 + e / RB;
+                    if (r < P.rows && b < P.batch) {
+                        float sum = 0.f;
+                        for (int sp = 0; sp < P.splits; ++sp)
+                            sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
+                        P.out[(u64)b * P.rows + r] = f32_to_act(sum);
+                    }
+                }
+                if (tid == 0) P.counters[tile] = 0;
             }
-    __syncthreads();
-    const bool split_mode = P.splits > 1;
-    for (int e = tid; e < RT * CT; e += THREADS) {
-        const int row = e % RT;
-        const int col = e / RT;
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += red[(w * CT + col) * RS + row];
-        const int r = row0 + row;
-        const int b = col0 + col;
-        if (r < P.rows && b < P.batch) {
-            if (split_mode) {
-                P.partials[((u64)split * MAX_COLS + b) * P.rows + r] = sum;
-            } else {
-                P.out[(u64)b * P.rows + r] = f32_to_act(sum);
-            }
+            // `is_last_block` is rewritten by the next item.
+            __syncthreads();
         }
     }
-    if (!split_mode) return;
-
-    // The last block of this row tile to finish adds the splits up, in split order.
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        const u32 before = atomicAdd(&P.counters[blockIdx.x], 1u);
-        is_last_block = before == (u32)(P.splits - 1);
-    }
-    __syncthreads();
-    if (!is_last_block) return;
-    __threadfence();
-    for (int e = tid; e < RT * CT; e += THREADS) {
-        const int row = e % RT;
-        const int col = e / RT;
-        const int r = row0 + row;
-        const int b = col0 + col;
-        if (r < P.rows && b < P.batch) {
-            float sum = 0.f;
-            for (int sp = 0; sp < P.splits; ++sp)
-                sum += load_coherent_f32(P.partials + ((u64)sp * MAX_COLS + b) * P.rows + r);
-            P.out[(u64)b * P.rows + r] = f32_to_act(sum);
-        }
-    }
-    if (tid == 0) P.counters[blockIdx.x] = 0;
 }
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
