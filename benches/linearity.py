@@ -5,8 +5,9 @@
 2. t_l² of every layer under every option (``measure_errors``, cached).
 3. Random per-layer assignments: each assignment draws a mixture over the options (Dirichlet),
    then every layer draws its option from it, so the assignments spread from mild to harsh.
-   "Moderate" assignments use options of 3 code bits and up; "2-bit" ones may also use the 2-bit
-   grids (p=2 n=16, p=3 n=64, p=4 n=256), where the theorem is expected to break.
+   "4+ bits" assignments use grids of 4 code bits and more; "3+ bits" ones add the 3-bit grids
+   (together: "moderate"); "2-bit" ones may also use the 2-bit grids (p=2 n=16, p=3 n=64,
+   p=4 n=256), where the theorem is expected to break.
 4. Each assignment is applied in memory (quantize, dequantize into the fp32 model, exactly what a
    checkpoint would hold) and its perplexity measured; predicted = ppl₀ · exp(Σ α_l t_l²).
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+KIND_COLORS = (("4+ bits", "tab:green"), ("3+ bits", "tab:blue"), ("2-bit", "tab:red"))
 
 
 def r_squared(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float, float, float]:
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha-seq-len", type=int, default=256)
     parser.add_argument("--draws", type=int, default=1, help="antithetic noise draws per layer for α")
     parser.add_argument("--noise", type=float, default=0.01, help="relative noise power t² for α")
-    parser.add_argument("--assignments", type=int, default=24, help="moderate random assignments")
+    parser.add_argument("--high-bit", type=int, default=12, help="random assignments of 4+ code bits")
+    parser.add_argument("--assignments", type=int, default=16, help="random assignments of 3+ code bits")
     parser.add_argument("--low-bit", type=int, default=8, help="random assignments that include 2-bit grids")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -116,9 +119,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(args.seed)
     points = []
-    kinds = ["moderate"] * args.assignments + ["2-bit"] * args.low_bit
+    kinds = ["4+ bits"] * args.high_bit + ["3+ bits"] * args.assignments + ["2-bit"] * args.low_bit
+    pools = {
+        "4+ bits": [k for k, o in enumerate(moderate) if o.code_bits >= 4],
+        "3+ bits": list(range(len(moderate))),
+        "2-bit": list(range(len(options))),
+    }
     for i, kind in enumerate(kinds):
-        pool = list(range(len(moderate))) if kind == "moderate" else list(range(len(options)))
+        pool = pools[kind]
         mixture = rng.dirichlet(np.full(len(pool), 0.5))
         picks = {name: int(pool[rng.choice(len(pool), p=mixture)]) for name in names}
         predicted_loss = sum(max(sens.alphas[n], 0.0) * table.relative_mse[n][k] for n, k in picks.items())
@@ -160,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     summary: dict[str, object] = {}
-    for label, selected in (("moderate", [p for p in points if p["kind"] == "moderate"]), ("all", points)):
+    groups = (
+        ("4+ bits", [p for p in points if p["kind"] == "4+ bits"]),
+        ("moderate", [p for p in points if p["kind"] != "2-bit"]),
+        ("all", points),
+    )
+    for label, selected in groups:
         if len(selected) < 3:
             continue
         pred = np.array([p["predicted_perplexity"] - base for p in selected])
@@ -210,7 +223,7 @@ def plot(points: list[dict], base: float, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    for kind, color in (("moderate", "tab:blue"), ("2-bit", "tab:red")):
+    for kind, color in KIND_COLORS:
         sel = [p for p in points if p["kind"] == kind]
         if sel:
             ax.scatter(
@@ -221,7 +234,7 @@ def plot(points: list[dict], base: float, summary: dict, path: Path) -> None:
                 label=f"{kind} ({len(sel)})",
                 zorder=3,
             )
-    moderate = [p for p in points if p["kind"] == "moderate"]
+    moderate = [p for p in points if p["kind"] != "2-bit"]
     hi = max(
         max(p["predicted_perplexity"] - base for p in moderate), max(p["perplexity"] - base for p in moderate)
     )
@@ -234,7 +247,7 @@ def plot(points: list[dict], base: float, summary: dict, path: Path) -> None:
             s["dppl_slope"] * xs + s["dppl_intercept"],
             color="tab:blue",
             lw=1.2,
-            label=f"fit (moderate): R² = {s['dppl_r2_line']:.3f}, slope {s['dppl_slope']:.2f}",
+            label=f"fit (4+ and 3+ bits): R² = {s['dppl_r2_line']:.3f}, slope {s['dppl_slope']:.2f}",
         )
     ax.set_xlabel("predicted Δ perplexity  (ppl₀·(exp Σ α_l t_l² − 1))")
     ax.set_ylabel("measured Δ perplexity")
@@ -245,7 +258,7 @@ def plot(points: list[dict], base: float, summary: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left")
     if any(p["kind"] == "2-bit" for p in points):
         inset = ax.inset_axes([0.6, 0.08, 0.37, 0.37])
-        for kind, color in (("moderate", "tab:blue"), ("2-bit", "tab:red")):
+        for kind, color in KIND_COLORS:
             sel = [p for p in points if p["kind"] == kind]
             inset.scatter(
                 [p["predicted_perplexity"] - base for p in sel],

@@ -7,9 +7,11 @@
 //! - p = 1: Lloyd–Max. Thresholds are midpoints, levels are conditional means computed with exact
 //!   Gaussian integrals (erf/erfc implemented below in f64), iterated to a fixed point from the
 //!   companding initialization (levels at the quantiles of N(0, 3)); the levels are symmetric.
-//! - p ≥ 2: LBG splitting and Lloyd on a fixed set of SplitMix64 Gaussian samples, made
-//!   centrally symmetric (the samples are x and −x, and point i + n/2 is −point i), with the
-//!   crate's exact assigner doing the nearest-point search in every iteration.
+//! - p ≥ 2: Lloyd on a fixed set of SplitMix64 Gaussian samples, made centrally symmetric (the
+//!   samples are x and −x, and point i + n/2 is −point i), with the crate's exact assigner doing
+//!   the nearest-point search in every iteration. Start: p = 2, a hexagonal lattice warped to
+//!   the optimal point density; p ≥ 3, LBG splitting (1 pair → 2 → … → n/2 pairs, Lloyd after
+//!   each split on a subset of the samples).
 //!
 //! Everything is deterministic: the sample seeds are fixed and the sums are reduced in a fixed order.
 
@@ -384,26 +386,29 @@ fn lloyd_vq(p: usize, n: usize) -> Vec<f32> {
     points.extend(start.iter().map(|v| -v));
     let mut k = 2;
     let mut mse = f64::INFINITY;
-    if p == 2 && std::env::var_os("HEX").is_some() {
+    if p == 2 {
+        // In the plane a warped hexagonal lattice starts Lloyd closer to the optimum than
+        // splitting does (p2_n256: 0.00773 against 0.00774 on the evaluation samples).
         points = hex_init(n);
         k = n;
     }
     loop {
         // Lloyd at this size, on a subset of the samples until the last stage.
         let final_stage = k == n;
-        let used = if final_stage { total / 2 } else { (k * 2000).clamp(1 << 16, total) / 2 };
+        let used = if final_stage {
+            total / 2
+        } else {
+            (k * 2000).clamp(1 << 16, total) / 2
+        };
         let subset: Vec<f32> = samples[..used * p]
             .iter()
             .chain(&samples[total / 2 * p..(total / 2 + used) * p])
             .copied()
             .collect();
-        let env = |name: &str, default: f64| {
-            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-        };
         let (tolerance, max_iterations) = match (final_stage, p) {
-            (true, 2) => (env("T2", 1e-6), env("I2", 400.0) as usize),
-            (true, _) => (1e-6, 150),
-            (false, _) => (1e-4, env("IM", 40.0) as usize),
+            (true, 2) => (1e-7, 400),
+            (true, _) => (1e-6, 100),
+            (false, _) => (1e-4, 20),
         };
         let mut dist = vec![0f64; k];
         for iteration in 0..max_iterations {
@@ -456,7 +461,11 @@ fn hex_init(n: usize) -> Vec<f32> {
             }
         }
     }
-    half.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.2.total_cmp(&b.2)).then(a.1.total_cmp(&b.1)));
+    half.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then(a.2.total_cmp(&b.2))
+            .then(a.1.total_cmp(&b.1))
+    });
     half.truncate(n / 2);
     // Uniform density inside radius r_max: fraction inside r is (r / r_max)²; the target
     // density ∝ exp(−|x|²/4) has fraction 1 − exp(−R²/4) inside R. The outermost point sits

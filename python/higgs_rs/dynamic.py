@@ -122,17 +122,25 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], bytes] = {}
+
+
 def model_fingerprint(model_dir: PathLike) -> str:
-    """A content hash of a checkpoint directory (config.json and every .safetensors file)."""
-    root = Path(model_dir)
+    """A content hash of a checkpoint directory (config.json and every .safetensors file).
+
+    Each file's hash is remembered for this process by path, size and modification time."""
+    root = Path(model_dir).resolve()
     digest = hashlib.sha256()
     files = sorted(root.glob("*.safetensors")) + [root / "config.json"]
     for file in files:
         if not file.is_file():
             continue
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
+        stat = file.stat()
+        key = (str(file), stat.st_size, stat.st_mtime_ns)
+        if key not in _FILE_DIGESTS:
+            with file.open("rb") as handle:
+                _FILE_DIGESTS[key] = hashlib.file_digest(handle, "sha256").digest()
+        digest.update(file.name.encode() + b"\0" + _FILE_DIGESTS[key])
     return digest.hexdigest()[:24]
 
 

@@ -153,6 +153,18 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
+/// Pipeline depth of the LUT-GEMM (`STAGES`) and its activation row stride in u16 (`XS`).
+const STAGES: usize = 4;
+const XS: usize = KSTEP + 8;
+
+/// Dynamic shared memory of one LUT-GEMM block: the replicated table, then the ring buffers of
+/// codes, scale words and activations (see `lut_gemm.cu`).
+fn lut_shared_bytes(bits: u32, mt: usize, nt: usize) -> usize {
+    let table = (1usize << (2 * bits)) * 32 * 4;
+    let slots = STAGES * WARPS * mt * 2 * 32;
+    table + slots * bits as usize * 4 + slots * 4 + STAGES * 8 * nt * XS * 2
+}
+
 /// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
 pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, usize)> {
     if batch == 0 {
@@ -228,7 +240,7 @@ pub fn plan_linear(
         partials_offset,
         partial_cols,
         workspace_bytes,
-        shared_bytes: (1usize << (2 * bits)) * 32 * 4,
+        shared_bytes: lut_shared_bytes(bits, mt, nt),
     })
 }
 
@@ -367,7 +379,7 @@ fn prepare(
 ) -> Result<(Kernel, LinearPlan, usize)> {
     let (mt, nt) = tile_shape(batch, shape.out_features, tuning)?;
     let kernel = lut_kernel(dev, bits, act, LutKernel::Mma { mt, nt })?;
-    let shared = (1usize << (2 * bits)) * 32 * 4;
+    let shared = lut_shared_bytes(bits, mt, nt);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
     let plan = plan_linear(
         batch,

@@ -313,11 +313,18 @@ unsafe fn mix_sized<S: Vector, const P: usize>(
     // columns col..col+LANES <= full <= inner. All inputs of a column are loaded before its
     // outputs are stored.
     unsafe {
+        // Scratch registers live across the loop: a fresh array per column would be zeroed
+        // (memset) each time.
+        let mut x = [S::splat(0.0); P];
+        let mut sums = [S::splat(0.0); 14];
+        let mut differences = [S::splat(0.0); 14];
         for g in 0..groups {
             let gp = ptr.add(g * group_len);
             let mut col = 0;
             while col < full {
-                let x: [S::V; P] = std::array::from_fn(|j| S::load(gp.add(j * inner + col)));
+                for (j, xj) in x.iter_mut().enumerate() {
+                    *xj = S::load(gp.add(j * inner + col));
+                }
                 let out = gp.add(col);
                 match P {
                     12 => {
@@ -327,7 +334,7 @@ unsafe fn mix_sized<S: Vector, const P: usize>(
                         paley_one::<S, P, 9>(&x, &NEIGHBOURS_19, stage.transpose, scale, out, inner)
                     }
                     // Symmetric: its own transpose.
-                    _ => paley_two::<S, P>(&x, scale, out, inner),
+                    _ => paley_two::<S, P>(&x, &mut sums, &mut differences, scale, out, inner),
                 }
                 col += lanes;
             }
@@ -455,13 +462,15 @@ unsafe fn paley_one<S: Vector, const N: usize, const K: usize>(
 /// Paley II of order 28 (q = 13) on 28 registers, times `scale` if given:
 /// `H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]`. With `a = (x[2c] + x[2c+1])`,
 /// `b = (x[2c] − x[2c+1])`: `y[2c] = (C a)_c + b_c`, `y[2c+1] = (C b)_c − a_c`. Output `i`
-/// is stored at `out + i·stride`.
+/// is stored at `out + i·stride`; `a` and `b` are scratch.
 ///
 /// # Safety
 /// CPU support for `S`; `N == 28`; `out + i·stride` valid for a register for every `i < N`.
 #[inline(always)]
 unsafe fn paley_two<S: Vector, const N: usize>(
     x: &[S::V; N],
+    a: &mut [S::V; 14],
+    b: &mut [S::V; 14],
     scale: Option<f32>,
     out: *mut f32,
     stride: usize,
@@ -470,10 +479,12 @@ unsafe fn paley_two<S: Vector, const N: usize>(
     debug_assert_eq!(N, 2 * C);
     // SAFETY: CPU support for `S` and valid outputs (caller); every index is below N = 2·C.
     unsafe {
-        let a: [S::V; C] = std::array::from_fn(|c| S::add(x[2 * c], x[2 * c + 1]));
-        let b: [S::V; C] = std::array::from_fn(|c| S::sub(x[2 * c], x[2 * c + 1]));
-        conference_14::<S, false>(&a, &b, scale, out, 2 * stride);
-        conference_14::<S, true>(&b, &a, scale, out.add(stride), 2 * stride);
+        for c in 0..C {
+            a[c] = S::add(x[2 * c], x[2 * c + 1]);
+            b[c] = S::sub(x[2 * c], x[2 * c + 1]);
+        }
+        conference_14::<S, false>(a, b, scale, out, 2 * stride);
+        conference_14::<S, true>(b, a, scale, out.add(stride), 2 * stride);
     }
 }
 

@@ -27,15 +27,19 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
+    // Compile-time trip counts, so every thread's loads are in flight together.
 #pragma unroll
-    for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
-        const int gi = start + i;
-        float v = 0.f;
-        if (gi < P.in_features) {
-            v = act_to_f32(xrow[gi]);
-            if (P.signs) v *= P.signs[gi];
+    for (int j = 0; j < (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+        const int i = threadIdx.x + j * HAD_THREADS;
+        if (i < HAD_TILE) {
+            const int gi = start + i;
+            float v = 0.f;
+            if (gi < P.in_features) {
+                v = act_to_f32(xrow[gi]);
+                if (P.signs) v *= P.signs[gi];
+            }
+            buf[i] = v;
         }
-        buf[i] = v;
     }
     __syncthreads();
 
@@ -43,7 +47,9 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
 #pragma unroll
     for (int s = 0; s + 2 <= HAD_LOG2; s += 2) {
 #pragma unroll
-        for (int q = threadIdx.x; q < HAD_TILE / 4; q += HAD_THREADS) {
+        for (int j = 0; j < (HAD_TILE / 4 + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+            const int q = threadIdx.x + j * HAD_THREADS;
+            if (q >= HAD_TILE / 4) break;
             const int low = q & ((1 << s) - 1);
             const int base = ((q >> s) << (s + 2)) | low;
             const int d = 1 << s;
@@ -100,8 +106,9 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
 
     u16* orow = P.out + (u64)b * P.kp;
 #pragma unroll
-    for (int i = threadIdx.x; i < HAD_TILE; i += HAD_THREADS) {
+    for (int j = 0; j < (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+        const int i = threadIdx.x + j * HAD_THREADS;
         const int gi = start + i;
-        if (gi < P.kp) orow[gi] = f32_to_act(buf[i] * P.scale);
+        if (i < HAD_TILE && gi < P.kp) orow[gi] = f32_to_act(buf[i] * P.scale);
     }
 }
