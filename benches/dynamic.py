@@ -1,24 +1,29 @@
-"""Dynamic HIGGS on SmolLM2-135M: perplexity against stored bits per weight.
+"""Dynamic HIGGS on SmolLM2-135M: perplexity against stored bits per weight (and CPU latency).
 
-Uniform HIGGS (p=2 n=64 and p=2 n=256, groups of 64, whole-row Hadamard) against dynamic
-allocations (``higgs_rs.dynamic``: α's from noise injection, exact knapsack over 7 grids × 3 group
-sizes) at several average budgets. Every configuration is written as a real checkpoint by
-``quantize_checkpoint(..., overrides=...)``, read back with ``load_dequantized`` and evaluated on
-WikiText-2 (first 32 windows × 512 tokens): the bits per weight are the checkpoint's own.
+Uniform HIGGS (one grid for every layer, whole-row Hadamard) against dynamic allocations
+(``higgs_rs.dynamic``: α's from noise injection, the exact knapsack over the default options) at
+several average budgets; optionally also with the 2-bit grids offered, and under a CPU latency
+budget (per-option latencies of the LUT kernel, measured on this machine or read from a file).
+Every configuration is written as a real checkpoint by ``quantize_checkpoint(..., overrides=...)``,
+read back with ``load_dequantized`` and evaluated on WikiText-2 (first 32 windows × 512 tokens):
+the bits per weight are the checkpoint's own.
 
 Writes ``benches/results/dynamic.{md,json,png}``.
 
-    python benches/dynamic.py                     # CPU, about 40 s per evaluation
-    python benches/dynamic.py --device cuda
+    python benches/dynamic.py                                   # CPU, about 40 s per evaluation
+    python benches/dynamic.py --device cuda --with-2bit --latencies benches/results/latency_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +38,38 @@ ANCHORS = [
 ]
 
 
+def load_or_measure_latencies(path: Path | None, table: object, options: list) -> dict | None:
+    """Per-shape latencies of every option (seconds), from ``path`` or measured here (and saved)."""
+    if path is None:
+        return None
+    from higgs_rs.dynamic import measure_latencies
+
+    shapes = sorted(set(table.shapes.values()))  # type: ignore[attr-defined]
+    if path.is_file():
+        data = json.loads(path.read_text())
+        by_label = {
+            tuple(int(x) for x in key.split("x")): dict(zip(data["options"], values, strict=True))
+            for key, values in data["shapes"].items()
+        }
+        missing = [o.label for o in options if o.label not in by_label[shapes[0]]]
+        if missing:
+            raise SystemExit(f"{path} has no latency for {missing}: measure again (delete the file)")
+        print(f"latencies from {path} (measured on {data['machine']})", flush=True)
+        return {s: [by_label[s][o.label] for o in options] for s in shapes}
+    t0 = time.perf_counter()
+    measured = measure_latencies(shapes, options)
+    data = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "what": "best of 30 batch-1 HiggsLinear forward passes (CPU LUT kernel), seconds",
+        "options": [o.label for o in options],
+        "shapes": {f"{r}x{c}": v for (r, c), v in measured.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"measured latencies in {time.perf_counter() - t0:.1f} s; wrote {path}", flush=True)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,14 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha-windows", type=int, default=4)
     parser.add_argument("--alpha-seq-len", type=int, default=256)
     parser.add_argument("--draws", type=int, default=1)
-    parser.add_argument("--with-2bit", action="store_true", help="also offer the 2-bit grids (extra rows)")
+    parser.add_argument("--with-2bit", action="store_true", help="extra rows with the 2-bit grids offered")
+    parser.add_argument("--low-budgets", default="3.0,3.25,3.5", help="budgets of the 2-bit rows")
+    parser.add_argument("--latencies", type=Path, default=None, help="latency JSON (read, or measured here)")
+    parser.add_argument("--latency-rows", default="4.25:1.0,4.5:1.0,4.5:0.9", help="BITS:RATIO rows")
+    parser.add_argument("--sample-rows", type=int, default=256, help="rows per layer for t² (0: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    args.sample_rows = args.sample_rows or None
+
+    import torch
+    from transformers import AutoTokenizer
 
     import higgs_rs
-    import torch
     from higgs_rs import models
     from higgs_rs.dynamic import (
+        REFERENCE_OPTION,
         Option,
         allocate,
         default_options,
@@ -62,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from higgs_rs.eval import load_text, perplexity, tokenize_windows
     from higgs_rs.torch import load_dequantized, load_plain
-    from transformers import AutoTokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = models.smollm2()
@@ -76,32 +120,63 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         progress=True,
     )
-    options = default_options(include_2bit=args.with_2bit)
-    table = measure_errors(model_dir, options, names=names, progress=True)
+    options = default_options()
+    table = measure_errors(model_dir, options, names=names, sample_rows=args.sample_rows, progress=True)
+    latencies = load_or_measure_latencies(args.latencies, table, options)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokens = tokenize_windows(tokenizer, load_text(), args.seq_len, args.windows)
     base = perplexity(load_plain(model_dir).to(args.device), tokens)
     print(f"bf16 perplexity {base:.3f}", flush=True)
 
     plans = []
-    for option, label in (
-        (Option(2, 64, 64), "uniform HIGGS p=2 n=64 (3 bits)"),
-        (Option(2, 256, 64), "uniform HIGGS p=2 n=256 (4 bits)"),
-    ):
+    for p, n, g in ((2, 64, 64), (2, 64, 128), (4, 4096, 64), (4, 8192, 64), (2, 256, 64), (2, 256, 128)):
+        option = Option(p, n, g)
         if option in table.options:
+            label = f"uniform HIGGS p={p} n={n} g{g} ({option.code_bits:g} code bits)"
             plans.append((label, "uniform", uniform_allocation(table, sens.alphas, option)))
-    for budget in (float(b) for b in args.budgets.split(",")):
-        name = f"dynamic HIGGS, budget {budget:g}" + (" (2-bit grids offered)" if args.with_2bit else "")
+
+    def add(name: str, kind: str, tab: object, **budget: object) -> None:
         t0 = time.perf_counter()
-        allocation = allocate(table, sens.alphas, bits_per_weight=budget)
+        allocation = allocate(tab, sens.alphas, latencies=latencies if tab is table else None, **budget)
         print(f"{name}: allocated in {time.perf_counter() - t0:.2f} s; {allocation.describe()}", flush=True)
-        plans.append((name, "dynamic", allocation))
+        plans.append((name, kind, allocation))
+
+    for budget in (float(b) for b in args.budgets.split(",")):
+        add(f"dynamic HIGGS, {budget:g} bits", "dynamic", table, bits_per_weight=budget)
+    if args.with_2bit:
+        table2 = measure_errors(
+            model_dir,
+            default_options(include_2bit=True),
+            names=names,
+            sample_rows=args.sample_rows,
+            progress=True,
+        )
+        for budget in (float(b) for b in args.low_budgets.split(",")):
+            add(
+                f"dynamic HIGGS, {budget:g} bits, 2-bit grids offered",
+                "dynamic, 2-bit offered",
+                table2,
+                bits_per_weight=budget,
+            )
+    reference = None
+    if latencies is not None:
+        k = table.options.index(REFERENCE_OPTION)
+        reference = sum(latencies[table.shapes[n]][k] for n in names)
+        for row in args.latency_rows.split(","):
+            bits, ratio = (float(x) for x in row.split(":"))
+            add(
+                f"dynamic HIGGS, {bits:g} bits, CPU latency <= {ratio:g}x uniform 4-bit",
+                "dynamic + latency",
+                table,
+                bits_per_weight=bits,
+                latency_budget=ratio * reference,
+            )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="higgs-dynamic-") as tmp:
         for i, (name, kind, allocation) in enumerate(plans):
             dst = Path(tmp) / f"q{i}"
-            first = next(iter(allocation.choices.values()))
+            first = Counter(allocation.choices.values()).most_common(1)[0][0]
             t0 = time.perf_counter()
             summary = higgs_rs.quantize_checkpoint(
                 model_dir,
@@ -116,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             model = load_dequantized(dst).to(args.device)
             ppl = perplexity(model, tokens)
             del model
-            counts: dict[str, int] = {}
-            for o in allocation.choices.values():
-                counts[o.label] = counts.get(o.label, 0) + 1
+            latency = None
+            if latencies is not None:
+                latency = (
+                    sum(
+                        latencies[table.shapes[n]][table.options.index(o)]
+                        for n, o in allocation.choices.items()
+                    )
+                    if all(o in table.options for o in allocation.choices.values())
+                    else None
+                )
             row = {
                 "method": name,
                 "kind": kind,
@@ -127,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 "predicted_perplexity": allocation.predicted_perplexity(base),
                 "perplexity": ppl,
                 "exact": allocation.exact,
+                "cpu_latency_ms": None if latency is None else latency * 1e3,
                 "quantize_seconds": seconds,
-                "options": counts,
+                "options": dict(Counter(o.label for o in allocation.choices.values())),
             }
             rows.append(row)
             print(
@@ -145,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 "alpha_settings": sens.settings,
                 "alpha_seconds": sens.seconds,
                 "device": args.device,
+                "reference_cpu_latency_ms": None if reference is None else reference * 1e3,
                 "rows": rows,
             },
             indent=1,
@@ -162,16 +246,18 @@ def write_table(rows: list[dict], base: float, settings: dict, path: Path) -> No
         "blocks quantized, embeddings kept. Bits per weight as stored in the checkpoint (codes and f16",
         f"scales). bf16: {base:.2f}. α's: noise t² = {settings['noise']}, {settings['windows']} x "
         f"{settings['seq_len']} calibration tokens from the end of WikiText-2, "
-        f"{settings['draws']} antithetic draw(s).",
+        f"{settings['draws']} antithetic draw(s). CPU latency: Σ over the 210 layers of one batch-1",
+        "HiggsLinear forward pass (LUT kernel, 2-core CPU, best of 30).",
         "",
-        "| method | bits/weight | perplexity | predicted (linearity) | layers per option |",
-        "|---|---|---|---|---|",
+        "| method | bits/weight | perplexity | predicted (linearity) | CPU ms/token | layers per option |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
+    for r in sorted(rows, key=lambda r: (r["kind"] != "uniform", r["kind"], r["bits_per_weight"])):
         spread = ", ".join(f"{k} {v}" for k, v in sorted(r["options"].items(), key=lambda kv: -kv[1]))
+        latency = "" if r["cpu_latency_ms"] is None else f"{r['cpu_latency_ms']:.1f}"
         lines.append(
             f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | "
-            f"{r['predicted_perplexity']:.2f} | {spread} |"
+            f"{r['predicted_perplexity']:.2f} | {latency} | {spread} |"
         )
     lines += [
         "",
@@ -189,30 +275,38 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    styles = {
+        "dynamic": ("o-", "tab:blue"),
+        "dynamic, 2-bit offered": ("d--", "tab:purple"),
+        "dynamic + latency": ("v", "tab:green"),
+    }
+    for kind, (style, color) in styles.items():
+        sel = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["bits_per_weight"])
+        if sel:
+            ax.plot(
+                [r["bits_per_weight"] for r in sel],
+                [r["perplexity"] for r in sel],
+                style,
+                color=color,
+                label=f"{kind} (measured)",
+            )
     dyn = sorted((r for r in rows if r["kind"] == "dynamic"), key=lambda r: r["bits_per_weight"])
-    uni = [r for r in rows if r["kind"] == "uniform"]
-    ax.plot(
-        [r["bits_per_weight"] for r in dyn],
-        [r["perplexity"] for r in dyn],
-        "o-",
-        color="tab:blue",
-        label="dynamic HIGGS (measured)",
-    )
     ax.plot(
         [r["bits_per_weight"] for r in dyn],
         [r["predicted_perplexity"] for r in dyn],
         "x:",
         color="tab:blue",
         alpha=0.6,
-        label="dynamic HIGGS (predicted)",
+        label="dynamic (predicted)",
     )
+    uni = [r for r in rows if r["kind"] == "uniform"]
     ax.plot(
         [r["bits_per_weight"] for r in uni],
         [r["perplexity"] for r in uni],
         "s",
         color="tab:orange",
-        label="uniform HIGGS p=2, g64",
+        label="uniform HIGGS",
     )
     for name, bits, ppl in ANCHORS:
         ax.plot(bits, ppl, "^", color="gray")
@@ -222,9 +316,21 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     ax.axhline(base, color="k", lw=0.8, ls="--", label=f"bf16 ({base:.2f})")
     ax.set_xlabel("stored bits per weight (quantized layers)")
     ax.set_ylabel("WikiText-2 perplexity")
+    top = min(60.0, max(r["perplexity"] for r in rows) + 2)
+    ax.set_ylim(base - 1, top)
+    for r in rows:
+        if r["perplexity"] > top:
+            ax.annotate(
+                f"{r['method'].replace('uniform HIGGS ', '')}: {r['perplexity']:.0f} ↑",
+                (r["bits_per_weight"], top - 0.5),
+                fontsize=6,
+                ha="center",
+                va="top",
+                color="gray",
+            )
     ax.set_title("SmolLM2-135M: dynamic vs uniform HIGGS")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     print(f"wrote {path}")

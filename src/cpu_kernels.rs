@@ -7,7 +7,7 @@
 //! `y[r] = Σ_groups scale[r, g] · Σ_{tuples t in g} ⟨grid[code[r, t]], x_rot[t·p .. t·p + p]⟩`.
 //!
 //! Paths (picked per call by [`kernel_path`], the same for every thread count):
-//! - `avx512`: x86-64 with AVX-512 F/BW/VBMI, for p ∈ {1, 2}, n ≤ 256 and groups holding whole
+//! - `avx512`: x86-64 with AVX-512 F/BW/VL/VBMI, for p ∈ {1, 2}, n ≤ 256 and groups holding whole
 //!   runs of 16 codes (`group_size % (16·p) == 0`): table lookups with byte permutes, see
 //!   `cpu_kernels/avx512.rs`.
 //! - `avx2`: x86-64 with AVX2 + FMA, for p ∈ {1, 2}, any n, `group_size % (8·p) == 0`:

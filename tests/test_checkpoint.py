@@ -43,14 +43,19 @@ def test_output_layout_and_bits(smollm2: Path, quantized: Path) -> None:
     assert modules["model.layers.0.mlp.down_proj"]["hadamard_size"] == 1536
     assert modules["model.layers.0.self_attn.q_proj"]["padded_in_features"] == 576
     assert qc["bits_per_weight"] == pytest.approx(4.25)
-    with safe_open(str(quantized / "model.safetensors"), "pt") as out, safe_open(
-        str(smollm2 / "model.safetensors"), "pt"
-    ) as src:
+    with (
+        safe_open(str(quantized / "model.safetensors"), "pt") as out,
+        safe_open(str(smollm2 / "model.safetensors"), "pt") as src,
+    ):
         keys = set(out.keys())
         assert "model.layers.0.mlp.up_proj.higgs_codes" in keys
         assert "model.layers.0.mlp.up_proj.weight" not in keys
         assert "higgs.grid.p2_n256_v1" in keys and "higgs.signs" in keys
-        for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.3.input_layernorm.weight"):
+        for name in (
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "model.layers.3.input_layernorm.weight",
+        ):
             assert torch.equal(out.get_tensor(name), src.get_tensor(name)), name
     assert (quantized / "tokenizer.json").is_file()
     assert not list(quantized.glob(".*tmp*"))
@@ -63,7 +68,9 @@ def test_same_bytes_any_thread_count(smollm2: Path, quantized: Path, tmp_path: P
     assert (again / "config.json").read_bytes() == (quantized / "config.json").read_bytes()
 
 
-def test_refuses_to_overwrite_and_dry_run_writes_nothing(smollm2: Path, quantized: Path, tmp_path: Path) -> None:
+def test_refuses_to_overwrite_and_dry_run_writes_nothing(
+    smollm2: Path, quantized: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="overwrite"):
         higgs_rs.quantize_checkpoint(smollm2, quantized, bits=4, progress=False)
     plan = higgs_rs.quantize_checkpoint(smollm2, tmp_path / "none", bits=3, p=1, dry_run=True)
@@ -93,7 +100,9 @@ def test_dequantized_model_quality_and_lut_model_agree(smollm2: Path, quantized:
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-3)
 
 
-def test_cli_quantize_and_eval(smollm2: Path, quantized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantize_and_eval(
+    smollm2: Path, quantized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from higgs_rs.cli import main
 
     dst = tmp_path / "cli"
@@ -102,3 +111,42 @@ def test_cli_quantize_and_eval(smollm2: Path, quantized: Path, tmp_path: Path, c
     assert main(["eval", str(dst), "--windows", "1", "--seq-len", "128", "--quiet"]) == 0
     assert "perplexity" in capsys.readouterr().out
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x"), "--quiet"]) == 2
+
+
+def test_patch_in_memory_equals_the_checkpoint(smollm2: Path, quantized: Path) -> None:
+    from higgs_rs.torch import HiggsLinear, load_plain
+
+    patched = higgs_rs.patch(load_plain(smollm2), bits=4, p=2)
+    layer = patched.model.layers[0].mlp.down_proj
+    assert isinstance(layer, HiggsLinear)
+    loaded = higgs_rs.load(quantized)
+    assert torch.equal(layer.codes, loaded.model.layers[0].mlp.down_proj.codes)
+    ids = torch.tensor([[1, 504, 3458, 314, 4649, 253]])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            patched(ids).logits.numpy(), loaded(ids).logits.numpy(), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_generate_and_demo_run(quantized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from higgs_rs.cli import main
+
+    assert (
+        main(["generate", str(quantized), "--prompt", "The capital of France is", "--max-new-tokens", "4"])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("The capital of France is")
+    args = [
+        "demo",
+        "--windows",
+        "1",
+        "--seq-len",
+        "128",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(tmp_path / "d"),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "HIGGS" in out and (tmp_path / "d" / "config.json").is_file()

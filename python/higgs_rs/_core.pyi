@@ -136,3 +136,18 @@ def cuda_dequantize_rotated(
     stream: int,
     device: int,
 ) -> None: ...
+def allocate(
+    costs: list[list[int]],
+    errors: list[list[float]],
+    budget: int,
+    *,
+    second_costs: list[list[int]] | None = None,
+    second_budget: int | None = None,
+    max_cells: int = 67108864,
+) -> dict[str, object]:
+    """One option per layer minimizing Σ errors under Σ costs <= budget (and the second budget):
+    {"choices", "cost", "error", "lower_bound", "exact", "unit"}."""
+    ...
+def stored_bits(
+    rows: int, cols: int, p: int, n: int, hadamard_size: int | None = None, group_size: int = 64
+) -> int: ...

@@ -24,7 +24,9 @@ def _selfcheck(args: argparse.Namespace) -> int:
     failed = False
     for p, bits, reference, name in checks:
         start = time.perf_counter()
-        q = higgs_rs.quantize_tensor(weights, bits=bits, p=p, group_size=args.group_size, threads=args.threads)
+        q = higgs_rs.quantize_tensor(
+            weights, bits=bits, p=p, group_size=args.group_size, threads=args.threads
+        )
         seconds = time.perf_counter() - start
         rate = rows * cols / seconds / 1e6
         # Scales estimated per group add a little error over the grid's own MSE.
@@ -92,7 +94,8 @@ def _quantize(args: argparse.Namespace) -> int:
     print(
         f"{summary['quantized']} of {summary['tensors']} tensors quantized at "
         f"{summary['bits_per_weight']:.4f} bits/weight; {summary['source_bytes'] / 1e6:.1f} MB -> "
-        f"{summary['output_bytes'] / 1e6:.1f} MB in {seconds:.1f} s ({rate:.1f} M weights/s); wrote {args.dst}"
+        f"{summary['output_bytes'] / 1e6:.1f} MB in {seconds:.1f} s ({rate:.1f} M weights/s); "
+        f"wrote {args.dst}"
     )
     return 0
 
@@ -130,7 +133,10 @@ def _generate_text(model: object, tokenizer: object, prompt: str, max_new_tokens
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)  # type: ignore[operator,attr-defined]
     with torch.no_grad():
         out = model.generate(  # type: ignore[attr-defined]
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id  # type: ignore[attr-defined]
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
         )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
 
@@ -162,8 +168,12 @@ def _demo(args: argparse.Namespace) -> int:
     src = models.smollm2()
     print(f"   {src} ({_dir_bytes(src) / 1e6:.1f} MB bf16; ready in {time.perf_counter() - start:.1f} s)")
 
-    dst = Path(args.output) if args.output else models.cache_dir() / f"SmolLM2-135M-Instruct-higgs{args.bits:g}"
-    print(f"== 2. quantize: HIGGS p={args.p}, {args.bits:g} bits, group {args.group_size}, whole-row Hadamard")
+    dst = (
+        Path(args.output) if args.output else models.cache_dir() / f"SmolLM2-135M-Instruct-higgs{args.bits:g}"
+    )
+    print(
+        f"== 2. quantize: HIGGS p={args.p}, {args.bits:g} bits, group {args.group_size}, whole-row Hadamard"
+    )
     summary = quantize_checkpoint(
         src, dst, bits=args.bits, p=args.p, group_size=args.group_size, overwrite=True, progress=True
     )
@@ -192,7 +202,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=float, default=4.0, help="code bits per weight (default 4)")
     parser.add_argument("--p", type=int, default=2, help="grid dimension: 1 scalar, 2..4 vector (default 2)")
-    parser.add_argument("--group-size", type=int, default=64, help="rotated weights per f16 scale (default 64)")
+    parser.add_argument(
+        "--group-size", type=int, default=64, help="rotated weights per f16 scale (default 64)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--text", default=None, help="evaluation text (default: WikiText-2 test)")
     demo.add_argument("--prompt", default="The capital of France is")
     demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--output", default=None, help="where to write the quantized model (default: the cache)")
+    demo.add_argument(
+        "--output", default=None, help="where to write the quantized model (default: the cache)"
+    )
     demo.set_defaults(run=_demo)
 
     quant = sub.add_parser("quantize", help="quantize a safetensors checkpoint directory with HIGGS")
@@ -248,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--windows", type=int, default=32)
-    ev.add_argument("--lut-kernels", action="store_true", help="run HIGGS layers on the codes, not dequantized")
+    ev.add_argument(
+        "--lut-kernels", action="store_true", help="run HIGGS layers on the codes, not dequantized"
+    )
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(run=_eval)
 

@@ -95,12 +95,16 @@ def minilm() -> Path:
 
 
 def wikitext2_path() -> Path:
-    """WikiText-2 test text: ``$HIGGS_RS_WIKITEXT`` or ``shared/data/wikitext2_test.txt`` beside the checkout."""
+    """WikiText-2 test text: ``$HIGGS_RS_WIKITEXT``, else ``shared/data/wikitext2_test.txt`` beside
+    the checkout."""
     env = os.environ.get("HIGGS_RS_WIKITEXT")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve()
     for parent in here.parents:
-        candidates += [parent / "shared" / "data" / "wikitext2_test.txt", parent.parent / "shared" / "data" / "wikitext2_test.txt"]
+        candidates += [
+            parent / "shared" / "data" / "wikitext2_test.txt",
+            parent.parent / "shared" / "data" / "wikitext2_test.txt",
+        ]
     candidates.append(Path.cwd().parent / "shared" / "data" / "wikitext2_test.txt")
     for path in candidates:
         if path.is_file():

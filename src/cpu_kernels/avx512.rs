@@ -1,4 +1,4 @@
-//! The AVX-512 (F + BW + VBMI) LUT kernels, tested against the scalar path in `cpu_kernels`.
+//! The AVX-512 (F + BW + VL + VBMI) LUT kernels, tested against the scalar path in `cpu_kernels`.
 //!
 //! Codes are processed in chunks of 64. Two front ends turn a chunk into f32 grid coordinates:
 //! - byte planes (p ∈ {1, 2}, n ≤ 256): every coordinate's 4 bytes are looked up in 4 byte
@@ -36,6 +36,7 @@ const BATCH_BLOCK: usize = 8;
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
@@ -80,7 +81,7 @@ impl Plan {
     /// The plan for these weights, or why the kernels cannot take them.
     pub(super) fn new(w: &LutWeights<'_>, layout: &Layout) -> Result<Plan, String> {
         if !available() {
-            return Err("this CPU lacks AVX-512 F/BW/VBMI".into());
+            return Err("this CPU lacks AVX-512 F/BW/VL/VBMI".into());
         }
         if w.p > 2 || w.n > 256 {
             return Err(format!(
@@ -190,21 +191,21 @@ impl Plan {
         out
     }
 
-    /// One f32 scale per run of 16 codes (4 per chunk); runs past the last group take the last
-    /// scale (their activations are zero).
+    /// One f32 scale per run of 16 codes (4 per chunk). Runs that start past the padded row have
+    /// zero activations, so any finite scale does for them (0 or the last group's).
     fn expand_lane_scales(&self, scales: &[f16], out: &mut [f32]) {
         let m = self.lanes_per_group;
-        let last = self.groups - 1;
-        let bits: &[u16] = bytemuck::cast_slice(scales);
-        // Vector fast paths for the common layouts (one or two runs per group: p·16 or p·32
-        // values per scale; four: p = 1 with 64); the rest one lane at a time.
-        let done = match m {
-            // SAFETY: `Plan` exists, so AVX-512F and F16C are available (see `Plan::new`).
-            1 | 2 | 4 => unsafe { expand_lane_scales_simd(bits, m, out) },
-            _ => 0,
-        };
-        for (lane, o) in out.iter_mut().enumerate().skip(done) {
-            *o = scales[(lane / m).min(last)].to_f32();
+        match m {
+            // The common layouts (one, two or four runs per group: 16·p, 32·p or 64·p values per
+            // scale) in SIMD.
+            // SAFETY: `Plan` exists, so AVX-512F/BW and F16C are available (see `Plan::new`).
+            1 | 2 | 4 => unsafe { expand_lane_scales_simd(bytemuck::cast_slice(scales), m, out) },
+            _ => {
+                let last = self.groups - 1;
+                for (lane, o) in out.iter_mut().enumerate() {
+                    *o = scales[(lane / m).min(last)].to_f32();
+                }
+            }
         }
     }
 
@@ -291,55 +292,46 @@ fn f32s_to_m512i(values: &[f32; 16]) -> __m512i {
     unsafe { std::mem::transmute::<[f32; 16], __m512i>(*values) }
 }
 
-/// Lane scales for 1, 2 or 4 runs per group, 16 lanes per step; returns how many lanes it
-/// filled (the caller fills the rest, which includes every lane past the last group).
+/// Lane scales for `m` ∈ {1, 2, 4} runs per group, 16 lanes per step; lanes past the last
+/// group get 0.
 ///
 /// # Safety
-/// Needs AVX-512F and F16C.
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn expand_lane_scales_simd(scales: &[u16], m: usize, out: &mut [f32]) -> usize {
+/// Needs AVX-512F/BW/VL and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn expand_lane_scales_simd(scales: &[u16], m: usize, out: &mut [f32]) {
     let groups_per_step = 16 / m;
-    // Lane l of a step takes the scale l / m of the step's groups.
-    let index = _mm512_setr_epi32(
-        0,
-        1 / m as i32,
-        2 / m as i32,
-        3 / m as i32,
-        4 / m as i32,
-        5 / m as i32,
-        6 / m as i32,
-        7 / m as i32,
-        8 / m as i32,
-        9 / m as i32,
-        10 / m as i32,
-        11 / m as i32,
-        12 / m as i32,
-        13 / m as i32,
-        14 / m as i32,
-        15 / m as i32,
-    );
+    // Lane l of a step takes scale l / m of the step's groups.
+    let index = match m {
+        1 => _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        2 => _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+        _ => _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+    };
     let mut lanes = 0;
     let mut group = 0;
-    while group + 16 <= scales.len() && lanes + 16 <= out.len() {
-        // SAFETY: 16 scales from `group` are in bounds (loop condition); 16 lanes from
-        // `lanes` are in bounds of `out`.
+    while lanes < out.len() {
+        let groups_left = scales.len().saturating_sub(group).min(16);
+        let lanes_left = (out.len() - lanes).min(16);
+        // SAFETY: the masked load reads only the `groups_left` scales from `group` (none when
+        // past the end; the pointer is then not dereferenced), the masked store writes only the
+        // `lanes_left` lanes from `lanes`.
         unsafe {
-            let halves = _mm256_loadu_si256(scales.as_ptr().add(group) as *const __m256i);
+            let from = scales.as_ptr().wrapping_add(group) as *const i16;
+            let halves = _mm256_maskz_loadu_epi16(((1u32 << groups_left) - 1) as u16, from);
             let values = _mm512_permutexvar_ps(index, _mm512_cvtph_ps(halves));
-            _mm512_storeu_ps(out.as_mut_ptr().add(lanes), values);
+            let to = out.as_mut_ptr().add(lanes);
+            _mm512_mask_storeu_ps(to, ((1u32 << lanes_left) - 1) as u16, values);
         }
         group += groups_per_step;
         lanes += 16;
     }
-    lanes
 }
 
 /// 64 codes of chunk `k` of `row` as bytes (zero past the row's end).
 ///
 /// # Safety
-/// Needs AVX-512F/BW/VBMI; chunk `k` must start inside the row.
+/// Needs AVX-512F/BW/VL/VBMI; chunk `k` must start inside the row.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn load_codes(plan: &Plan, row: &[u8], k: usize) -> __m512i {
     if plan.bits == 8 {
         let start = k * CHUNK;
@@ -374,9 +366,9 @@ unsafe fn load_codes(plan: &Plan, row: &[u8], k: usize) -> __m512i {
 /// One coordinate's bytes, looked up in a table of `T` registers.
 ///
 /// # Safety
-/// Needs AVX-512F/BW/VBMI; `table` points at `T` registers.
+/// Needs AVX-512F/BW/VL/VBMI; `table` points at `T` registers.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn lookup_plane<const T: usize>(
     table: *const __m512i,
     idx: __m512i,
@@ -399,9 +391,9 @@ unsafe fn lookup_plane<const T: usize>(
 /// The byte-plane front end: chunk `k`'s codes to `[coordinate][register]` floats.
 ///
 /// # Safety
-/// Needs AVX-512F/BW/VBMI; chunk `k` must start inside `row`; `plan.tables` holds `4·P·T` registers.
+/// Needs AVX-512F/BW/VL/VBMI; chunk `k` must start inside `row`; `plan.tables` holds `4·P·T` registers.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn plane_front<const P: usize, const T: usize>(
     plan: &Plan,
     row: &[u8],
@@ -448,9 +440,9 @@ unsafe fn chunk_scales(lane_scales: &[f32], k: usize) -> __m128 {
 /// Byte-plane row kernel for `B` batch rows.
 ///
 /// # Safety
-/// Needs AVX-512F/BW/VBMI and FMA (a `Plan` proves it); `row` is one row's codes,
+/// Needs AVX-512F/BW/VL/VBMI and FMA (a `Plan` proves it); `row` is one row's codes,
 /// `lane_scales` holds `4 · chunks`, `x` holds `B · stride`, `out` holds `B`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,fma")]
 unsafe fn plane_kernel<const P: usize, const T: usize, const B: usize>(
     plan: &Plan,
     row: &[u8],
@@ -493,7 +485,7 @@ unsafe fn plane_kernel<const P: usize, const T: usize, const B: usize>(
 ///
 /// # Safety
 /// As [`plane_kernel`]; `plan.tables[0]` holds the 16 grid values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,fma")]
 unsafe fn nibble_kernel<const B: usize>(
     plan: &Plan,
     row: &[u8],

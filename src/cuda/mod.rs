@@ -211,8 +211,14 @@ pub fn plan_linear(
     } else if tuning.splits > 0 {
         tuning.splits
     } else {
-        // About one full wave of blocks, each warp keeping at least two super-steps.
-        ((slots + row_tiles / 2) / row_tiles).clamp(1, (total_steps / 2).clamp(1, MAX_SPLITS))
+        // Fewest waves × (super-steps per item + about two for filling the pipeline): the
+        // critical path; each warp keeps at least two super-steps, ties go to fewer splits.
+        let max_splits = (total_steps / 2).clamp(1, MAX_SPLITS);
+        (1..=max_splits)
+            .min_by_key(|&s| {
+                (row_tiles * s).div_ceil(slots) * (total_steps.div_ceil(s) + 2) * 64 + s
+            })
+            .unwrap_or(1)
     };
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);

@@ -327,12 +327,22 @@ unsafe fn mix_sized<S: Vector, const P: usize>(
                 }
                 let out = gp.add(col);
                 match P {
-                    12 => {
-                        paley_one::<S, P, 5>(&x, &NEIGHBOURS_11, stage.transpose, scale, out, inner)
-                    }
-                    20 => {
-                        paley_one::<S, P, 9>(&x, &NEIGHBOURS_19, stage.transpose, scale, out, inner)
-                    }
+                    12 => paley_one::<S, P, 11, 5>(
+                        &x,
+                        &NEIGHBOURS_11,
+                        stage.transpose,
+                        scale,
+                        out,
+                        inner,
+                    ),
+                    20 => paley_one::<S, P, 19, 9>(
+                        &x,
+                        &NEIGHBOURS_19,
+                        stage.transpose,
+                        scale,
+                        out,
+                        inner,
+                    ),
                     // Symmetric: its own transpose.
                     _ => paley_two::<S, P>(&x, &mut sums, &mut differences, scale, out, inner),
                 }
@@ -420,9 +430,9 @@ unsafe fn sum_range<S: Vector>(x: &[S::V], first: usize, last: usize) -> S::V {
 /// CPU support for `S`; `neighbours` from [`residue_neighbours`] for `q = N − 1`; `out + i·stride`
 /// valid for a register for every `i < N`.
 #[inline(always)]
-unsafe fn paley_one<S: Vector, const N: usize, const K: usize>(
+unsafe fn paley_one<S: Vector, const N: usize, const Q: usize, const K: usize>(
     x: &[S::V; N],
-    neighbours: &[[usize; K]],
+    neighbours: &[[usize; K]; Q],
     transpose: bool,
     scale: Option<f32>,
     out: *mut f32,

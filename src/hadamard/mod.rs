@@ -30,16 +30,23 @@
 //!
 //! # Implementations
 //!
-//! `scalar` is the plain reference. The SIMD paths (`avx512`, `avx2`, `neon`) share one generic
-//! algorithm (`kernel`): the power-of-two transform does all in-register stages (lane shuffles,
-//! then up to 8 or 16 registers) in a first pass and the remaining stages in radix-16/8/4/2
-//! passes; each Paley factor is a small dense matrix applied across its sub-vectors, vectorized
-//! along the contiguous axis; the 1/sqrt(n) scale is folded into the last stage. When `2^k` is
-//! shorter than a register, a register holds several sub-vectors and the fast Paley factor
-//! multiplies broadcast sub-vectors by per-lane coefficients; when `2^k` is below a quarter
-//! register, `H_fast ⊗ S_{2^k}` is applied as one dense matrix instead. The path is chosen once
-//! per process by runtime CPU detection; the environment variable `HIGGS_SIMD`
-//! (`scalar`, `avx2`, `avx512`, `neon`) forces a path the CPU supports, for tests and benchmarks.
+//! `scalar` is the plain reference (dense Paley matrices, radix-2 butterflies); the SIMD paths
+//! (`avx512`, `avx2`, `neon`) share one generic algorithm (`kernel`) and are tested against it:
+//! - the data goes through in chunks of whole blocks of about 32 KiB, every stage on a chunk
+//!   before the next, so it crosses the memory bus once;
+//! - the power-of-two part: a first pass does all in-register stages (lane shuffles, then up
+//!   to 8 or 16 registers), then radix-16/8/4/2 passes over larger strides;
+//! - each Paley factor mixes its sub-vectors, vectorized along the contiguous axis, through
+//!   the structure of the Paley matrix (quadratic-residue sums, about a third to a half of the
+//!   operations of a dense product);
+//! - when `2^k` is shorter than a register (but at least a quarter of one), a register holds
+//!   several sub-vectors and the fast Paley factor multiplies broadcast sub-vectors by per-lane
+//!   coefficients; below a quarter, `H_fast ⊗ S_{2^k}` is one dense matrix;
+//! - the 1/sqrt(n) scale rides on the last stage.
+//!
+//! The path is chosen once per process by runtime CPU detection; the environment variable
+//! `HIGGS_SIMD` (`scalar`, `avx2`, `avx512`, `neon`) forces a path the CPU supports, for tests
+//! and benchmarks ([`forward_with`] picks one per call).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(target_arch = "x86_64")]
@@ -73,12 +80,24 @@ fn split_order(n: usize) -> Option<(usize, usize)> {
     if !(2..=MAX_ORDER).contains(&n) {
         return None;
     }
-    // The odd parts of the base orders are distinct (1, 3, 5, 7, 9, 15, 21, 25, 35, 49),
-    // so the decomposition is unique.
-    BASE_ORDERS
-        .iter()
-        .find(|&&m| n.is_multiple_of(m) && (n / m).is_power_of_two())
-        .map(|&m| (m, n / m))
+    // The odd parts of the base orders are distinct, so the odd part of n names m, and the
+    // decomposition is unique. No divisions: this runs on every call.
+    let twos = n.trailing_zeros();
+    let m: usize = match n >> twos {
+        1 => 1,
+        3 => 12,
+        5 => 20,
+        7 => 28,
+        9 => 144,
+        15 => 240,
+        21 => 336,
+        25 => 400,
+        35 => 560,
+        49 => 784,
+        _ => return None,
+    };
+    let m_twos = m.trailing_zeros();
+    (twos >= m_twos).then(|| (m, 1 << (twos - m_twos)))
 }
 
 /// The Paley factors of a base order, slow index first.

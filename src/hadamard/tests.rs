@@ -64,6 +64,14 @@ fn supported_orders_follow_the_rule() {
     ] {
         assert!(!is_supported_order(n), "{n} should not be supported");
     }
+    // The rule, literally, for every n up to past the limit.
+    for n in 0..MAX_ORDER + 100 {
+        let by_rule = (2..=MAX_ORDER).contains(&n)
+            && BASE_ORDERS
+                .iter()
+                .any(|&m| n % m == 0 && (n / m).is_power_of_two());
+        assert_eq!(is_supported_order(n), by_rule, "n = {n}");
+    }
     let all = supported_orders();
     assert!(all.iter().all(|&n| (2..=MAX_ORDER).contains(&n)));
     for n in &all {
