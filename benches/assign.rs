@@ -9,8 +9,8 @@ fn bench_assign(c: &mut Criterion) {
     let mut group = c.benchmark_group("assign");
     for (p, n) in [(1usize, 16usize), (2, 256), (3, 4096), (4, 8192)] {
         let assigner = Assigner::for_grid(p, n).expect("shipped grid");
-        // 2^20 weights: the size of a few rows of a large layer, past the L2 cache.
-        let weights = 1 << 20;
+        // About 2^20 weights (whole tuples): a few rows of a large layer, past the L2 cache.
+        let weights = (1 << 20) / p * p;
         let mut xs = vec![0f32; weights];
         SplitMix64::new(42).fill_gaussian(&mut xs);
         let mut codes = vec![0u32; weights / p];

@@ -75,7 +75,12 @@ def higgs(
 
         def quantize(w: np.ndarray, name: str = "") -> Quantized:
             q = higgs_rs.quantize_tensor(
-                w, bits=bits, p=p, hadamard_size=hadamard_size, group_size=group_size, seed=seed,
+                w,
+                bits=bits,
+                p=p,
+                hadamard_size=hadamard_size,
+                group_size=group_size,
+                seed=seed,
                 threads=QUANT_THREADS,
             )
             back = higgs_rs.dequantize(q)
@@ -99,26 +104,52 @@ def methods() -> list[Method]:
         Method("RTN asym 4b g64", "RTN", lambda: peers.rtn_asymmetric(4, 64), quick=True),
         Method("RTN asym 3b g64", "RTN", lambda: peers.rtn_asymmetric(3, 64)),
         Method("RTN asym 2b g64", "RTN", lambda: peers.rtn_asymmetric(2, 64)),
-        Method("bnb NF4 g64", "bitsandbytes", lambda: peers.bnb_4bit("nf4", 64, False), quick=True,
-               detail="absmax fp32"),
-        Method("bnb NF4 g64 double-quant", "bitsandbytes", lambda: peers.bnb_4bit("nf4", 64, True),
-               detail="absmax 8-bit + fp32 per 256 blocks"),
+        Method(
+            "bnb NF4 g64",
+            "bitsandbytes",
+            lambda: peers.bnb_4bit("nf4", 64, False),
+            quick=True,
+            detail="absmax fp32",
+        ),
+        Method(
+            "bnb NF4 g64 double-quant",
+            "bitsandbytes",
+            lambda: peers.bnb_4bit("nf4", 64, True),
+            detail="absmax 8-bit + fp32 per 256 blocks",
+        ),
         Method("bnb FP4 g64", "bitsandbytes", lambda: peers.bnb_4bit("fp4", 64, False)),
         Method("HQQ 4b g64", "HQQ", lambda: peers.hqq(4, 64)),
         Method("HQQ 3b g64", "HQQ", lambda: peers.hqq(3, 64)),
     ]
     for t in ("Q4_0", "IQ4_NL", "Q4_K", "IQ4_XS", "Q3_K", "IQ3_S", "Q2_K"):
-        out.append(Method(f"llama.cpp {t}", "llama.cpp", lambda t=t: peers.ggml_type(t, fallback=False),
-                          quick=t in ("Q4_0", "IQ4_NL")))
+        out.append(
+            Method(
+                f"llama.cpp {t}",
+                "llama.cpp",
+                lambda t=t: peers.ggml_type(t, fallback=False),
+                quick=t in ("Q4_0", "IQ4_NL"),
+            )
+        )
         if t in peers.GGML_FALLBACK:
             fb = peers.GGML_FALLBACK[t]
-            out.append(Method(f"llama.cpp {t} (+{fb} fallback)", "llama.cpp",
-                              lambda t=t: peers.ggml_type(t, fallback=True),
-                              detail=f"rows whose width is not a multiple of 256 get {fb}, as llama.cpp does"))
+            out.append(
+                Method(
+                    f"llama.cpp {t} (+{fb} fallback)",
+                    "llama.cpp",
+                    lambda t=t: peers.ggml_type(t, fallback=True),
+                    detail=f"rows whose width is not a multiple of 256 get {fb}, as llama.cpp does",
+                )
+            )
     # HIGGS: bits × grid dimension, whole-row Hadamard, g64, random signs.
     for bits, p in ((4, 1), (4, 2), (4, 3), (3, 1), (3, 2), (3, 3), (3, 4), (2, 1), (2, 2), (2, 3), (2, 4)):
-        out.append(Method(higgs_name(bits, p, None, 64, 0), "HIGGS", higgs(bits, p, None, 64, 0),
-                          quick=(bits, p) == (4, 2)))
+        out.append(
+            Method(
+                higgs_name(bits, p, None, 64, 0),
+                "HIGGS",
+                higgs(bits, p, None, 64, 0),
+                quick=(bits, p) == (4, 2),
+            )
+        )
     # Hadamard extent and signs (p2 4 bits g64).
     for h in (64, 128, 256, 512, 1024):
         out.append(Method(higgs_name(4, 2, h, 64, 0), "HIGGS", higgs(4, 2, h, 64, 0)))
@@ -138,7 +169,13 @@ def methods() -> list[Method]:
         import higgs_variants
 
         out.extend(
-            Method(v.name, "HIGGS (variant)", v.make, detail=v.detail) for v in higgs_variants.variants()
+            Method(
+                v.name,
+                "HIGGS-rms (before)" if v.name.startswith("HIGGS-rms") else "HIGGS (variant)",
+                v.make,
+                detail=v.detail,
+            )
+            for v in higgs_variants.variants()
         )
     except ImportError as exc:  # the prototypes are optional
         print(f"[compare] HIGGS variants not loaded: {exc}", file=sys.stderr)
@@ -191,8 +228,10 @@ class Applied:
     def note(self) -> str:
         parts = []
         if self.unsupported:
-            parts.append(f"cannot take {len(self.unsupported)} of {len(self.unsupported) + len(self.layers)} "
-                         f"layers ({self.unsupported[0]}); not evaluated")
+            parts.append(
+                f"cannot take {len(self.unsupported)} of {len(self.unsupported) + len(self.layers)} "
+                f"layers ({self.unsupported[0]}); not evaluated"
+            )
         fallbacks: dict[str, int] = {}
         for r in self.layers:
             if r.note:
@@ -202,7 +241,9 @@ class Applied:
         return "; ".join(parts)
 
 
-def apply_method(quantize: Quantizer, linears: dict[str, object], originals: dict[str, np.ndarray]) -> Applied:
+def apply_method(
+    quantize: Quantizer, linears: dict[str, object], originals: dict[str, np.ndarray]
+) -> Applied:
     """Quantize every layer (one thread), write the dequantized weights into the model."""
     import torch
 
@@ -221,8 +262,14 @@ def apply_method(quantize: Quantizer, linears: dict[str, object], originals: dic
             if result.weight.shape != w.shape or not np.all(np.isfinite(result.weight)):
                 raise RuntimeError(f"{name}: the quantizer returned a bad matrix")
             applied.layers.append(
-                LayerResult(name, w.shape, result.stored_bits, peers.relative_mse(w, result.weight),
-                            seconds, result.note)
+                LayerResult(
+                    name,
+                    w.shape,
+                    result.stored_bits,
+                    peers.relative_mse(w, result.weight),
+                    seconds,
+                    result.note,
+                )
             )
             linears[name].weight.data.copy_(torch.from_numpy(result.weight))  # type: ignore[attr-defined]
     finally:
@@ -257,14 +304,33 @@ class Testbed:
         raise NotImplementedError
 
 
-SMOL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SMOL_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 class SmolLM2(Testbed):
     name = "smollm2"
-    columns = ["method", "family", "bits_per_weight", "perplexity", "mean_rel_mse", "quant_seconds",
-               "quant_threads", "mweights_per_s", "layers", "windows", "seq_len", "note"]
+    columns = [
+        "method",
+        "family",
+        "bits_per_weight",
+        "perplexity",
+        "mean_rel_mse",
+        "quant_seconds",
+        "quant_threads",
+        "mweights_per_s",
+        "layers",
+        "windows",
+        "seq_len",
+        "note",
+    ]
 
     def __init__(self, windows: int, seq_len: int) -> None:
         import torch
@@ -299,8 +365,14 @@ class SmolLM2(Testbed):
         return self.evaluate()
 
 
-MINILM_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense", "intermediate.dense", "output.dense")
+MINILM_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 
 
 def wikitext_sentences(count: int, min_words: int = 6, max_words: int = 60) -> list[str]:
@@ -323,8 +395,22 @@ def wikitext_sentences(count: int, min_words: int = 6, max_words: int = 60) -> l
 
 class MiniLM(Testbed):
     name = "minilm"
-    columns = ["method", "family", "bits_per_weight", "cos_mean", "cos_min", "cos_p01", "mean_rel_mse",
-               "max_rel_mse", "quant_seconds", "quant_threads", "mweights_per_s", "layers", "sentences", "note"]
+    columns = [
+        "method",
+        "family",
+        "bits_per_weight",
+        "cos_mean",
+        "cos_min",
+        "cos_p01",
+        "mean_rel_mse",
+        "max_rel_mse",
+        "quant_seconds",
+        "quant_threads",
+        "mweights_per_s",
+        "layers",
+        "sentences",
+        "note",
+    ]
 
     def __init__(self, sentences: int) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,8 +424,9 @@ class MiniLM(Testbed):
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         self.sentences = wikitext_sentences(sentences)
         self.batches = [
-            tokenizer(self.sentences[i : i + 64], padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
+            tokenizer(
+                self.sentences[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
             for i in range(0, len(self.sentences), 64)
         ]
         self.linears = {}
@@ -371,8 +458,11 @@ class MiniLM(Testbed):
         cos = np.sum(emb * self.reference, axis=1) / (
             np.linalg.norm(emb, axis=1) * np.linalg.norm(self.reference, axis=1)
         )
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                "cos_p01": float(np.quantile(cos, 0.01))}
+        return {
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "cos_p01": float(np.quantile(cos, 0.01)),
+        }
 
     def baseline(self) -> dict[str, object]:
         return {"cos_mean": 1.0, "cos_min": 1.0, "cos_p01": 1.0}
@@ -408,8 +498,9 @@ def write_rows(path: Path, columns: list[str], rows: Iterable[dict[str, object]]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, "")
-                             for k in columns})
+            writer.writerow(
+                {k: f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, "") for k in columns}
+            )
     tmp.replace(path)
 
 
@@ -444,8 +535,10 @@ def machine() -> str:
             versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{pkg} missing")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python " \
-           f"{platform.python_version()}; " + ", ".join(versions)
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python "
+        f"{platform.python_version()}; " + ", ".join(versions)
+    )
 
 
 def write_markdown(testbed: Testbed, rows: list[dict[str, str]], command: str, eval_threads: int) -> Path:
@@ -483,8 +576,10 @@ def write_markdown(testbed: Testbed, rows: list[dict[str, str]], command: str, e
 
     def sort_key(r: dict[str, str]) -> tuple[int, float]:
         v = as_float(r.get(key))
-        return (0 if r["family"] == "baseline" else 1 if not math.isnan(v) else 2,
-                (v if key == "perplexity" else -v) if not math.isnan(v) else as_float(r["bits_per_weight"]))
+        return (
+            0 if r["family"] == "baseline" else 1 if not math.isnan(v) else 2,
+            (v if key == "perplexity" else -v) if not math.isnan(v) else as_float(r["bits_per_weight"]),
+        )
 
     for r in sorted(rows, key=sort_key):
         cells = []
@@ -504,11 +599,28 @@ def write_markdown(testbed: Testbed, rows: list[dict[str, str]], command: str, e
             else:
                 cells.append(f"{f:.3f}" if c == "bits_per_weight" else f"{f:.2f}")
         lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
-    front = pareto([(as_float(r["bits_per_weight"]), as_float(r[key]) if key == "perplexity" else 1 - as_float(r[key]),
-                     r["method"]) for r in rows if r["family"] != "baseline" and not math.isnan(as_float(r[key]))])
-    lines += ["", "Pareto front (fewer bits, better " + key + "): " + ", ".join(
-        f"{n} ({b:.2f} b, {m:.3f})" if key == "perplexity" else f"{n} ({b:.2f} b, 1−cos {m:.2e})"
-        for b, m, n in front), ""]
+    front = pareto(
+        [
+            (
+                as_float(r["bits_per_weight"]),
+                as_float(r[key]) if key == "perplexity" else 1 - as_float(r[key]),
+                r["method"],
+            )
+            for r in rows
+            if r["family"] != "baseline" and not math.isnan(as_float(r[key]))
+        ]
+    )
+    lines += [
+        "",
+        "Pareto front (fewer bits, better "
+        + key
+        + "): "
+        + ", ".join(
+            f"{n} ({b:.2f} b, {m:.3f})" if key == "perplexity" else f"{n} ({b:.2f} b, 1−cos {m:.2e})"
+            for b, m, n in front
+        ),
+        "",
+    ]
     path.write_text("\n".join(lines))
     return path
 
@@ -538,11 +650,25 @@ def plot(testbed: Testbed, rows: list[dict[str, str]]) -> Path | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(11, 7))
-    colors = {"HIGGS": "tab:red", "HIGGS (variant)": "tab:pink", "llama.cpp": "tab:blue", "bitsandbytes": "tab:green",
-              "HQQ": "tab:purple", "RTN": "tab:gray"}
+    colors = {
+        "HIGGS": "tab:red",
+        "HIGGS (variant)": "tab:pink",
+        "HIGGS-rms (before)": "tab:orange",
+        "llama.cpp": "tab:blue",
+        "bitsandbytes": "tab:green",
+        "HQQ": "tab:purple",
+        "RTN": "tab:gray",
+    }
     for fam in sorted({p[3] for p in pts}):
         sel = [p for p in pts if p[3] == fam]
-        ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=fam, color=colors.get(fam, "black"), s=28, zorder=3)
+        ax.scatter(
+            [p[0] for p in sel],
+            [p[1] for p in sel],
+            label=fam,
+            color=colors.get(fam, "black"),
+            s=28,
+            zorder=3,
+        )
     front = pareto([(b, m, n) for b, m, n, _ in pts])
     ax.plot([f[0] for f in front], [f[1] for f in front], "k--", lw=1, label="Pareto front", zorder=2)
     for b, m, n in front:
@@ -552,8 +678,11 @@ def plot(testbed: Testbed, rows: list[dict[str, str]]) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (stored, scales included)")
     ax.set_ylabel("WikiText-2 perplexity (log)" if smol else "1 − cosine to fp32 embeddings (mean, log)")
-    title = (f"SmolLM2-135M, all block linears quantized, {testbed.settings()} tokens" if smol
-             else f"all-MiniLM-L6-v2, all encoder linears quantized, {testbed.settings()} sentences")
+    title = (
+        f"SmolLM2-135M, all block linears quantized, {testbed.settings()} tokens"
+        if smol
+        else f"all-MiniLM-L6-v2, all encoder linears quantized, {testbed.settings()} sentences"
+    )
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -578,16 +707,24 @@ def run_testbed(testbed: Testbed, chosen: list[Method], reuse: bool, command: st
     # unless --reuse keeps their rows with the same settings.
     stored = read_rows(csv_path)
     rows: list[dict[str, object]] = [
-        r for r in stored
-        if r.get(settings_col) != settings or r["method"] not in names or reuse
+        r for r in stored if r.get(settings_col) != settings or r["method"] not in names or reuse
     ]
     done = {r["method"] for r in rows if r.get(settings_col) == settings}
     if "bf16" not in done and "fp32" not in done:
         start = time.perf_counter()
         metrics = testbed.baseline()
         base_name = "bf16" if testbed.name == "smollm2" else "fp32"
-        rows.append({"method": base_name, "family": "baseline", "bits_per_weight": 16.0 if testbed.name == "smollm2" else 32.0,
-                     "mean_rel_mse": 0.0, settings_col: settings, "seq_len": 512, **metrics})
+        rows.append(
+            {
+                "method": base_name,
+                "family": "baseline",
+                "bits_per_weight": 16.0 if testbed.name == "smollm2" else 32.0,
+                "mean_rel_mse": 0.0,
+                settings_col: settings,
+                "seq_len": 512,
+                **metrics,
+            }
+        )
         print(f"[{testbed.name}] baseline {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
     for method in chosen:
         if method.name in done:
@@ -600,13 +737,22 @@ def run_testbed(testbed: Testbed, chosen: list[Method], reuse: bool, command: st
         start = time.perf_counter()
         try:
             applied = apply_method(quantize, testbed.linears, testbed.originals)
-            row: dict[str, object] = {"method": method.name, "family": method.family, settings_col: settings,
-                                      "seq_len": 512, "quant_threads": QUANT_THREADS}
+            row: dict[str, object] = {
+                "method": method.name,
+                "family": method.family,
+                settings_col: settings,
+                "seq_len": 512,
+                "quant_threads": QUANT_THREADS,
+            }
             if applied.layers:
-                row.update(bits_per_weight=applied.bits_per_weight, mean_rel_mse=applied.mean_rel_mse,
-                           max_rel_mse=max(r.rel_mse for r in applied.layers),
-                           quant_seconds=applied.seconds, mweights_per_s=applied.weights / applied.seconds / 1e6,
-                           layers=len(applied.layers))
+                row.update(
+                    bits_per_weight=applied.bits_per_weight,
+                    mean_rel_mse=applied.mean_rel_mse,
+                    max_rel_mse=max(r.rel_mse for r in applied.layers),
+                    quant_seconds=applied.seconds,
+                    mweights_per_s=applied.weights / applied.seconds / 1e6,
+                    layers=len(applied.layers),
+                )
             row["note"] = "; ".join(x for x in (method.detail, applied.note()) if x)
             if not applied.unsupported:
                 row.update(testbed.evaluate())
@@ -615,10 +761,16 @@ def run_testbed(testbed: Testbed, chosen: list[Method], reuse: bool, command: st
         finally:
             restore(testbed.linears, testbed.originals)
         rows.append(row)
-        shown = {k: fmt(row.get(k)) for k in ("bits_per_weight", "perplexity", "cos_mean", "mean_rel_mse",
-                                                 "quant_seconds") if k in row}
-        print(f"[{testbed.name}] {method.name}: {shown} {row['note']} ({time.perf_counter() - start:.1f} s, "
-              f"{torch.get_num_threads()} eval threads)", flush=True)
+        shown = {
+            k: fmt(row.get(k))
+            for k in ("bits_per_weight", "perplexity", "cos_mean", "mean_rel_mse", "quant_seconds")
+            if k in row
+        }
+        print(
+            f"[{testbed.name}] {method.name}: {shown} {row['note']} ({time.perf_counter() - start:.1f} s, "
+            f"{torch.get_num_threads()} eval threads)",
+            flush=True,
+        )
         write_rows(csv_path, testbed.columns, rows)
     write_rows(csv_path, testbed.columns, rows)
     stored = [r for r in read_rows(csv_path) if r.get(settings_col) == settings]
@@ -631,21 +783,36 @@ def write_layers(testbed: Testbed, method: str, applied: Applied) -> None:
     """Per-layer relative MSE of the MiniLM testbed, one row per (method, layer)."""
     path = RESULTS / f"compare_{testbed.name}_layers.csv"
     rows = [r for r in read_rows(path) if r["method"] != method]
-    rows += [{"method": method, "layer": r.name, "rows": r.shape[0], "cols": r.shape[1],
-              "bits_per_weight": r.stored_bits / (r.shape[0] * r.shape[1]), "rel_mse": r.rel_mse, "note": r.note}
-             for r in applied.layers]
+    rows += [
+        {
+            "method": method,
+            "layer": r.name,
+            "rows": r.shape[0],
+            "cols": r.shape[1],
+            "bits_per_weight": r.stored_bits / (r.shape[0] * r.shape[1]),
+            "rel_mse": r.rel_mse,
+            "note": r.note,
+        }
+        for r in applied.layers
+    ]
     write_rows(path, ["method", "layer", "rows", "cols", "bits_per_weight", "rel_mse", "note"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--testbed", choices=("smollm2", "minilm", "both"), default="both")
     parser.add_argument("--methods", help="comma-separated regexes matched against method names")
     parser.add_argument("--quick", action="store_true", help="8 windows, 128 sentences, a few methods")
     parser.add_argument("--windows", type=int, help="perplexity windows of 512 tokens (default 32; quick 8)")
     parser.add_argument("--sentences", type=int, help="MiniLM sentences (default 512; quick 128)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for evaluation (default: all)")
-    parser.add_argument("--reuse", action="store_true", help="keep rows already in the CSV with the same settings")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for evaluation (default: all)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep rows already in the CSV with the same settings"
+    )
     parser.add_argument("--list", action="store_true", help="list the method names and exit")
     args = parser.parse_args(argv)
 

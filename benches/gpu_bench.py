@@ -158,7 +158,7 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> l
             if batch in (1, 16) and not quick:
                 sweep = {}
                 for mt in (1, 2):
-                    for splits in (1, 2, 4, 8):
+                    for splits in (1, 2, 4, 8, 16):
                         sweep[f"mt{mt}_s{splits}"] = timer(
                             lambda x=x, lay=layer, o=out, mt=mt, splits=splits: hcuda.lut_linear(
                                 lay, x, o, mt=mt, splits=splits

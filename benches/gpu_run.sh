@@ -51,6 +51,14 @@ for i, k in kernels.items():
           k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"))
 PY
 
+echo "== Nsight Compute details: first Hadamard + LUT-GEMM (4096x4096, batch 1) and the 4096x14336 pair"
+for skip in 0 12; do
+  timeout 90 ncu --clock-control none -k regex:'hadamard_rotate|lut_mma' --launch-skip $skip --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python3 benches/gpu_profile.py > "$OUT/ncu_details_$skip.txt" 2>&1
+  grep -E "^  [a-z_]+|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Compute \(SM\) Throughput|Dynamic Shared|Local Memory|stall" "$OUT/ncu_details_$skip.txt" | head -60
+done
+
 echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
 HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py > "$OUT/sanitizer.txt" 2>&1

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
 from peers import Quantized, Quantizer
 
 _GRIDS: dict[tuple[int, int], np.ndarray] = {}
@@ -118,9 +117,12 @@ def _ls_scale(x: np.ndarray, q: np.ndarray, g: int, fallback: np.ndarray) -> np.
     return np.maximum(s, 0).astype(np.float16)
 
 
-def choose(x: np.ndarray, table: np.ndarray, g: int, mode: str, iters: int = 4,
-           multipliers: tuple[float, ...] = ()) -> Choice:
-    rms = np.sqrt(_group_sums(x.astype(np.float64) ** 2, g) / np.diff(np.append(_groups(x.shape[1], g), x.shape[1])))
+def choose(
+    x: np.ndarray, table: np.ndarray, g: int, mode: str, iters: int = 4, multipliers: tuple[float, ...] = ()
+) -> Choice:
+    rms = np.sqrt(
+        _group_sums(x.astype(np.float64) ** 2, g) / np.diff(np.append(_groups(x.shape[1], g), x.shape[1]))
+    )
     s16 = rms.astype(np.float16)
     codes, q = _assign(x, s16, table, g)
     best = Choice(codes, s16, _error(x, q, s16, g))
@@ -157,9 +159,17 @@ def choose(x: np.ndarray, table: np.ndarray, g: int, mode: str, iters: int = 4,
     return best
 
 
-def prototype(bits: float, p: int, group_size: int, seed: int | None, mode: str, iters: int = 4,
-              multipliers: tuple[float, ...] = (), hadamard_size: int | None = None,
-              per_layer: Callable[[str], tuple[float, int]] | None = None) -> Quantizer:
+def prototype(
+    bits: float,
+    p: int,
+    group_size: int,
+    seed: int | None,
+    mode: str,
+    iters: int = 4,
+    multipliers: tuple[float, ...] = (),
+    hadamard_size: int | None = None,
+    per_layer: Callable[[str], tuple[float, int]] | None = None,
+) -> Quantizer:
     """A quantizer: codes/scales chosen in NumPy by ``mode``, stored format, Rust dequantize.
 
     ``per_layer(name) -> (bits, p)`` overrides the grid per layer (mixed bit widths).
@@ -169,15 +179,17 @@ def prototype(bits: float, p: int, group_size: int, seed: int | None, mode: str,
     def quantize(w: np.ndarray, name: str = "") -> Quantized:
         b, pp = per_layer(name) if per_layer else (bits, p)
         n = 2 ** round(b * pp)
-        probe = higgs_rs.quantize_tensor(w[:1], bits=b, p=pp, hadamard_size=hadamard_size,
-                                         group_size=group_size, seed=seed, threads=1)
+        probe = higgs_rs.quantize_tensor(
+            w[:1], bits=b, p=pp, hadamard_size=hadamard_size, group_size=group_size, seed=seed, threads=1
+        )
         block, padded = probe.hadamard_size, probe.padded_cols
         table = grid(pp, n)
         x = rotate(w, block, padded, seed)
         choice = choose(x, table, group_size, mode, iters, multipliers)
         packed = pack(choice.codes.astype(np.int64), round(np.log2(n)))
-        q = higgs_rs.QuantizedTensor.from_parts(packed, np.ascontiguousarray(choice.scales), w.shape[1], pp, n,
-                                                block, group_size, seed)
+        q = higgs_rs.QuantizedTensor.from_parts(
+            packed, np.ascontiguousarray(choice.scales), w.shape[1], pp, n, block, group_size, seed
+        )
         back = higgs_rs.dequantize(q)
         return Quantized(back, packed.nbytes * 8 + choice.scales.size * 16)
 
@@ -195,14 +207,33 @@ SEARCH = tuple(np.round(np.arange(0.80, 1.31, 0.05), 3))
 
 
 def variants() -> list[Variant]:
+    """The choice ``quantize_tensor`` made before the scale search (RMS scales), for before/after
+    rows, and the NumPy least-squares-only choice."""
     out = []
-    for bits, p, g in ((4, 2, 64), (4, 2, 32), (4, 2, 128), (4, 2, 1536), (3, 2, 64), (4, 1, 64), (4, 3, 64),
-                       (3, 4, 64), (2, 2, 64), (5, 2, 1536)):
+    for bits, p, h, g, seed in (
+        (4, 2, None, 64, 0),
+        (4, 2, None, 32, 0),
+        (4, 2, None, 1536, 0),
+        (4, 1, None, 64, 0),
+        (3, 2, None, 64, 0),
+        (2, 2, None, 64, 0),
+        (4, 2, None, 64, None),
+    ):
         n = 2 ** (bits * p)
-        out.append(Variant(f"proto p{p} n{n} H=row g{g} RHT rms", lambda b=bits, p=p, g=g: prototype(b, p, g, 0, "rms")))
-        out.append(Variant(f"proto p{p} n{n} H=row g{g} RHT ls", lambda b=bits, p=p, g=g: prototype(b, p, g, 0, "ls"),
-                           detail="least-squares scale, alternated with assignment"))
-        out.append(Variant(f"proto p{p} n{n} H=row g{g} RHT search",
-                           lambda b=bits, p=p, g=g: prototype(b, p, g, 0, "search", multipliers=SEARCH),
-                           detail="scale search RMS×[0.8..1.3] + least squares"))
+        rot = "row" if h is None else str(h)
+        signs = "RHT" if seed is not None else "no signs"
+        out.append(
+            Variant(
+                f"HIGGS-rms p{p} n{n} H={rot} g{g} {signs}",
+                lambda b=bits, p=p, g=g, s=seed: prototype(b, p, g, s, "rms"),
+                detail="scale = RMS of the group (the choice before the search)",
+            )
+        )
+    out.append(
+        Variant(
+            "HIGGS-ls p2 n256 H=row g64 RHT",
+            lambda: prototype(4, 2, 64, 0, "ls"),
+            detail="least-squares scale alternated with assignment, no multiplier search",
+        )
+    )
     return out

@@ -129,7 +129,9 @@ def hqq(bits: int, group_size: int) -> Quantizer:
         meta["scale"] = meta["scale"].half().float()
         meta["zero"] = meta["zero"].half().float()
         back = HqqQuantizer.dequantize(packed, meta).float().reshape(w.shape).numpy()
-        bits = packed.numel() * packed.element_size() * 8 + (meta["scale"].numel() + meta["zero"].numel()) * 16
+        bits = (
+            packed.numel() * packed.element_size() * 8 + (meta["scale"].numel() + meta["zero"].numel()) * 16
+        )
         return Quantized(back, bits)
 
     return quantize
@@ -190,7 +192,9 @@ def ggml_library() -> ctypes.CDLL:
         return _GGML
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
-        raise PeerMissing('llama-cpp-python is not installed (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)')
+        raise PeerMissing(
+            'llama-cpp-python is not installed (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)'
+        )
     root = Path(spec.origin).parent
     candidates = sorted(root.rglob("libggml-base.*")) + sorted(root.rglob("libggml.*"))
     if not candidates:

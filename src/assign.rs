@@ -198,6 +198,9 @@ struct LineSearch {
     far: f32,
     /// AVX2 is available (checked once at construction).
     avx2: bool,
+    /// `first[b] + span <= thresholds.len()` for every bin and the tables fit i32 gather
+    /// indices: verified once at construction, relied on by the SIMD gathers.
+    tables_checked: bool,
 }
 
 impl LineSearch {
@@ -268,7 +271,14 @@ impl LineSearch {
         let mut padded_index = vec![u32::MAX];
         padded_index.extend_from_slice(&index);
         padded_index.push(u32::MAX);
+        let tables_checked = first
+            .iter()
+            .all(|&s| s as usize + span <= padded_thresholds.len())
+            && padded_levels.len() == padded_index.len()
+            && padded_levels.len() < i32::MAX as usize
+            && padded_thresholds.len() < i32::MAX as usize;
         LineSearch {
+            tables_checked,
             levels: padded_levels,
             index: padded_index,
             thresholds: padded_thresholds,
@@ -336,9 +346,12 @@ struct CellSearch {
     /// Chunks of cell c: `chunk_offsets[c]..chunk_offsets[c + 1]`; a chunk holds `LANES`
     /// candidates. Cell index = Σ_i k_i · cells_per_axis^i.
     chunk_offsets: Vec<u32>,
-    /// Per chunk: p × LANES coordinates, axis-major (the LANES first coordinates, then the
-    /// second ones, …), so SIMD code loads one axis of LANES candidates at once.
-    coords: Vec<f32>,
+    /// p = 3, 4 only: every point as 4 floats (p = 3 padded with 0, which adds an exact +0 to
+    /// a distance), so SIMD code loads a point with one 16-byte load; empty otherwise.
+    points4: Vec<f32>,
+    /// Every entry of `indices` is below n and `points4` (when present) has 4·n floats:
+    /// verified once at construction, relied on by the SIMD loads.
+    tables_checked: bool,
     /// Per chunk: LANES point indices, ascending; a list is padded by repeating its last index
     /// (a repeated point never beats its first copy, so padding cannot change the answer).
     indices: Vec<u32>,
@@ -485,7 +498,6 @@ impl CellSearch {
     /// placeholders that the caller overrides).
     fn pack(p: usize, points: &[f32], lists: &[Vec<u32>]) -> CellSearch {
         let mut chunk_offsets = Vec::with_capacity(lists.len() + 1);
-        let mut coords = Vec::new();
         let mut indices = Vec::new();
         chunk_offsets.push(0u32);
         for list in lists {
@@ -494,13 +506,21 @@ impl CellSearch {
                 let padded: Vec<u32> = (0..LANES)
                     .map(|l| chunk.get(l).copied().unwrap_or(last))
                     .collect();
-                for d in 0..p {
-                    coords.extend(padded.iter().map(|&i| points[i as usize * p + d]));
-                }
                 indices.extend_from_slice(&padded);
             }
             chunk_offsets.push((indices.len() / LANES) as u32);
         }
+        let n = points.len() / p;
+        let points4: Vec<f32> = if p == 3 || p == 4 {
+            points
+                .chunks_exact(p)
+                .flat_map(|g| (0..4).map(move |d| g.get(d).copied().unwrap_or(0.0)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let tables_checked = indices.iter().all(|&i| (i as usize) < n)
+            && (points4.is_empty() || points4.len() == 4 * n);
         CellSearch {
             p,
             cells_per_axis: 1,
@@ -508,8 +528,9 @@ impl CellSearch {
             inv_width: 0.5,
             far: -1.0,
             chunk_offsets,
-            coords,
             indices,
+            points4,
+            tables_checked,
             listed: lists.iter().map(Vec::len).sum(),
             longest: lists.iter().map(Vec::len).max().unwrap_or(0),
             avx2: simd::avx2_available(),
@@ -585,20 +606,14 @@ impl CellSearch {
 
     /// Scalar scan of a cell's chunks; the same arithmetic as [`distance2`].
     #[inline(always)]
-    pub(crate) fn nearest_in_cell<const P: usize>(&self, cell: usize, x: &[f32]) -> u32 {
-        let chunks = self.chunk_offsets[cell] as usize..self.chunk_offsets[cell + 1] as usize;
+    fn nearest_in_cell<const P: usize>(&self, points: &[f32], cell: usize, x: &[f32]) -> u32 {
+        let slots = self.chunk_offsets[cell] as usize * LANES
+            ..self.chunk_offsets[cell + 1] as usize * LANES;
         let mut best = (f32::INFINITY, 0u32);
-        for chunk in chunks {
-            let coords = &self.coords[chunk * P * LANES..(chunk + 1) * P * LANES];
-            for lane in 0..LANES {
-                let mut d = 0f32;
-                for j in 0..P {
-                    let diff = coords[j * LANES + lane] - x[j];
-                    d += diff * diff;
-                }
-                if d < best.0 {
-                    best = (d, self.indices[chunk * LANES + lane]);
-                }
+        for &i in &self.indices[slots] {
+            let d = distance2(&points[i as usize * P..i as usize * P + P], x);
+            if d < best.0 {
+                best = (d, i);
             }
         }
         best.1
@@ -608,7 +623,7 @@ impl CellSearch {
         let points = &grid.points;
         for (x, c) in xs.chunks_exact(P).zip(codes.iter_mut()) {
             *c = match self.cell_of::<P>(x) {
-                Some(cell) => self.nearest_in_cell::<P>(cell, x),
+                Some(cell) => self.nearest_in_cell::<P>(points, cell, x),
                 None => brute_force_nearest(points, P, x),
             };
         }

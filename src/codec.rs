@@ -6,8 +6,11 @@
 //!   (no padding when `h` divides `cols`, which the automatic choice of `h` ensures whenever it can).
 //! - With a seed, the padded row is multiplied by `hadamard::random_signs(seed, padded_cols)`.
 //! - Each block of `h` values is transformed by `hadamard::forward` (orthonormal).
-//! - Group `j` of `group_size` consecutive rotated values gets the scale
-//!   `s = f16(sqrt(mean(x²)))` (the last group may be shorter); values are divided by `s`.
+//! - Group `j` of `group_size` consecutive rotated values gets one f16 scale `s` (the last group
+//!   may be shorter); values are divided by `s`. The format fixes only that; the quantizer
+//!   chooses `s` as the candidate with the least squared error of the group after assignment
+//!   (RMS × a few multipliers and least-squares refits, see `choose_scale`), or the RMS when
+//!   `p` does not divide the group size.
 //! - The scaled row, zero-extended to a multiple of `p`, is cut into p-tuples; each becomes the
 //!   index of its nearest grid point, `log2(n)` bits, packed LSB-first into a little-endian
 //!   bit stream; each row's stream is padded to whole bytes (`row_bytes`).
@@ -280,7 +283,9 @@ impl SearchScratch {
 /// group of 32–128 rotated values is one sample, not the distribution: the scale that fits this
 /// sample best is often 10–25 % off its RMS. Choosing it cuts the weight MSE by about a fifth
 /// (p = 2, n = 256, g = 64) in the same stored format.
-const SCALE_MULTIPLIERS: [f64; 11] = [0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30];
+const SCALE_MULTIPLIERS: [f64; 11] = [
+    0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30,
+];
 /// Rounds of (least-squares scale for the current codes → nearest codes for that scale).
 const LEAST_SQUARES_ROUNDS: usize = 4;
 
@@ -313,8 +318,19 @@ fn choose_scale(assigner: &Assigner, x: &[f32], rms: f64, scratch: &mut SearchSc
                 qq += q as f64 * q as f64;
             }
         }
-        let ls = if qq > 0.0 && xq > 0.0 { f16::from_f64(xq / qq) } else { s };
-        (err, if ls.is_finite() && ls.to_f32() > 0.0 { ls } else { s })
+        let ls = if qq > 0.0 && xq > 0.0 {
+            f16::from_f64(xq / qq)
+        } else {
+            s
+        };
+        (
+            err,
+            if ls.is_finite() && ls.to_f32() > 0.0 {
+                ls
+            } else {
+                s
+            },
+        )
     };
     let mut best = (f64::INFINITY, f16::from_f64(rms), f16::from_f64(rms));
     let mut consider = |s: f16, codes: &mut [u32], best: &mut (f64, f16, f16)| -> f16 {
@@ -752,7 +768,13 @@ mod tests {
     #[test]
     fn scale_search_is_never_worse_than_rms_and_usually_better() {
         let mut rng = SplitMix64::new(21);
-        for (p, n, g) in [(1, 16, 64), (2, 256, 64), (2, 64, 32), (2, 256, 128), (4, 4096, 64)] {
+        for (p, n, g) in [
+            (1, 16, 64),
+            (2, 256, 64),
+            (2, 64, 32),
+            (2, 256, 128),
+            (4, 4096, 64),
+        ] {
             let assigner = Assigner::for_grid(p, n).unwrap();
             let mut scratch = SearchScratch::new(g, p);
             let (mut rms_total, mut chosen_total) = (0f64, 0f64);
@@ -765,16 +787,25 @@ mod tests {
                 }
                 let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / g as f64).sqrt();
                 let s = choose_scale(&assigner, &x, rms, &mut scratch);
-                let (e_rms, e_chosen) = (group_error(&assigner, &x, f16::from_f64(rms)), group_error(&assigner, &x, s));
+                let (e_rms, e_chosen) = (
+                    group_error(&assigner, &x, f16::from_f64(rms)),
+                    group_error(&assigner, &x, s),
+                );
                 assert!(e_chosen <= e_rms, "p {p} n {n} g {g}: {e_chosen} > {e_rms}");
                 rms_total += e_rms;
                 chosen_total += e_chosen;
             }
-            assert!(chosen_total < 0.95 * rms_total, "p {p} n {n} g {g}: {chosen_total} vs {rms_total}");
+            assert!(
+                chosen_total < 0.95 * rms_total,
+                "p {p} n {n} g {g}: {chosen_total} vs {rms_total}"
+            );
         }
         // An all-zero group keeps a zero scale.
         let assigner = Assigner::for_grid(2, 256).unwrap();
-        assert_eq!(choose_scale(&assigner, &[0.0; 64], 0.0, &mut SearchScratch::new(64, 2)), f16::ZERO);
+        assert_eq!(
+            choose_scale(&assigner, &[0.0; 64], 0.0, &mut SearchScratch::new(64, 2)),
+            f16::ZERO
+        );
     }
 
     #[test]
@@ -782,7 +813,10 @@ mod tests {
         // p = 3 does not divide g = 64: tuples straddle groups, so no per-group search.
         let (rows, cols) = (3, 192);
         let w = gaussian(rows * cols, 4);
-        let s = QuantSpec { group_size: 64, ..spec(3, 512, Some(64), None) };
+        let s = QuantSpec {
+            group_size: 64,
+            ..spec(3, 512, Some(64), None)
+        };
         let q = quantize(Source::F32(&w), rows, cols, &s).unwrap();
         for r in 0..rows {
             let mut row = w[r * cols..(r + 1) * cols].to_vec();

@@ -11,17 +11,23 @@ pub fn avx2_available() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
 }
 
-/// Assigns every tuple with AVX2; returns false (and does nothing) when AVX2 is missing.
+/// p = 3 or 4 with AVX2: each cell's candidates, 8 at a time, loaded from the 4-float copy
+/// of the points and transposed. Returns false (and does nothing) when AVX2 is missing.
 pub fn assign_cells_avx2<const P: usize>(
     search: &CellSearch,
     grid: &Grid,
     xs: &[f32],
     codes: &mut [u32],
 ) -> bool {
-    if !avx2_available() || search.p != P {
+    let tables_fit = (P == 3 || P == 4)
+        && search.p == P
+        && search.points4.len() == 4 * grid.n
+        && search.tables_checked;
+    if !avx2_available() || !tables_fit {
         return false;
     }
-    // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of `assign`.
+    // SAFETY: the CPU supports AVX2, every index in `indices` is below n and `points4` holds
+    // 4·n floats (all checked above), which is what the loads in `assign` rely on.
     unsafe { assign::<P>(search, grid, xs, codes) };
     true
 }
@@ -29,16 +35,11 @@ pub fn assign_cells_avx2<const P: usize>(
 /// p = 1 with AVX2, 8 inputs at once (the scalar `LineSearch::nearest` lane by lane, with
 /// gathers for the table look-ups). Returns false (and does nothing) when AVX2 is missing.
 pub fn assign_line_avx2(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut [u32]) -> bool {
-    let tables_fit = line.thresholds.len()
-        >= line.first.iter().map(|&s| s as usize).max().unwrap_or(0) + line.span
-        && line.levels.len() == line.index.len()
-        && line.levels.len() < i32::MAX as usize
-        && line.thresholds.len() < i32::MAX as usize;
-    if !avx2_available() || !tables_fit {
+    if !avx2_available() || !line.tables_checked {
         return false;
     }
     let distinct = line.levels.len() - 2;
-    if avx2_available() && distinct <= 16 {
+    if distinct <= 16 {
         // SAFETY: AVX2 is available; `assign_line_small` reads only `levels`/`index` at padded
         // positions 1..=distinct (they have distinct + 2 entries) and the distinct − 1 real thresholds.
         unsafe { assign_line_small(line, points, xs, codes) };
@@ -46,7 +47,7 @@ pub fn assign_line_avx2(line: &LineSearch, points: &[f32], xs: &[f32], codes: &m
     }
     // SAFETY: AVX2 is available, and every gather index `assign_line` forms is in bounds:
     // bins are clamped to `first`'s length; `first[b] + j < thresholds.len()` for j < span
-    // (checked above); k <= levels.len() - 3 because k counts at most the real thresholds,
+    // (`tables_checked`); k <= levels.len() - 3 because k counts at most the real thresholds,
     // which are levels.len() - 3 in number, so k + 2 < levels.len() = index.len().
     unsafe { assign_line(line, points, xs, codes) };
     true
@@ -304,8 +305,9 @@ unsafe fn assign_pairs(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut
             out[2 * j] = ia[(at_min & 0xF).trailing_zeros().min(3) as usize];
             out[2 * j + 1] = ib[(at_min >> 4).trailing_zeros().min(3) as usize];
             if (ia[0] | ib[0]) & QUAD_OVERFLOW != 0 {
-                out[2 * j] = search.nearest_in_cell::<2>(a, &x[4 * j..4 * j + 2]);
-                out[2 * j + 1] = search.nearest_in_cell::<2>(b2, &x[4 * j + 2..4 * j + 4]);
+                out[2 * j] = search.nearest_in_cell::<2>(&grid.points, a, &x[4 * j..4 * j + 2]);
+                out[2 * j + 1] =
+                    search.nearest_in_cell::<2>(&grid.points, b2, &x[4 * j + 2..4 * j + 4]);
             }
         }
     }
@@ -314,38 +316,73 @@ unsafe fn assign_pairs(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut
 }
 
 #[target_feature(enable = "avx2")]
-fn assign<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
+unsafe fn assign<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
     const { assert!(LANES == 8) };
-    for (x, code) in xs.chunks_exact(P).zip(codes.iter_mut()) {
-        *code = match search.cell_of::<P>(x) {
-            None => brute_force_nearest(&grid.points, P, x),
-            Some(cell) => {
+    const BLOCK: usize = 8;
+    // Blocks of tuples: first every cell and a prefetch of its list, then the searches, so the
+    // list loads of a block overlap instead of each waiting for the last.
+    for (xb, cb) in xs.chunks(BLOCK * P).zip(codes.chunks_mut(BLOCK)) {
+        let mut lists = [(0usize, 0usize); BLOCK];
+        for (t, x) in xb.chunks_exact(P).enumerate() {
+            if let Some(cell) = search.cell_of::<P>(x) {
                 let first = search.chunk_offsets[cell] as usize;
                 let end = search.chunk_offsets[cell + 1] as usize;
-                let coords = &search.coords[first * P * LANES..end * P * LANES];
-                let indices = &search.indices[first * LANES..end * LANES];
-                let point: [__m256; P] = std::array::from_fn(|j| _mm256_set1_ps(x[j]));
-                if end - first == 1 {
-                    nearest_in_chunk::<P>(coords, indices, &point)
-                } else {
-                    nearest_in_chunks::<P>(coords, indices, &point)
-                }
+                lists[t] = (first, end);
+                let at = search.indices.as_ptr().wrapping_add(first * LANES);
+                // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
             }
-        };
+        }
+        for ((x, code), &(first, end)) in xb.chunks_exact(P).zip(cb.iter_mut()).zip(&lists) {
+            *code = if end == first {
+                brute_force_nearest(&grid.points, P, x)
+            } else {
+                let indices = &search.indices[first * LANES..end * LANES];
+                let point: [__m256; 4] =
+                    std::array::from_fn(|j| _mm256_set1_ps(x.get(j).copied().unwrap_or(0.0)));
+                // SAFETY: indices of `search` are below n and points4 has 4·n floats (caller).
+                unsafe {
+                    if end - first == 1 {
+                        nearest_in_chunk(&search.points4, indices, &point)
+                    } else {
+                        nearest_in_chunks(&search.points4, indices, &point)
+                    }
+                }
+            };
+        }
     }
 }
 
-/// Squared distances from `point` to the LANES candidates of one chunk.
+/// Squared distances from `point` to the 8 points `idx` names, lane l for idx[l]: the points
+/// are loaded whole (4 floats each) and transposed to one register per axis. The sum runs over
+/// the axes in order from 0, like the scalar reference.
+///
+/// # Safety
+/// AVX2; `idx` holds at least 8 indices, each below `points4.len() / 4`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn chunk_distances<const P: usize>(chunk: &[f32], point: &[__m256; P]) -> __m256 {
-    assert!(chunk.len() >= P * LANES);
+unsafe fn chunk_distances(points4: &[f32], idx: &[u32], point: &[__m256; 4]) -> __m256 {
+    debug_assert!(idx.len() >= 8 && idx[..8].iter().all(|&i| (i as usize) < points4.len() / 4));
+    let base = points4.as_ptr();
+    // SAFETY: per the contract, idx[l]·4 + 3 < points4.len() for l < 8.
+    let load = |l: usize| unsafe { _mm_loadu_ps(base.add(*idx.get_unchecked(l) as usize * 4)) };
+    let a0 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(0)), load(4));
+    let a1 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(1)), load(5));
+    let a2 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(2)), load(6));
+    let a3 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(3)), load(7));
+    let t0 = _mm256_unpacklo_ps(a0, a1);
+    let t1 = _mm256_unpacklo_ps(a2, a3);
+    let t2 = _mm256_unpackhi_ps(a0, a1);
+    let t3 = _mm256_unpackhi_ps(a2, a3);
+    let axes = [
+        _mm256_shuffle_ps::<0b01_00_01_00>(t0, t1),
+        _mm256_shuffle_ps::<0b11_10_11_10>(t0, t1),
+        _mm256_shuffle_ps::<0b01_00_01_00>(t2, t3),
+        _mm256_shuffle_ps::<0b11_10_11_10>(t2, t3),
+    ];
     let mut d = _mm256_setzero_ps();
-    for (j, x) in point.iter().enumerate() {
-        // SAFETY: `chunk` holds at least P·LANES floats (asserted), so the LANES floats from
-        // j·LANES are in bounds; loadu has no alignment requirement.
-        let g = unsafe { _mm256_loadu_ps(chunk.as_ptr().add(j * LANES)) };
-        let diff = _mm256_sub_ps(g, *x);
+    for (g, x) in axes.iter().zip(point) {
+        let diff = _mm256_sub_ps(*g, *x);
         d = _mm256_add_ps(d, _mm256_mul_ps(diff, diff));
     }
     d
@@ -361,10 +398,14 @@ fn broadcast_min(d: __m256) -> __m256 {
 }
 
 /// One chunk: lanes hold ascending indices, so the first lane at the minimum is the answer.
+///
+/// # Safety
+/// As [`chunk_distances`], with `indices` holding exactly 8.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn nearest_in_chunk<const P: usize>(coords: &[f32], indices: &[u32], point: &[__m256; P]) -> u32 {
-    let d = chunk_distances::<P>(coords, point);
+unsafe fn nearest_in_chunk(points4: &[f32], indices: &[u32], point: &[__m256; 4]) -> u32 {
+    // SAFETY: forwarded contract.
+    let d = unsafe { chunk_distances(points4, indices, point) };
     let at_min = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, broadcast_min(d))) as u32;
     // Distances are finite (inputs are bounded), so some lane equals the minimum.
     indices[(at_min.trailing_zeros() as usize).min(LANES - 1)]
@@ -372,16 +413,17 @@ fn nearest_in_chunk<const P: usize>(coords: &[f32], indices: &[u32], point: &[__
 
 /// Several chunks: each lane keeps its first minimum (strict <, chunks in ascending index
 /// order); then the lowest index among the lanes at the overall minimum wins.
+///
+/// # Safety
+/// As [`chunk_distances`] for every chunk of 8 in `indices`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn nearest_in_chunks<const P: usize>(coords: &[f32], indices: &[u32], point: &[__m256; P]) -> u32 {
+unsafe fn nearest_in_chunks(points4: &[f32], indices: &[u32], point: &[__m256; 4]) -> u32 {
     let mut best_d = _mm256_set1_ps(f32::INFINITY);
     let mut best_i = _mm256_setzero_si256();
-    for (chunk, idx) in coords
-        .chunks_exact(P * LANES)
-        .zip(indices.chunks_exact(LANES))
-    {
-        let d = chunk_distances::<P>(chunk, point);
+    for idx in indices.chunks_exact(LANES) {
+        // SAFETY: forwarded contract.
+        let d = unsafe { chunk_distances(points4, idx, point) };
         // SAFETY: `idx` holds exactly LANES = 8 u32 (chunks_exact), 32 bytes, read unaligned.
         let i = unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) };
         let closer = _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d);

@@ -1,10 +1,10 @@
 //! The AVX-512 (F + BW + VL + VBMI) LUT kernels, tested against the scalar path in `cpu_kernels`.
 //!
 //! Codes are processed in chunks of 64. Two front ends turn a chunk into f32 grid coordinates:
-//! - byte planes (p ∈ {1, 2}, n ≤ 256): every coordinate's 4 bytes are looked up in 4 byte
-//!   tables of n entries (1, 2 or 4 zmm registers each) with `vpermb` / `vpermt2b`, 64 codes per
-//!   instruction, then put back together into floats with two rounds of unpacks. Sub-byte codes
-//!   are first spread to one byte each with `vpermb` + `vpmultishiftqb`.
+//! - byte planes (p ∈ {1, 2} with n ≤ 256, and p = 4 with n = 256): every coordinate's 4 bytes
+//!   are looked up in 4 byte tables of n entries (1, 2 or 4 zmm registers each) with `vpermb` /
+//!   `vpermt2b`, 64 codes per instruction, then put back together into floats with two rounds of
+//!   unpacks. Sub-byte codes are first spread to one byte each with `vpermb` + `vpmultishiftqb`.
 //! - nibbles (p = 1, n = 16, the 4-bit scalar grid): `vpermps` looks a 16-float table up with the
 //!   low 4 bits of each dword index, so zero-extended code bytes index with their low nibble
 //!   directly and with their high nibble after one shift.
@@ -83,9 +83,10 @@ impl Plan {
         if !available() {
             return Err("this CPU lacks AVX-512 F/BW/VL/VBMI".into());
         }
-        if w.p > 2 || w.n > 256 {
+        // p = 4 only with n = 256 (the 2-bit vector grid); p = 3 is left to the other paths.
+        if w.n > 256 || !(w.p <= 2 || (w.p == 4 && w.n == 256)) {
             return Err(format!(
-                "it takes p ≤ 2 and n ≤ 256 (got p = {}, n = {})",
+                "it takes p ≤ 2 with n ≤ 256, or p = 4 with n = 256 (got p = {}, n = {})",
                 w.p, w.n
             ));
         }
@@ -271,6 +272,7 @@ impl Plan {
             (Front::BytePlanes { table_regs: 1 }, 2) => by_batch!(plane_kernel, 2, 1),
             (Front::BytePlanes { table_regs: 2 }, 2) => by_batch!(plane_kernel, 2, 2),
             (Front::BytePlanes { table_regs: 4 }, 2) => by_batch!(plane_kernel, 2, 4),
+            (Front::BytePlanes { table_regs: 4 }, 4) => by_batch!(plane_kernel, 4, 4),
             (front, p) => unreachable!("no kernel for {front:?} with p = {p}"),
         }
     }

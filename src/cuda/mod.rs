@@ -153,16 +153,9 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
-/// Pipeline depth of the LUT-GEMM (`STAGES`) and its activation row stride in u16 (`XS`).
-const STAGES: usize = 4;
-const XS: usize = KSTEP + 8;
-
-/// Dynamic shared memory of one LUT-GEMM block: the replicated table, then the ring buffers of
-/// codes, scale words and activations (see `lut_gemm.cu`).
-fn lut_shared_bytes(bits: u32, mt: usize, nt: usize) -> usize {
-    let table = (1usize << (2 * bits)) * 32 * 4;
-    let slots = STAGES * WARPS * mt * 2 * 32;
-    table + slots * bits as usize * 4 + slots * 4 + STAGES * 8 * nt * XS * 2
+/// Dynamic shared memory of one LUT-GEMM block: the table, replicated 32 times.
+fn lut_shared_bytes(bits: u32, _mt: usize, _nt: usize) -> usize {
+    (1usize << (2 * bits)) * 32 * 4
 }
 
 /// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
@@ -182,7 +175,6 @@ pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, u
         _ => 8,
     };
     let mt = match tuning.mt {
-        0 if nt <= 2 && rows >= 4096 => 2,
         0 => 1,
         m => m,
     };
@@ -300,6 +292,7 @@ struct LutParams {
     row_tiles: i32,
     batch_chunks: i32,
     partial_cols: i32,
+    group_shift: i32,
 }
 
 #[repr(C)]
@@ -545,6 +538,11 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         row_tiles: plan.row_tiles as i32,
         batch_chunks: plan.batch_chunks as i32,
         partial_cols: plan.partial_cols as i32,
+        group_shift: if shape.group_size.is_power_of_two() {
+            shape.group_size.trailing_zeros() as i32
+        } else {
+            -1
+        },
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;

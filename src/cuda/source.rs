@@ -122,7 +122,7 @@ impl HadamardShape {
             }
         };
         let tile = order * (MIN_TILE / order).max(1);
-        let threads = (tile / 4).clamp(64, 1024).next_multiple_of(32);
+        let threads = (tile / 4).clamp(64, 512).next_multiple_of(32);
         Ok(HadamardShape {
             order,
             log2,

@@ -31,8 +31,6 @@
 #define LUT_N (1 << PAIR_BITS)
 #define KSTEP 128
 #define MAX_COLS 64
-#define STAGES 4
-#define XS (KSTEP + 8)  // activation row stride in a ring stage (u16), padded against bank conflicts
 
 struct LutParams {
     const u16* x_rot;            // batch x kp, activation dtype, zero beyond `padded`
@@ -57,6 +55,7 @@ struct LutParams {
     int row_tiles;
     int batch_chunks;
     int partial_cols;            // batch columns per split in `partials`
+    int group_shift;             // log2(group_size) when a power of two, else -1
 };
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
@@ -102,60 +101,44 @@ __device__ __forceinline__ u32 scale_pair(u16 s) {
 #endif
 }
 
-// Start copying the 32 k-values [kl, kl + 32) of `row` into this lane's slots: its packed codes
-// (BITS words at `w`) and the aligned word holding its f16 scale (at `sw`). Rows past the end and
-// k past `padded` get zero codes and scale 0 (so their values are 0); unaligned or partial chunks
-// are copied synchronously byte by byte, never reading past the row.
-__device__ __forceinline__ void issue_chunk(const LutParams& P, int row, int kl, u32* w, u32* sw) {
-    if (row >= P.rows || kl >= P.padded) {
+// Scale group of the k-range starting at kl (clamped: k past `padded` only meets zero activations).
+__device__ __forceinline__ int group_of(const LutParams& P, int kl) {
+    const int group = P.group_shift >= 0 ? kl >> P.group_shift : kl / P.group_size;
+    return group < P.groups ? group : P.groups - 1;
+}
+
+// Issue the loads of the 32 k-values [kl, kl + 32) of `row`: packed codes into w, the f16 scale
+// into s. Rows past the end and k past `padded` get zero codes and scale 0 (so their values are
+// 0); unaligned or partial chunks are read byte by byte, never past the row.
+__device__ __forceinline__ void load_chunk(const LutParams& P, int row, int kl, u32 (&w)[BITS], u32& s) {
 #pragma unroll
-        for (int i = 0; i < BITS; ++i) w[i] = 0;
-        *sw = 0;
-        return;
-    }
+    for (int i = 0; i < BITS; ++i) w[i] = 0;
+    s = 0;
+    if (row >= P.rows || kl >= P.padded) return;
     const unsigned char* base = P.codes + (u64)row * P.row_bytes;
     const int byte0 = (kl >> 5) * (4 * BITS);
     if (P.vector_codes && byte0 + 4 * BITS <= P.row_bytes) {
 #if BITS == 4
-        cp_async_16(w, base + byte0);
+        const U4 v = load_stream_v4(base + byte0);
+        w[0] = v.x;
+        w[1] = v.y;
+        w[2] = v.z;
+        w[3] = v.w;
 #elif BITS == 2
-        cp_async_8(w, base + byte0);
+        load_stream_v2(base + byte0, w[0], w[1]);
 #else
 #pragma unroll
-        for (int i = 0; i < BITS; ++i) cp_async_4(w + i, base + byte0 + 4 * i);
+        for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(base + byte0 + 4 * i);
 #endif
     } else {
-        u32 v[BITS];
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) v[i] = 0;
 #pragma unroll
         for (int i = 0; i < 4 * BITS; ++i) {
             const int b = byte0 + i;
-            const u32 c = b < P.row_bytes ? (u32)base[b] : 0u;
-            v[i / 4] |= c << (8 * (i % 4));
+            const u32 v = b < P.row_bytes ? (u32)base[b] : 0u;
+            w[i / 4] |= v << (8 * (i % 4));
         }
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) w[i] = v[i];
     }
-    int group = kl / P.group_size;
-    if (group >= P.groups) group = P.groups - 1;
-    const u64 idx = (u64)row * P.groups + group;
-    const u64 addr = (u64)(P.scales + idx);
-    if ((addr & 2) == 0 && idx + 1 == (u64)P.rows * P.groups) {
-        // The tensor's last scale at an aligned address: its word would reach past the end.
-        *sw = (u32)P.scales[idx];
-    } else {
-        cp_async_4(sw, (const void*)(addr & ~(u64)3));
-    }
-}
-
-// The f16 scale of a chunk from its aligned word (the half its address selects).
-__device__ __forceinline__ u16 chunk_scale(const LutParams& P, int row, int kl, u32 word) {
-    if (row >= P.rows || kl >= P.padded) return 0;
-    int group = kl / P.group_size;
-    if (group >= P.groups) group = P.groups - 1;
-    const u64 addr = (u64)(P.scales + (u64)row * P.groups + group);
-    return (addr & 2) ? (u16)(word >> 16) : (u16)(word & 0xffff);
+    s = load_cached_u16(P.scales + (u64)row * P.groups + group_of(P, kl));
 }
 
 // Pair code number i (0..15) of a chunk; i is a compile-time constant after unrolling.
@@ -177,12 +160,11 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     constexpr int RT = 16 * MT;        // rows per warp
     constexpr int RB = WARPS * RT;     // rows per block
     constexpr int CT = 8 * NT;         // batch columns per item
-    constexpr int SLOTS = MT * 2 * 32; // chunk slots per warp and stage
-    // Shared memory after the table: STAGES ring buffers of codes and scale words (one slot per
-    // lane and chunk: written and read by that lane only) and of the activation slice (shared by
-    // the block's warps, which walk the same super-steps).
-    constexpr int CODE_WORDS = STAGES * WARPS * SLOTS * BITS;
-    constexpr int SCALE_WORDS = STAGES * WARPS * SLOTS;
+    // Super-steps whose codes are in flight per warp (a ring of registers, indexed at compile
+    // time): enough bytes in flight to cover DRAM latency.
+    constexpr int D = NT <= 2 ? 4 : 2;
+    // Activation slices loaded at once: all four of a super-step when few batch tiles.
+    constexpr int BU = NT <= 2 ? 4 : 1;
     extern __shared__ u32 smem[];
     __shared__ int is_last_block;
     const int tid = threadIdx.x;
@@ -191,15 +173,13 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     const int g = lane >> 2;
     const int t = lane & 3;
     const u32* lut = smem;
-    u32* code_ring = smem + LUT_N * 32;
-    u32* scale_ring = code_ring + CODE_WORDS;
-    u16* x_ring = (u16*)(scale_ring + SCALE_WORDS);
     build_lut(P, smem);
-    // Everything below may read what the kernel before this one wrote.
-    wait_for_previous_grid();
     __syncthreads();
+    bool waited = false;
 
-    // Persistent blocks over work items (row block, split, batch chunk), row block fastest.
+    // Persistent blocks over work items (row block, split, batch chunk), row block fastest. Each
+    // warp owns RT rows and walks the item's super-steps in the same order as its neighbours, so
+    // the activation slices it reads are mostly L1 hits after the first warp's.
     const int items = P.row_tiles * P.splits * P.batch_chunks;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item % P.row_tiles;
@@ -211,29 +191,6 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
         const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
                                                                             : P.total_steps;
 
-        // Copies for one super-step into ring stage `stage`, as one commit group per thread.
-        auto issue = [&](int step, int stage) {
-            if (step < step_end) {
-                const int kl = step * KSTEP + 32 * t;
-                u32* cw = code_ring + (stage * WARPS + warp) * SLOTS * BITS;
-                u32* sw = scale_ring + (stage * WARPS + warp) * SLOTS;
-#pragma unroll
-                for (int c = 0; c < 2 * MT; ++c) {
-                    const int row = row0 + (c >> 1) * 16 + g + 8 * (c & 1);
-                    issue_chunk(P, row, kl, cw + (c * 32 + lane) * BITS, sw + c * 32 + lane);
-                }
-                u16* xs = x_ring + stage * CT * XS;
-                for (int i = tid; i < CT * (KSTEP / 8); i += THREADS) {
-                    const int col = i / (KSTEP / 8);
-                    const int piece = i % (KSTEP / 8);
-                    if (col0 + col < P.batch)
-                        cp_async_16(xs + col * XS + piece * 8,
-                                    P.x_rot + (u64)(col0 + col) * P.kp + step * KSTEP + piece * 8);
-                }
-            }
-            cp_async_commit();
-        };
-
         float acc[MT][NT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -242,71 +199,93 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
+        // Activation rows of this lane's batch columns (null past the batch: B stays zero).
+        const u16* xcol[NT];
 #pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) issue(step_begin + s, s);
-        for (int step = step_begin; step < step_end; ++step) {
-            cp_async_wait<STAGES - 2>();
-            __syncthreads();
-            // The stage refilled now was last read in the previous iteration, before the barrier.
-            issue(step + STAGES - 1, (step - step_begin + STAGES - 1) % STAGES);
-            const int stage = (step - step_begin) % STAGES;
-            const int kl = step * KSTEP + 32 * t;
-            const u32* cw = code_ring + (stage * WARPS + warp) * SLOTS * BITS;
-            const u32* sw = scale_ring + (stage * WARPS + warp) * SLOTS;
-            const u16* xs = x_ring + stage * CT * XS;
-            u32 w[MT][2][BITS];
-            u32 s2[MT][2];
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = col0 + nt * 8 + g;
+            xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
+        }
+
+        u32 ring[D][MT][2][BITS];
+        u32 sring[D][MT][2];
 #pragma unroll
-            for (int c = 0; c < 2 * MT; ++c) {
-                const u32* src = cw + (c * 32 + lane) * BITS;
-#if BITS == 4
-                const U4 v = *(const U4*)src;
-                w[c >> 1][c & 1][0] = v.x;
-                w[c >> 1][c & 1][1] = v.y;
-                w[c >> 1][c & 1][2] = v.z;
-                w[c >> 1][c & 1][3] = v.w;
-#else
+        for (int d = 0; d < D; ++d) {
 #pragma unroll
-                for (int i = 0; i < BITS; ++i) w[c >> 1][c & 1][i] = src[i];
-#endif
-                const int row = row0 + (c >> 1) * 16 + g + 8 * (c & 1);
-                s2[c >> 1][c & 1] = scale_pair(chunk_scale(P, row, kl, sw[c * 32 + lane]));
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                U4 bq[NT];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const int col = nt * 8 + g;
-                    if (col0 + col < P.batch) {
-                        bq[nt] = *(const U4*)(xs + col * XS + 32 * t + 8 * u);
-                    } else {
-                        bq[nt].x = bq[nt].y = bq[nt].z = bq[nt].w = 0;
-                    }
-                }
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int s = 2 * u + h;
+                    if (step_begin + d < step_end) {
+                        load_chunk(P, row0 + mt * 16 + g + 8 * h, (step_begin + d) * KSTEP + 32 * t,
+                                   ring[d][mt][h], sring[d][mt][h]);
+                    } else {
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        const u32 a0 = dequant_pair(lut, lane, w[mt][0], 2 * s, s2[mt][0]);
-                        const u32 a1 = dequant_pair(lut, lane, w[mt][1], 2 * s, s2[mt][1]);
-                        const u32 a2 = dequant_pair(lut, lane, w[mt][0], 2 * s + 1, s2[mt][0]);
-                        const u32 a3 = dequant_pair(lut, lane, w[mt][1], 2 * s + 1, s2[mt][1]);
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt) {
-                            const u32 b0 = h ? bq[nt].z : bq[nt].x;
-                            const u32 b1 = h ? bq[nt].w : bq[nt].y;
-                            mma_16816(acc[mt][nt], a0, a1, a2, a3, b0, b1);
-                        }
+                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
+                        sring[d][mt][h] = 0;
                     }
                 }
+        }
+        if (!waited) {
+            // Programmatic launch: the codes above do not depend on the kernel before this one;
+            // the activations below do.
+            wait_for_previous_grid();
+            waited = true;
+        }
+        for (int step0 = step_begin; step0 < step_end; step0 += D) {
+#pragma unroll
+            for (int d = 0; d < D; ++d) {
+                const int step = step0 + d;
+                if (step >= step_end) break;
+                const int k0 = step * KSTEP;
+                u32 s2[MT][2];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) s2[mt][h] = scale_pair((u16)sring[d][mt][h]);
+#pragma unroll
+                for (int u0 = 0; u0 < 4; u0 += BU) {
+                    U4 bq[BU][NT];
+#pragma unroll
+                    for (int du = 0; du < BU; ++du)
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            if (xcol[nt]) {
+                                bq[du][nt] = load_cached_v4(xcol[nt] + k0 + 8 * (u0 + du));
+                            } else {
+                                bq[du][nt].x = bq[du][nt].y = bq[du][nt].z = bq[du][nt].w = 0;
+                            }
+                        }
+#pragma unroll
+                    for (int du = 0; du < BU; ++du)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const int s = 2 * (u0 + du) + h;
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt) {
+                                const u32 a0 = dequant_pair(lut, lane, ring[d][mt][0], 2 * s, s2[mt][0]);
+                                const u32 a1 = dequant_pair(lut, lane, ring[d][mt][1], 2 * s, s2[mt][1]);
+                                const u32 a2 = dequant_pair(lut, lane, ring[d][mt][0], 2 * s + 1, s2[mt][0]);
+                                const u32 a3 = dequant_pair(lut, lane, ring[d][mt][1], 2 * s + 1, s2[mt][1]);
+#pragma unroll
+                                for (int nt = 0; nt < NT; ++nt) {
+                                    const u32 b0 = h ? bq[du][nt].z : bq[du][nt].x;
+                                    const u32 b1 = h ? bq[du][nt].w : bq[du][nt].y;
+                                    mma_16816(acc[mt][nt], a0, a1, a2, a3, b0, b1);
+                                }
+                            }
+                        }
+                }
+                // Refill this ring slot with the super-step D ahead.
+                const int ahead = step + D;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        if (ahead < step_end)
+                            load_chunk(P, row0 + mt * 16 + g + 8 * h, ahead * KSTEP + 32 * t, ring[d][mt][h],
+                                       sring[d][mt][h]);
             }
         }
-        // Drain the (empty) trailing groups and let every warp finish reading the ring before
-        // the next item refills it.
-        cp_async_wait<0>();
-        __syncthreads();
 
         // Each warp's accumulators are complete for its rows over this split's k range.
         const bool split_mode = P.splits > 1;
@@ -354,6 +333,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
             __syncthreads();
         }
     }
+    if (!waited) wait_for_previous_grid();
 }
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
