@@ -247,7 +247,7 @@ def write_table(rows: list[dict], base: float, settings: dict, path: Path) -> No
         f"scales). bf16: {base:.2f}. α's: noise t² = {settings['noise']}, {settings['windows']} x "
         f"{settings['seq_len']} calibration tokens from the end of WikiText-2, "
         f"{settings['draws']} antithetic draw(s). CPU latency: Σ over the 210 layers of one batch-1",
-        "HiggsLinear forward pass (LUT kernel, 2-core CPU, best of 30).",
+        "HiggsLinear forward pass (LUT kernel, 2 shared cores; fastest of 6 round-robin rounds x 5 calls).",
         "",
         "| method | bits/weight | perplexity | predicted (linearity) | CPU ms/token | layers per option |",
         "|---|---|---|---|---|---|",

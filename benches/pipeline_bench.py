@@ -268,10 +268,35 @@ def child_checkpoint(directory: Path, out: Path, threads: int, copy_only: bool) 
     }
 
 
+CHILD_ENV = dict(os.environ)
+
+
+def snapshot_package() -> str:
+    """Copy the higgs_rs package (extension included) that imports now to a private directory.
+
+    Every child imports that copy, so a rebuild of the shared tree during the benchmark (other
+    people run `maturin develop` there) cannot mix builds within a run. Returns the extension's
+    SHA-256 prefix, to identify the build in the results.
+    """
+    import hashlib
+    import tempfile
+
+    import higgs_rs
+
+    package = Path(higgs_rs.__file__).parent
+    snapshot = Path(tempfile.mkdtemp(prefix="pipeline_bench-"))
+    shutil.copytree(package, snapshot / "higgs_rs", ignore=shutil.ignore_patterns("__pycache__"))
+    CHILD_ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
+    extension = next((snapshot / "higgs_rs").glob("_core*.so"))
+    digest = hashlib.sha256(extension.read_bytes()).hexdigest()[:16]
+    print(f"using a snapshot of {package} in {snapshot} (extension sha256 {digest}...)")
+    return f"`{package}` (copied to a private directory for the run; `{extension.name}` sha256 {digest}…)"
+
+
 def run_child(args: list[str]) -> dict[str, Any]:
     """Run this script as a child; return its JSON result, its peak RSS and sampled memory peaks."""
     process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE, text=True, env=CHILD_ENV
     )
     peaks: dict[str, int] = {}
     done = threading.Event()
@@ -410,6 +435,7 @@ def bench(options: argparse.Namespace) -> None:
         for name, shape in tensors
         if len(shape) == 2 and "embed" not in name and "lm_head" not in name
     ]
+    build = snapshot_package()
     rounds = [run_round(options, i + 1, quantized) for i in range(options.repeat)]
 
     def best(key: str) -> float:
@@ -448,7 +474,7 @@ def bench(options: argparse.Namespace) -> None:
         f" {info.get('Thread(s) per core', '?')}"
         f" thread), AVX-512: {info.get('avx512', '?')}, {info['memory']} RAM; SIMD path"
         f" `{higgs_rs.simd_path()}`;"
-        f" Python {info['python']}; extension built with `maturin develop --release`.",
+        f" Python {info['python']}; release build of the extension, package {build}.",
         "",
         f"**Shared machine**: other jobs were running; 1-min load average {min(loads):.1f}–{max(loads):.1f}"
         " on"
@@ -534,11 +560,14 @@ def bench(options: argparse.Namespace) -> None:
                 f" {r['rate_without_copies']:.1f} M w/s |"
             )
         lines.append("")
-    same = rounds[0]["tensor"]["tensors"][TENSOR_NAME]["relative_mse"]
-    piped = rounds[0]["pipeline"]["relative_mse"].get(TENSOR_NAME, float("nan"))
+    checks = ", ".join(
+        f"{r['tensor']['tensors'][TENSOR_NAME]['relative_mse']:.6f} /"
+        f" {r['pipeline']['relative_mse'].get(TENSOR_NAME, float('nan')):.6f}"
+        for r in rounds
+    )
     lines += [
-        f"Same spec check: relative MSE of `{TENSOR_NAME}` is {same:.6f} from `quantize_tensor` and"
-        f" {piped:.6f} from `quantize_checkpoint`.",
+        f"Same spec check, relative MSE of `{TENSOR_NAME}` from `quantize_tensor` / `quantize_checkpoint`"
+        f" per round (equal when both ran the same build and spec): {checks}.",
         "",
         "## Peak memory",
         "",

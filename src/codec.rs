@@ -363,6 +363,8 @@ fn choose_scale(assigner: &Assigner, x: &[f32], rms: f64, scratch: &mut SearchSc
 /// Quantize a row-major `rows × cols` matrix. Rows run in parallel on the current rayon pool;
 /// the bytes out do not depend on the number of threads.
 pub fn quantize(source: Source<'_>, rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedTensor> {
+    // Shape problems (empty, unsupported sizes) first: they say more than a length mismatch.
+    spec.layout(rows, cols)?;
     if source.len() != rows.checked_mul(cols).unwrap_or(usize::MAX) {
         return Err(HiggsError::invalid(format!(
             "the data holds {} elements, but the shape {rows} × {cols} needs {}",

@@ -96,7 +96,7 @@ def test_bad_input_gets_a_clear_error() -> None:
     with pytest.raises(ValueError, match="Hadamard size 44"):
         higgs_rs.quantize_tensor(gaussian(4, 64), hadamard_size=44)
     with pytest.raises(NotImplementedError, match="available"):
-        higgs_rs.quantize_tensor(gaussian(4, 64), bits=5, p=2)
+        higgs_rs.quantize_tensor(gaussian(4, 64), bits=6, p=2)
 
 
 def test_hadamard_transform_is_orthonormal() -> None:

@@ -503,15 +503,17 @@ def measure_latencies(
     options: Sequence[Option],
     *,
     batch: int = 1,
-    repeats: int = 30,
+    rounds: int = 6,
+    repeats: int = 5,
     seed: int | None = 0,
     threads: int | None = None,
 ) -> dict[tuple[int, int], list[float]]:
     """Seconds one ``HiggsLinear`` forward pass takes on the CPU, per weight shape and option.
 
     The LUT kernel's time does not depend on the weights' values, so each shape is timed once on
-    a Gaussian matrix. Best of ``repeats`` calls after warm-up: on shared cores the fastest run is
-    the one least disturbed by other work.
+    a Gaussian matrix. Each (shape, option) is timed ``repeats`` times in each of ``rounds``
+    round-robin passes over all of them, and the fastest call counts: on shared cores a burst of
+    other work then slows every option alike instead of one option's whole measurement.
     """
     import numpy as np
     import torch
@@ -519,11 +521,10 @@ def measure_latencies(
     from .torch import HiggsLinear
 
     rng = np.random.default_rng(0)
-    latencies: dict[tuple[int, int], list[float]] = {}
+    cases = []
     for rows, cols in sorted(set(shapes)):
         weights = rng.standard_normal((rows, cols), dtype=np.float32)
         x = torch.from_numpy(rng.standard_normal((batch, cols), dtype=np.float32))
-        latencies[(rows, cols)] = []
         for o in options:
             q = quantize_tensor(
                 weights,
@@ -534,16 +535,20 @@ def measure_latencies(
                 seed=seed,
                 threads=threads,
             )
-            layer = HiggsLinear.from_quantized(q)
-            with torch.no_grad():
-                for _ in range(3):
-                    layer(x)
-                best = math.inf
+            cases.append(((rows, cols), HiggsLinear.from_quantized(q), x))
+    best = [math.inf] * len(cases)
+    with torch.no_grad():
+        for _, layer, x in cases:
+            layer(x)  # warm-up: first-call allocations and tables
+        for _ in range(rounds):
+            for i, (_, layer, x) in enumerate(cases):
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     layer(x)
-                    best = min(best, time.perf_counter() - t0)
-            latencies[(rows, cols)].append(best)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+    latencies: dict[tuple[int, int], list[float]] = {}
+    for (shape, _, _), seconds in zip(cases, best, strict=True):
+        latencies.setdefault(shape, []).append(seconds)
     return latencies
 
 

@@ -328,9 +328,9 @@ unsafe fn assign<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], c
                 let first = search.chunk_offsets[cell] as usize;
                 let end = search.chunk_offsets[cell + 1] as usize;
                 lists[t] = (first, end);
+                // A prefetch is only a hint and never faults, whatever the address.
                 let at = search.indices.as_ptr().wrapping_add(first * LANES);
-                // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
             }
         }
         for ((x, code), &(first, end)) in xb.chunks_exact(P).zip(cb.iter_mut()).zip(&lists) {

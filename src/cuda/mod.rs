@@ -154,12 +154,12 @@ fn align256(x: usize) -> usize {
 }
 
 /// Dynamic shared memory of one LUT-GEMM block: the table, replicated 32 times.
-fn lut_shared_bytes(bits: u32, _mt: usize, _nt: usize) -> usize {
+fn lut_shared_bytes(bits: u32) -> usize {
     (1usize << (2 * bits)) * 32 * 4
 }
 
 /// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
-pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, usize)> {
+pub fn tile_shape(batch: usize, tuning: Tuning) -> Result<(usize, usize)> {
     if batch == 0 {
         return Err(HiggsError::invalid("batch must be at least 1"));
     }
@@ -192,7 +192,7 @@ pub fn plan_linear(
     blocks_per_sm: usize,
     tuning: Tuning,
 ) -> Result<LinearPlan> {
-    let (mt, nt) = tile_shape(batch, rows, tuning)?;
+    let (mt, nt) = tile_shape(batch, tuning)?;
     let kp = padded.next_multiple_of(KSTEP);
     let total_steps = kp / KSTEP;
     let batch_chunks = batch.div_ceil(MAX_COLS);
@@ -238,7 +238,7 @@ pub fn plan_linear(
         partials_offset,
         partial_cols,
         workspace_bytes,
-        shared_bytes: lut_shared_bytes(bits, mt, nt),
+        shared_bytes: lut_shared_bytes(bits),
     })
 }
 
@@ -376,9 +376,9 @@ fn prepare(
     act: ActType,
     tuning: Tuning,
 ) -> Result<(Kernel, LinearPlan, usize)> {
-    let (mt, nt) = tile_shape(batch, shape.out_features, tuning)?;
+    let (mt, nt) = tile_shape(batch, tuning)?;
     let kernel = lut_kernel(dev, bits, act, LutKernel::Mma { mt, nt })?;
-    let shared = lut_shared_bytes(bits, mt, nt);
+    let shared = lut_shared_bytes(bits);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
     let plan = plan_linear(
         batch,
