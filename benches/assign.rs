@@ -4,6 +4,7 @@
 //! `HIGGS_BENCH_CPU_TIME=1 cargo bench --bench assign` measures the benchmark thread's CPU time
 //! instead (Linux: `/proc/thread-self/schedstat`), which stays meaningful on a machine shared
 //! with other busy processes, where wall-clock time mostly measures the waiting.
+#![forbid(unsafe_code)]
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, Criterion, Throughput};
 use higgs_rs::assign::Assigner;

@@ -9,19 +9,26 @@ Two parts, both reproducible:
            Each tensor is filled in row chunks, so the generator holds one tensor (≤ 1.05 GB) at a
            time; the directory is built under a temporary name and renamed when complete.
 ``bench``  runs, per round and each in its own subprocess (so its peak RSS is its own):
-           1. ``quantize_tensor`` on one 14336 × 4096 bf16 matrix held in RAM (the kernel rate);
+           1. ``quantize_tensor`` on one 14336 × 4096 bf16 matrix held in RAM (the kernel rate),
+              and on one matrix of each other shape (the kernel time of the same shape mix);
            2. ``quantize_checkpoint`` of the synthetic checkpoint (the end-to-end rate, counting
               only quantized weights), its peak RSS (``wait4`` ru_maxrss) and, sampled from
               ``/proc/PID/status``, its peak anonymous and file-backed (mmap) resident memory;
            3. optionally a copy-only pass (every tensor skipped, i.e. copied) for the I/O cost.
            Rounds interleave the runs so each ratio compares runs taken under the same load; the
-           best of ``--repeat`` rounds is reported, with the per-round ratios.
+           best of ``--repeat`` rounds is reported, with the per-round ratios. Rates are given per
+           wall-clock second and per CPU-second (user + system of the process), the latter being
+           what stays comparable on a loaded machine.
 
 Usage::
 
     python benches/pipeline_bench.py make [--dir /work/synthetic]
     python benches/pipeline_bench.py bench [--dir /work/synthetic] [--out /work/synthetic-out]
-        [--repeat 3] [--threads N] [--no-copy-run] [--markdown benches/results/pipeline.md]
+        [--repeat 3] [--threads N] [--tensor-iterations 1] [--no-shape-mix] [--no-copy-run]
+        [--markdown benches/results/pipeline.md]
+
+The children import whatever ``import higgs_rs`` finds when the benchmark starts (a snapshot of
+it); to pin a build, put its package directory first on PYTHONPATH.
 
 The spec is the same for both rates: 4 bits, p = 2 (n = 256), group size 64, Hadamard size
 chosen by the library (None: whole rows, 4096 or 14336), seed 0.
@@ -271,12 +278,12 @@ def child_checkpoint(directory: Path, out: Path, threads: int, copy_only: bool) 
 CHILD_ENV = dict(os.environ)
 
 
-def snapshot_package() -> str:
+def snapshot_package() -> tuple[str, Path]:
     """Copy the higgs_rs package (extension included) that imports now to a private directory.
 
     Every child imports that copy, so a rebuild of the shared tree during the benchmark (other
-    people run `maturin develop` there) cannot mix builds within a run. Returns the extension's
-    SHA-256 prefix, to identify the build in the results.
+    people run `maturin develop` there) cannot mix builds within a run. Returns a description
+    with the extension's SHA-256 prefix, to identify the build in the results, and the copy.
     """
     import hashlib
     import tempfile
@@ -290,7 +297,10 @@ def snapshot_package() -> str:
     extension = next((snapshot / "higgs_rs").glob("_core*.so"))
     digest = hashlib.sha256(extension.read_bytes()).hexdigest()[:16]
     print(f"using a snapshot of {package} in {snapshot} (extension sha256 {digest}...)")
-    return f"`{package}` (copied to a private directory for the run; `{extension.name}` sha256 {digest}…)"
+    description = (
+        f"`{package}` (copied to a private directory for the run; `{extension.name}` sha256 {digest}…)"
+    )
+    return description, snapshot
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
@@ -435,8 +445,11 @@ def bench(options: argparse.Namespace) -> None:
         for name, shape in tensors
         if len(shape) == 2 and "embed" not in name and "lm_head" not in name
     ]
-    build = snapshot_package()
-    rounds = [run_round(options, i + 1, quantized) for i in range(options.repeat)]
+    build, snapshot = snapshot_package()
+    try:
+        rounds = [run_round(options, i + 1, quantized) for i in range(options.repeat)]
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
 
     def best(key: str) -> float:
         return max(r[key] for r in rounds)
@@ -465,6 +478,8 @@ def bench(options: argparse.Namespace) -> None:
     info = machine()
     loads = [x for r in rounds for x in r["load"]]
     command = "python " + " ".join([os.path.relpath(__file__, Path.cwd()), *sys.argv[1:]])
+    if os.environ.get("PYTHONPATH"):
+        command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"
     rates = [f"{pct(r['ratio'])} (CPU {pct(r['cpu_ratio'])})" for r in rounds]
     lines = [
         "# Checkpoint pipeline: end-to-end throughput and peak memory",

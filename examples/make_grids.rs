@@ -14,6 +14,7 @@
 //!   each split on a subset of the samples).
 //!
 //! Everything is deterministic: the sample seeds are fixed and the sums are reduced in a fixed order.
+#![forbid(unsafe_code)]
 
 use higgs_rs::assign::Assigner;
 use higgs_rs::grid::{Grid, GRID_VERSION};

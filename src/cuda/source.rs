@@ -122,7 +122,9 @@ impl HadamardShape {
             }
         };
         let tile = order * (MIN_TILE / order).max(1);
-        let threads = (tile / 4).clamp(64, 512).next_multiple_of(32);
+        // Radix-8 passes want tile/8 threads; a Paley factor wants two per fiber.
+        let threads = if fast > 1 { 2 * tile / fast } else { tile / 8 };
+        let threads = threads.clamp(64, 1024).next_multiple_of(32).min(1024);
         Ok(HadamardShape {
             order,
             log2,
@@ -138,28 +140,58 @@ impl HadamardShape {
     }
 }
 
-/// One Paley factor as a straight-line function `name(float (&v)[size])`, in place:
-/// `v_i <- sum_j H[i][j] v_j`.
-fn paley_function(name: &str, size: usize) -> Result<String> {
+/// `Σ_j sign_j · v[j]` as a balanced tree of adds (depth log2(n) instead of n − 1: the sums
+/// of a Paley factor are latency-bound otherwise). Returns (negated, expression).
+fn signed_sum(terms: &[(bool, String)]) -> (bool, String) {
+    if terms.len() == 1 {
+        return terms[0].clone();
+    }
+    let (left, right) = terms.split_at(terms.len() / 2);
+    let ((ln, l), (rn, r)) = (signed_sum(left), signed_sum(right));
+    match (ln, rn) {
+        (false, false) => (false, format!("({l} + {r})")),
+        (false, true) => (false, format!("({l} - {r})")),
+        (true, false) => (false, format!("({r} - {l})")),
+        (true, true) => (true, format!("({l} + {r})")),
+    }
+}
+
+/// Output `i` of a Paley factor: `Σ_j H[i][j] v[j]`.
+fn paley_row(h: &[f32], size: usize, i: usize) -> String {
+    let terms: Vec<(bool, String)> = (0..size)
+        .map(|j| (h[i * size + j] < 0.0, format!("v[{j}]")))
+        .collect();
+    match signed_sum(&terms) {
+        (false, e) => e,
+        (true, e) => format!("-{e}"),
+    }
+}
+
+/// One Paley factor as straight-line code: `name(float (&v)[size])` in place
+/// (`v_i <- Σ_j H[i][j] v_j`), and `name_lo` / `name_hi` writing the first / second half of the
+/// outputs to `o` (two threads share a fiber).
+fn paley_functions(name: &str, size: usize) -> Result<String> {
     let h = hadamard::paley_matrix(size)
         .ok_or_else(|| HiggsError::Unsupported(format!("no Paley matrix of order {size}")))?;
     let mut s = format!("__device__ __forceinline__ void {name}(float (&v)[{size}]) {{\n");
     for i in 0..size {
-        let _ = write!(s, "    const float o{i} = ");
-        for j in 0..size {
-            let sign = if h[i * size + j] > 0.0 { '+' } else { '-' };
-            if j == 0 && sign == '+' {
-                let _ = write!(s, "v[0]");
-            } else {
-                let _ = write!(s, " {sign} v[{j}]");
-            }
-        }
-        s.push_str(";\n");
+        let _ = writeln!(s, "    const float o{i} = {};", paley_row(&h, size, i));
     }
     for i in 0..size {
         let _ = writeln!(s, "    v[{i}] = o{i};");
     }
     s.push_str("}\n");
+    let half = size / 2;
+    for (suffix, rows) in [("lo", 0..half), ("hi", half..size)] {
+        let _ = writeln!(
+            s,
+            "__device__ __forceinline__ void {name}_{suffix}(const float (&v)[{size}], float (&o)[{half}]) {{"
+        );
+        for i in rows {
+            let _ = writeln!(s, "    o[{}] = {};", i % half, paley_row(&h, size, i));
+        }
+        s.push_str("}\n");
+    }
     Ok(s)
 }
 
@@ -180,10 +212,10 @@ pub fn hadamard(shape: &HadamardShape, act: ActType) -> Result<String> {
         shape.threads
     );
     if shape.fast > 1 {
-        s.push_str(&paley_function("paley_fast", shape.fast)?);
+        s.push_str(&paley_functions("paley_fast", shape.fast)?);
     }
     if shape.slow > 1 {
-        s.push_str(&paley_function("paley_slow", shape.slow)?);
+        s.push_str(&paley_functions("paley_slow", shape.slow)?);
     }
     s.push_str(HADAMARD);
     Ok(s)
@@ -259,6 +291,61 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(err < 1e-4, "order {order}: max error {err}");
         }
+    }
+
+    #[test]
+    fn balanced_sums_keep_every_sign() {
+        let terms: Vec<(bool, String)> = [false, true, true, false, true]
+            .iter()
+            .enumerate()
+            .map(|(j, &neg)| (neg, format!("v{j}")))
+            .collect();
+        let (neg, e) = signed_sum(&terms);
+        // Evaluate with v_j = 10^j: the digits must be +1, -1, -1, +1, -1.
+        let value: f64 = {
+            let mut expr = e.clone();
+            for j in 0..5 {
+                expr = expr.replace(&format!("v{j}"), &format!("{}", 10f64.powi(j as i32)));
+            }
+            eval(&expr)
+        };
+        let expected = 1.0 - 10.0 - 100.0 + 1000.0 - 10000.0;
+        assert_eq!(if neg { -value } else { value }, expected, "{e}");
+    }
+
+    /// A tiny evaluator for the sums `signed_sum` writes: numbers, + and -, parentheses.
+    fn eval(expr: &str) -> f64 {
+        fn term(tokens: &[char], pos: &mut usize) -> f64 {
+            if tokens[*pos] == '(' {
+                *pos += 1;
+                let v = sum(tokens, pos);
+                *pos += 1; // ')'
+                v
+            } else {
+                let start = *pos;
+                while *pos < tokens.len() && (tokens[*pos].is_ascii_digit() || tokens[*pos] == '.')
+                {
+                    *pos += 1;
+                }
+                tokens[start..*pos]
+                    .iter()
+                    .collect::<String>()
+                    .parse()
+                    .unwrap()
+            }
+        }
+        fn sum(tokens: &[char], pos: &mut usize) -> f64 {
+            let mut v = term(tokens, pos);
+            while *pos < tokens.len() && matches!(tokens[*pos], '+' | '-') {
+                let op = tokens[*pos];
+                *pos += 1;
+                let r = term(tokens, pos);
+                v = if op == '+' { v + r } else { v - r };
+            }
+            v
+        }
+        let tokens: Vec<char> = expr.chars().filter(|c| !c.is_whitespace()).collect();
+        sum(&tokens, &mut 0)
     }
 
     #[test]

@@ -18,6 +18,72 @@ struct HadamardParams {
     float scale;         // 1 / sqrt(HAD_ORDER)
 };
 
+// Stages [S, S + R_LOG) of the Sylvester transform over the whole tile, in registers: each
+// thread takes groups of 2^R_LOG values that differ only in those index bits.
+template <int R_LOG, int S>
+__device__ __forceinline__ void sylvester_pass(float* buf) {
+    constexpr int R = 1 << R_LOG;
+    constexpr int GROUPS = HAD_TILE / R;
+#pragma unroll
+    for (int j = 0; j < (GROUPS + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+        const int q = threadIdx.x + j * HAD_THREADS;
+        if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
+            const int base = ((q >> S) << (S + R_LOG)) | (q & ((1 << S) - 1));
+            float v[R];
+            if (S == 0 && R >= 4) {
+                // Contiguous: vector loads and stores (no bank conflicts between neighbours).
+#pragma unroll
+                for (int e = 0; e < R; e += 4) {
+                    const U4 w = *(const U4*)(buf + base + e);
+                    v[e] = bits_float(w.x);
+                    v[e + 1] = bits_float(w.y);
+                    v[e + 2] = bits_float(w.z);
+                    v[e + 3] = bits_float(w.w);
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < R; ++e) v[e] = buf[base + (e << S)];
+            }
+#pragma unroll
+            for (int h = 1; h < R; h <<= 1)
+#pragma unroll
+                for (int e = 0; e < R; ++e)
+                    if ((e & h) == 0) {
+                        const float a = v[e], c = v[e + h];
+                        v[e] = a + c;
+                        v[e + h] = a - c;
+                    }
+            if (S == 0 && R >= 4) {
+#pragma unroll
+                for (int e = 0; e < R; e += 4) {
+                    U4 w;
+                    w.x = float_bits(v[e]);
+                    w.y = float_bits(v[e + 1]);
+                    w.z = float_bits(v[e + 2]);
+                    w.w = float_bits(v[e + 3]);
+                    *(U4*)(buf + base + e) = w;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < R; ++e) buf[base + (e << S)] = v[e];
+            }
+        }
+    }
+    __syncthreads();
+}
+
+template <int S>
+__device__ __forceinline__ void sylvester_passes(float* buf) {
+    if constexpr (S + 3 <= HAD_LOG2) {
+        sylvester_pass<3, S>(buf);
+        sylvester_passes<S + 3>(buf);
+    } else if constexpr (S + 2 == HAD_LOG2) {
+        sylvester_pass<2, S>(buf);
+    } else if constexpr (S + 1 == HAD_LOG2) {
+        sylvester_pass<1, S>(buf);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const HadamardParams P) {
     extern __shared__ float buf[];
 #if __CUDA_ARCH__ >= 900
@@ -43,42 +109,39 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     }
     __syncthreads();
 
-    // Sylvester part on the fastest index: radix-4 passes (two stages each), then radix-2.
-#pragma unroll
-    for (int s = 0; s + 2 <= HAD_LOG2; s += 2) {
-#pragma unroll
-        for (int j = 0; j < (HAD_TILE / 4 + HAD_THREADS - 1) / HAD_THREADS; ++j) {
-            const int q = threadIdx.x + j * HAD_THREADS;
-            if (q >= HAD_TILE / 4) break;
-            const int low = q & ((1 << s) - 1);
-            const int base = ((q >> s) << (s + 2)) | low;
-            const int d = 1 << s;
-            const float a0 = buf[base], a1 = buf[base + d], a2 = buf[base + 2 * d], a3 = buf[base + 3 * d];
-            const float b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
-            buf[base] = b0 + b2;
-            buf[base + d] = b1 + b3;
-            buf[base + 2 * d] = b0 - b2;
-            buf[base + 3 * d] = b1 - b3;
-        }
-        __syncthreads();
-    }
-#if HAD_LOG2 % 2 == 1
-    {
-        const int s = HAD_LOG2 - 1;
-        for (int q = threadIdx.x; q < HAD_TILE / 2; q += HAD_THREADS) {
-            const int low = q & ((1 << s) - 1);
-            const int base = ((q >> s) << (s + 1)) | low;
-            const float a0 = buf[base], a1 = buf[base + (1 << s)];
-            buf[base] = a0 + a1;
-            buf[base + (1 << s)] = a0 - a1;
-        }
-        __syncthreads();
-    }
-#endif
+    // Sylvester part on the fastest index: radix-8 passes (three stages in registers each).
+    sylvester_passes<0>(buf);
 
 #if HAD_FAST > 1
+#if 2 * (HAD_TILE / HAD_FAST) <= HAD_THREADS
     // Fast Paley factor: mixes the HAD_FAST sub-vectors of length 2^k inside each block of
-    // HAD_FAST * 2^k values. One thread owns one fiber, so the update is in place.
+    // HAD_FAST * 2^k values. Two threads per fiber, each writing half of the outputs after both
+    // have read the inputs.
+    {
+        const int q = threadIdx.x >> 1;
+        const bool active = q < HAD_TILE / HAD_FAST;
+        float* base = buf + (q / HAD_POW2) * (HAD_FAST * HAD_POW2) + (q % HAD_POW2);
+        float v[HAD_FAST];
+        float o[HAD_FAST / 2];
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < HAD_FAST; ++j) v[j] = base[j * HAD_POW2];
+        }
+        __syncthreads();
+        if (active) {
+            const int half = threadIdx.x & 1;
+            if (half) {
+                paley_fast_hi(v, o);
+            } else {
+                paley_fast_lo(v, o);
+            }
+#pragma unroll
+            for (int j = 0; j < HAD_FAST / 2; ++j) base[(half * (HAD_FAST / 2) + j) * HAD_POW2] = o[j];
+        }
+    }
+    __syncthreads();
+#else
+    // Fast Paley factor, one thread per fiber (in place).
     for (int q = threadIdx.x; q < HAD_TILE / HAD_FAST; q += HAD_THREADS) {
         float* base = buf + (q / HAD_POW2) * (HAD_FAST * HAD_POW2) + (q % HAD_POW2);
         float v[HAD_FAST];
@@ -89,6 +152,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         for (int j = 0; j < HAD_FAST; ++j) base[j * HAD_POW2] = v[j];
     }
     __syncthreads();
+#endif
 #endif
 #if HAD_SLOW > 1
     for (int q = threadIdx.x; q < HAD_TILE / HAD_SLOW; q += HAD_THREADS) {

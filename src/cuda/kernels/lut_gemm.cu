@@ -162,7 +162,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     constexpr int CT = 8 * NT;         // batch columns per item
     // Super-steps whose codes are in flight per warp (a ring of registers, indexed at compile
     // time): enough bytes in flight to cover DRAM latency.
-    constexpr int D = NT <= 2 ? 4 : 2;
+    constexpr int D = NT <= 2 ? 3 : 2;
     // Activation slices loaded at once: all four of a super-step when few batch tiles.
     constexpr int BU = NT <= 2 ? 4 : 1;
     extern __shared__ u32 smem[];
@@ -337,8 +337,10 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 }
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
+// Few batch tiles: cap registers so four blocks (32 warps) fit per multiprocessor.
+#define LUT_MIN_BLOCKS (LUT_NT <= 2 ? 4 : 1)
 #ifdef LUT_MT
-extern "C" __global__ void __launch_bounds__(THREADS) lut_mma(const LutParams P) {
+extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
 }
 #endif
