@@ -183,11 +183,15 @@ def methods() -> list[Method]:
 
 
 def select(all_methods: list[Method], patterns: str | None, quick: bool) -> list[Method]:
+    """Methods matching any of the comma-separated regexes, in the order of the patterns."""
     chosen = [m for m in all_methods if m.quick] if quick and not patterns else all_methods
-    if patterns:
-        regexes = [re.compile(p.strip(), re.IGNORECASE) for p in patterns.split(",") if p.strip()]
-        chosen = [m for m in chosen if any(r.search(m.name) for r in regexes)]
-    return chosen
+    if not patterns:
+        return chosen
+    ordered: list[Method] = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        regex = re.compile(pattern, re.IGNORECASE)
+        ordered += [m for m in chosen if regex.search(m.name) and m not in ordered]
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +568,9 @@ def write_markdown(testbed: Testbed, rows: list[dict[str, str]], command: str, e
         "Rel. MSE: mean over layers of ‖Ŵ−W‖²/‖W‖². Quantization time: all layers, "
         f"{QUANT_THREADS} thread for every method; evaluation with {eval_threads} threads.",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {machine()}; load average when this table was written: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + " (a shared machine: quantization times are rough).",
         "",
         f"Command: `{command}`",
         "",
@@ -772,11 +778,22 @@ def run_testbed(testbed: Testbed, chosen: list[Method], reuse: bool, command: st
             flush=True,
         )
         write_rows(csv_path, testbed.columns, rows)
+        write_reports(testbed, csv_path, settings_col, settings, command)
     write_rows(csv_path, testbed.columns, rows)
+    write_reports(testbed, csv_path, settings_col, settings, command, announce=True)
+
+
+def write_reports(
+    testbed: Testbed, csv_path: Path, settings_col: str, settings: str, command: str, announce: bool = False
+) -> None:
+    """The .md table and the .png plot from the CSV rows with this run's settings."""
+    import torch
+
     stored = [r for r in read_rows(csv_path) if r.get(settings_col) == settings]
     md = write_markdown(testbed, stored, command, torch.get_num_threads())
     png = plot(testbed, stored)
-    print(f"[{testbed.name}] wrote {csv_path}, {md}" + (f", {png}" if png else ""), flush=True)
+    if announce:
+        print(f"[{testbed.name}] wrote {csv_path}, {md}" + (f", {png}" if png else ""), flush=True)
 
 
 def write_layers(testbed: Testbed, method: str, applied: Applied) -> None:

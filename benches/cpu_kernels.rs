@@ -7,6 +7,8 @@
 //! Shapes are `rows × cols` of W (out × in): 4096×14336 (Llama-3-8B down_proj) and
 //! 14336×4096 (up/gate). Codes are random (the speed does not depend on their values), the grid
 //! is the shipped one, group size 64, whole-row Hadamard (14336 = 28·512), with signs.
+//! `*_bf16grid` rounds the grid to bf16 (what the two-plane AVX-512 front end needs);
+//! `*_one_thread` runs on a one-thread pool, beside `memcpy_one_thread`.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use higgs_rs::codec::QuantSpec;
@@ -146,6 +148,23 @@ fn bench_lut(c: &mut Criterion) {
                 }
                 group.bench_function(format!("lut_p{p}_n{n}_{name}/batch1"), |b| {
                     b.iter(|| lut_linear_with(&w, black_box(&x), 1, &mut y, path).unwrap())
+                });
+            }
+            if p == 2 {
+                // The same layer with its grid rounded to bf16: the two-plane front end.
+                let mut rounded = Layer::random(rows, cols, p, n);
+                for v in rounded.grid.iter_mut() {
+                    *v = half::bf16::from_f32(*v).to_f32();
+                }
+                let w = rounded.weights();
+                eprintln!(
+                    "{rows}x{cols} p{p} n{n} bf16 grid: path {}",
+                    kernel_path(&w).unwrap()
+                );
+                let x = gaussian(cols, 2);
+                let mut y = vec![0f32; rows];
+                group.bench_function(format!("lut_p{p}_n{n}_bf16grid/batch1"), |b| {
+                    b.iter(|| lut_linear(&w, black_box(&x), 1, &mut y).unwrap())
                 });
             }
             if p == 2 {

@@ -87,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rows", default="4.25:1.0,4.5:1.0,4.5:0.9", help="BITS:RATIO rows")
     parser.add_argument("--sample-rows", type=int, default=256, help="rows per layer for t² (0: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw table and plot from OUT/dynamic.json"
+    )
     args = parser.parse_args(argv)
     args.sample_rows = args.sample_rows or None
+    if args.plot_only:
+        saved = json.loads((args.out / "dynamic.json").read_text())
+        write_table(saved["rows"], saved["base_perplexity"], saved["alpha_settings"], args.out / "dynamic.md")
+        plot(saved["rows"], saved["base_perplexity"], args.out / "dynamic.png")
+        return 0
 
     import torch
     from transformers import AutoTokenizer
@@ -318,16 +326,22 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     ax.set_ylabel("WikiText-2 perplexity")
     top = min(60.0, max(r["perplexity"] for r in rows) + 2)
     ax.set_ylim(base - 1, top)
-    for r in rows:
-        if r["perplexity"] > top:
-            ax.annotate(
-                f"{r['method'].replace('uniform HIGGS ', '')}: {r['perplexity']:.0f} ↑",
-                (r["bits_per_weight"], top - 0.5),
-                fontsize=6,
-                ha="center",
-                va="top",
-                color="gray",
-            )
+    off = [r for r in rows if r["perplexity"] > top]
+    if off:
+        ax.text(
+            0.02,
+            0.98,
+            "off the chart:\n"
+            + "\n".join(
+                f"{r['method'].replace('uniform HIGGS ', 'uniform ')}: {r['bits_per_weight']:.2f} b, "
+                f"ppl {r['perplexity']:.1f}"
+                for r in off
+            ),
+            transform=ax.transAxes,
+            fontsize=6,
+            va="top",
+            color="dimgray",
+        )
     ax.set_title("SmolLM2-135M: dynamic vs uniform HIGGS")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

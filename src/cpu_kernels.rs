@@ -147,13 +147,14 @@ pub enum KernelPath {
     Avx2,
 }
 
-/// The path [`lut_linear`] takes for these weights on this machine: "avx512", "avx2" or "scalar".
+/// The path [`lut_linear`] takes for these weights on this machine: "avx512/planes",
+/// "avx512/planes-bf16", "avx512/nibbles", "avx2" or "scalar".
 pub fn kernel_path(w: &LutWeights<'_>) -> Result<&'static str> {
     let layout = w.layout()?;
     Ok(match resolve(w, &layout, KernelPath::Auto)? {
         Resolved::Scalar => "scalar",
         #[cfg(target_arch = "x86_64")]
-        Resolved::Avx512(_) => "avx512",
+        Resolved::Avx512(plan) => plan.name(),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx2(_) => "avx2",
     })
@@ -670,6 +671,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Grids whose values are all bf16 take the two-plane front end; it must agree too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_bf16_grids_match_reference() {
+        if !avx512::available() {
+            eprintln!("skipped: this machine has no AVX-512 VBMI");
+            return;
+        }
+        for (i, shape) in [
+            (9, 1000, 2, 64, 8, 64),
+            (5, 100, 2, 256, 64, 32),
+            (4, 256, 2, 128, 256, 64),
+            (5, 200, 4, 256, 8, 64),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut parts = RandomParts::new(shape, i % 2 == 0, 400 + i as u64);
+            for v in parts.grid.iter_mut() {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+            let w = parts.weights();
+            assert_eq!(kernel_path(&w).unwrap(), "avx512/planes-bf16");
+            for batch in [1usize, 3, 8] {
+                let err = check_product(&parts, batch, KernelPath::Avx512);
+                assert!(err < 2e-6, "case {i} {shape:?} batch {batch}: {err}");
+            }
+        }
+        // One value off the bf16 grid keeps the four-plane path.
+        let mut parts = RandomParts::new((5, 100, 2, 256, 64, 32), false, 1);
+        for v in parts.grid.iter_mut().skip(1) {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        assert_eq!(kernel_path(&parts.weights()).unwrap(), "avx512/planes");
     }
 
     #[cfg(target_arch = "x86_64")]

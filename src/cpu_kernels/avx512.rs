@@ -159,12 +159,12 @@ impl Plan {
         })
     }
 
-    /// Which front end runs: "planes", "planes-bf16" or "nibbles".
-    pub(super) fn front_name(&self) -> &'static str {
+    /// The path and its front end: "avx512/planes", "avx512/planes-bf16" or "avx512/nibbles".
+    pub(super) fn name(&self) -> &'static str {
         match self.front {
-            Front::BytePlanes { bf16: false, .. } => "planes",
-            Front::BytePlanes { bf16: true, .. } => "planes-bf16",
-            Front::Nibbles => "nibbles",
+            Front::BytePlanes { bf16: false, .. } => "avx512/planes",
+            Front::BytePlanes { bf16: true, .. } => "avx512/planes-bf16",
+            Front::Nibbles => "avx512/nibbles",
         }
     }
 
@@ -297,7 +297,6 @@ impl Plan {
                     unreachable!("no kernel for p = {p}, {table_regs} table registers, bf16 {bf16}")
                 }
             },
-            (front, p) => unreachable!("no kernel for {front:?} with p = {p}"),
         }
     }
 }

@@ -153,9 +153,9 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
-/// Dynamic shared memory of one LUT-GEMM block: the table, replicated 32 times.
-fn lut_shared_bytes(bits: u32) -> usize {
-    (1usize << (2 * bits)) * 32 * 4
+/// Dynamic shared memory of one LUT-GEMM block: none (its table is static shared memory).
+fn lut_shared_bytes(_bits: u32) -> usize {
+    0
 }
 
 /// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
@@ -293,6 +293,7 @@ struct LutParams {
     batch_chunks: i32,
     partial_cols: i32,
     group_shift: i32,
+    full_chunks: i32,
 }
 
 #[repr(C)]
@@ -543,6 +544,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         } else {
             -1
         },
+        full_chunks: (layout.row_bytes / (4 * bits as usize)) as i32,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;

@@ -305,7 +305,7 @@ mod tests {
         let value: f64 = {
             let mut expr = e.clone();
             for j in 0..5 {
-                expr = expr.replace(&format!("v{j}"), &format!("{}", 10f64.powi(j as i32)));
+                expr = expr.replace(&format!("v{j}"), &format!("{}", 10f64.powi(j)));
             }
             eval(&expr)
         };

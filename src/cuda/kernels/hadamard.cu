@@ -93,19 +93,32 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
-    // Compile-time trip counts, so every thread's loads are in flight together.
+    // All loads first (clamped addresses, no branches around them: every thread's loads are in
+    // flight together), then the stores to shared memory.
+    constexpr int PER_THREAD = (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS;
+    float xv[PER_THREAD];
+    float sv[PER_THREAD];
+    const int last = P.in_features - 1;
 #pragma unroll
-    for (int j = 0; j < (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS; ++j) {
-        const int i = threadIdx.x + j * HAD_THREADS;
-        if (i < HAD_TILE) {
-            const int gi = start + i;
-            float v = 0.f;
-            if (gi < P.in_features) {
-                v = act_to_f32(xrow[gi]);
-                if (P.signs) v *= P.signs[gi];
-            }
-            buf[i] = v;
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int gi = start + threadIdx.x + j * HAD_THREADS;
+        xv[j] = act_to_f32(xrow[gi < last ? gi : last]);
+    }
+    if (P.signs) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int gi = start + threadIdx.x + j * HAD_THREADS;
+            sv[j] = P.signs[gi < last ? gi : last];
         }
+    } else {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) sv[j] = 1.f;
+    }
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int i = threadIdx.x + j * HAD_THREADS;
+        const int gi = start + i;
+        if (HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) buf[i] = gi < P.in_features ? xv[j] * sv[j] : 0.f;
     }
     __syncthreads();
 

@@ -56,6 +56,7 @@ struct LutParams {
     int batch_chunks;
     int partial_cols;            // batch columns per split in `partials`
     int group_shift;             // log2(group_size) when a power of two, else -1
+    int full_chunks;             // whole 32-value chunks of codes in a row: row_bytes / (4 * BITS)
 };
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
@@ -107,52 +108,60 @@ __device__ __forceinline__ int group_of(const LutParams& P, int kl) {
     return group < P.groups ? group : P.groups - 1;
 }
 
-// Issue the loads of the 32 k-values [kl, kl + 32) of `row`: packed codes into w, the f16 scale
-// into s. Rows past the end and k past `padded` get zero codes and scale 0 (so their values are
-// 0); unaligned or partial chunks are read byte by byte, never past the row.
-__device__ __forceinline__ void load_chunk(const LutParams& P, int row, int kl, u32 (&w)[BITS], u32& s) {
+// Issue the loads of chunk `c` (the 32 k-values [32c, 32c + 32)) of a row: packed codes into w,
+// the f16 scale into s. `codes` and `scales` point at the row (null: a row past the end, which
+// gets zero codes and scale 0, so its values are 0). Chunks past `padded` get zeros too;
+// unaligned or partial chunks are read byte by byte, never past the row.
+__device__ __forceinline__ void load_chunk(const LutParams& P, const unsigned char* codes, const u16* scales, int c,
+                                           u32 (&w)[BITS], u32& s) {
 #pragma unroll
     for (int i = 0; i < BITS; ++i) w[i] = 0;
     s = 0;
-    if (row >= P.rows || kl >= P.padded) return;
-    const unsigned char* base = P.codes + (u64)row * P.row_bytes;
-    const int byte0 = (kl >> 5) * (4 * BITS);
-    if (P.vector_codes && byte0 + 4 * BITS <= P.row_bytes) {
+    const int kl = c * 32;
+    if (!codes || kl >= P.padded) return;
+    const unsigned char* src = codes + c * (4 * BITS);
+    if (P.vector_codes && c < P.full_chunks) {
 #if BITS == 4
-        const U4 v = load_stream_v4(base + byte0);
+        const U4 v = load_stream_v4(src);
         w[0] = v.x;
         w[1] = v.y;
         w[2] = v.z;
         w[3] = v.w;
 #elif BITS == 2
-        load_stream_v2(base + byte0, w[0], w[1]);
+        load_stream_v2(src, w[0], w[1]);
 #else
 #pragma unroll
-        for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(base + byte0 + 4 * i);
+        for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
 #endif
     } else {
 #pragma unroll
         for (int i = 0; i < 4 * BITS; ++i) {
-            const int b = byte0 + i;
-            const u32 v = b < P.row_bytes ? (u32)base[b] : 0u;
+            const int b = c * (4 * BITS) + i;
+            const u32 v = b < P.row_bytes ? (u32)codes[b] : 0u;
             w[i / 4] |= v << (8 * (i % 4));
         }
     }
-    s = load_cached_u16(P.scales + (u64)row * P.groups + group_of(P, kl));
+    s = load_cached_u16(scales + group_of(P, kl));
 }
 
-// Pair code number i (0..15) of a chunk; i is a compile-time constant after unrolling.
-__device__ __forceinline__ u32 pair_code(const u32 (&w)[BITS], int i) {
+// Byte offset in the table of this lane's copy of the entry for pair code number i (0..15) of a
+// chunk: code * 128 + lane * 4. `i` is a compile-time constant after unrolling, so this is a
+// shift and a mask-or.
+__device__ __forceinline__ u32 lut_offset(const u32 (&w)[BITS], int i, u32 lane4) {
     const int offset = i * PAIR_BITS;
     const int word = offset >> 5;
     const int shift = offset & 31;
-    u32 v = w[word] >> shift;
-    if (shift + PAIR_BITS > 32 && word + 1 < BITS) v |= w[word + 1] << (32 - shift);
-    return v & (LUT_N - 1);
+    u32 v;
+    if (shift + PAIR_BITS <= 32 || word + 1 >= BITS) {
+        v = shift >= 7 ? w[word] >> (shift - 7) : w[word] << (7 - shift);
+    } else {
+        v = ((w[word] >> shift) | (w[word + 1] << (32 - shift))) << 7;
+    }
+    return (v & ((u32)(LUT_N - 1) << 7)) | lane4;
 }
 
-__device__ __forceinline__ u32 dequant_pair(const u32* lut, int lane, const u32 (&w)[BITS], int i, u32 s2) {
-    return mul_act2(lut[(pair_code(w, i) << 5) | lane], s2);
+__device__ __forceinline__ u32 dequant_pair(const u32* lut, u32 lane4, const u32 (&w)[BITS], int i, u32 s2) {
+    return mul_act2(*(const u32*)((const char*)lut + lut_offset(w, i, lane4)), s2);
 }
 
 template <int MT, int NT>
@@ -165,15 +174,17 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     constexpr int D = NT <= 2 ? 3 : 2;
     // Activation slices loaded at once: all four of a super-step when few batch tiles.
     constexpr int BU = NT <= 2 ? 4 : 1;
-    extern __shared__ u32 smem[];
+    // The table in static shared memory: its address is a constant, so a lookup is one LDS with an
+    // immediate offset.
+    __shared__ u32 lut[LUT_N * 32];
     __shared__ int is_last_block;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
-    const u32* lut = smem;
-    build_lut(P, smem);
+    const u32 lane4 = (u32)lane * 4;
+    build_lut(P, lut);
     __syncthreads();
     bool waited = false;
 
@@ -207,6 +218,18 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
             xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
         }
 
+        // This lane's rows: code and scale pointers (null past the last row), chunk t of a step.
+        const unsigned char* crow[MT][2];
+        const u16* srow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = row0 + mt * 16 + g + 8 * h;
+                crow[mt][h] = r < P.rows ? P.codes + (u64)r * P.row_bytes : (const unsigned char*)0;
+                srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
+            }
+
         u32 ring[D][MT][2][BITS];
         u32 sring[D][MT][2];
 #pragma unroll
@@ -216,8 +239,8 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     if (step_begin + d < step_end) {
-                        load_chunk(P, row0 + mt * 16 + g + 8 * h, (step_begin + d) * KSTEP + 32 * t,
-                                   ring[d][mt][h], sring[d][mt][h]);
+                        load_chunk(P, crow[mt][h], srow[mt][h], (step_begin + d) * 4 + t, ring[d][mt][h],
+                                   sring[d][mt][h]);
                     } else {
 #pragma unroll
                         for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
@@ -262,10 +285,10 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                             const int s = 2 * (u0 + du) + h;
 #pragma unroll
                             for (int mt = 0; mt < MT; ++mt) {
-                                const u32 a0 = dequant_pair(lut, lane, ring[d][mt][0], 2 * s, s2[mt][0]);
-                                const u32 a1 = dequant_pair(lut, lane, ring[d][mt][1], 2 * s, s2[mt][1]);
-                                const u32 a2 = dequant_pair(lut, lane, ring[d][mt][0], 2 * s + 1, s2[mt][0]);
-                                const u32 a3 = dequant_pair(lut, lane, ring[d][mt][1], 2 * s + 1, s2[mt][1]);
+                                const u32 a0 = dequant_pair(lut, lane4, ring[d][mt][0], 2 * s, s2[mt][0]);
+                                const u32 a1 = dequant_pair(lut, lane4, ring[d][mt][1], 2 * s, s2[mt][1]);
+                                const u32 a2 = dequant_pair(lut, lane4, ring[d][mt][0], 2 * s + 1, s2[mt][0]);
+                                const u32 a3 = dequant_pair(lut, lane4, ring[d][mt][1], 2 * s + 1, s2[mt][1]);
 #pragma unroll
                                 for (int nt = 0; nt < NT; ++nt) {
                                     const u32 b0 = h ? bq[du][nt].z : bq[du][nt].x;
@@ -282,8 +305,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
                     for (int h = 0; h < 2; ++h)
                         if (ahead < step_end)
-                            load_chunk(P, row0 + mt * 16 + g + 8 * h, ahead * KSTEP + 32 * t, ring[d][mt][h],
-                                       sring[d][mt][h]);
+                            load_chunk(P, crow[mt][h], srow[mt][h], ahead * 4 + t, ring[d][mt][h], sring[d][mt][h]);
             }
         }
 
@@ -337,8 +359,8 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 }
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
-// Few batch tiles: cap registers so four blocks (32 warps) fit per multiprocessor.
-#define LUT_MIN_BLOCKS (LUT_NT <= 2 ? 4 : 1)
+// Few batch tiles: cap registers so three blocks (24 warps) fit per multiprocessor.
+#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT <= 2 ? 3 : LUT_NT == 4 ? 2 : 1)
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
