@@ -3,7 +3,7 @@
 # higgs-kernels 0.4.0), print the kernels' register/spill report, run the CUDA tests, the tests
 # under compute-sanitizer (reduced set), and the benchmark. Logs go to $OUT.
 #   maturin build --release --features python,cuda -o .whl   (on the build machine)
-#   device: bash benches/gpu_run.sh [quick]
+#   device: [DETAILS=1] bash benches/gpu_run.sh [quick]   (DETAILS: ptxas report, ncu sections)
 set -uo pipefail
 MODE=${1:-}
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, higgs_rs; print('torch', torch.__version__, '|', higgs_rs.cuda_status())" 2>&1 | tee -a "$OUT/gpu.txt"
 
+if [ "${DETAILS:-0}" = 1 ]; then
 echo "== ptxas report (nvcc on the image; the same sources NVRTC compiles)"
 for cfg in "4 1 1" "4 1 2" "4 1 4" "4 1 8" "4 2 1" "4 2 2" "4 2 4" "4 2 8" "3 2 1" "2 2 1"; do
   set -- $cfg
@@ -24,6 +25,7 @@ for cfg in "4 1 1" "4 1 2" "4 1 4" "4 1 8" "4 2 1" "4 2 2" "4 2 4" "4 2 8" "3 2 
 done
 wait
 cat /tmp/ptxas_*.txt | tee "$OUT/ptxas.txt"
+fi
 
 echo "== tests"
 timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
@@ -51,6 +53,7 @@ for i, k in kernels.items():
           k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"))
 PY
 
+if [ "${DETAILS:-0}" = 1 ]; then
 echo "== Nsight Compute details: first Hadamard + LUT-GEMM (4096x4096, batch 1) and the 4096x14336 pair"
 for skip in 0 12; do
   timeout 90 ncu --clock-control none -k regex:'hadamard_rotate|lut_mma' --launch-skip $skip --launch-count 2 \
@@ -58,6 +61,7 @@ for skip in 0 12; do
     python3 benches/gpu_profile.py > "$OUT/ncu_details_$skip.txt" 2>&1
   grep -E "^  [a-z_]+|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Compute \(SM\) Throughput|Dynamic Shared|Local Memory|stall" "$OUT/ncu_details_$skip.txt" | head -60
 done
+fi
 
 echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
 HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \

@@ -333,7 +333,12 @@ def measure_sensitivities(
     path = _cache_file("alphas", key)
     if cache and (hit := _read_cache(path, key)) is not None:
         return Sensitivities(
-            hit["alphas"], hit["stderr"], hit["base_loss"], hit["seconds"], hit["settings"], hit.get("per_draw", {})
+            hit["alphas"],
+            hit["stderr"],
+            hit["base_loss"],
+            hit["seconds"],
+            hit["settings"],
+            hit.get("per_draw", {}),
         )
 
     start = time.perf_counter()

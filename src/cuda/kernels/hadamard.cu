@@ -74,7 +74,9 @@ __device__ __forceinline__ void sylvester_pass(float* buf) {
 
 template <int S>
 __device__ __forceinline__ void sylvester_passes(float* buf) {
-    if constexpr (S + 3 <= HAD_LOG2) {
+    if constexpr (S + 4 == HAD_LOG2) {
+        sylvester_pass<4, S>(buf);
+    } else if constexpr (S + 3 <= HAD_LOG2) {
         sylvester_pass<3, S>(buf);
         sylvester_passes<S + 3>(buf);
     } else if constexpr (S + 2 == HAD_LOG2) {
@@ -93,12 +95,75 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
+    const int last = P.in_features - 1;
+#if HAD_LOG2 >= 8
+    // Stages 0-7 without shared memory or barriers: a thread loads 8 consecutive values (stages
+    // 0-2 in registers) and the lanes of a warp hold 256 consecutive values (stages 3-7 by
+    // shuffles); one store to shared memory, then the remaining stages in passes.
+    {
+        const int lane = threadIdx.x & 31;
+        constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the test below is warp-uniform
+#pragma unroll
+        for (int j = 0; j < (GROUPS + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+            const int q = threadIdx.x + j * HAD_THREADS;
+            if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
+                float v[8];
+                float sg[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int gi = start + 8 * q + e;
+                    v[e] = act_to_f32(xrow[gi < last ? gi : last]);
+                }
+                if (P.signs) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        const int gi = start + 8 * q + e;
+                        sg[e] = P.signs[gi < last ? gi : last];
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sg[e] = 1.f;
+                }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] = start + 8 * q + e <= last ? v[e] * sg[e] : 0.f;
+#pragma unroll
+                for (int h = 1; h < 8; h <<= 1)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        if ((e & h) == 0) {
+                            const float a = v[e], c = v[e + h];
+                            v[e] = a + c;
+                            v[e + h] = a - c;
+                        }
+#pragma unroll
+                for (int m = 1; m < 32; m <<= 1) {
+                    const bool upper = (lane & m) != 0;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
+                        v[e] = upper ? o - v[e] : v[e] + o;
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e += 4) {
+                    U4 w;
+                    w.x = float_bits(v[e]);
+                    w.y = float_bits(v[e + 1]);
+                    w.z = float_bits(v[e + 2]);
+                    w.w = float_bits(v[e + 3]);
+                    *(U4*)(buf + 8 * q + e) = w;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    sylvester_passes<8>(buf);
+#else
     // All loads first (clamped addresses, no branches around them: every thread's loads are in
     // flight together), then the stores to shared memory.
     constexpr int PER_THREAD = (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS;
     float xv[PER_THREAD];
     float sv[PER_THREAD];
-    const int last = P.in_features - 1;
 #pragma unroll
     for (int j = 0; j < PER_THREAD; ++j) {
         const int gi = start + threadIdx.x + j * HAD_THREADS;
@@ -124,6 +189,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
 
     // Sylvester part on the fastest index: radix-8 passes (three stages in registers each).
     sylvester_passes<0>(buf);
+#endif
 
 #if HAD_FAST > 1
 #if 2 * (HAD_TILE / HAD_FAST) <= HAD_THREADS

@@ -359,8 +359,8 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 }
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
-// Few batch tiles: cap registers so three blocks (24 warps) fit per multiprocessor.
-#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT <= 2 ? 3 : LUT_NT == 4 ? 2 : 1)
+// Few batch tiles: cap registers so three (batch <= 8) or two blocks fit per multiprocessor.
+#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : LUT_NT <= 4 ? 2 : 1)
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
