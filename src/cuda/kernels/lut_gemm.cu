@@ -210,13 +210,10 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-        // Activation rows of this lane's batch columns (null past the batch: B stays zero).
-        const u16* xcol[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int col = col0 + nt * 8 + g;
-            xcol[nt] = col < P.batch ? P.x_rot + (u64)col * P.kp + 32 * t : (const u16*)0;
-        }
+        // Activation row of this lane's first batch column; tile nt is 8 rows further (columns
+        // past the batch are not read: B stays zero there).
+        const u16* xbase = P.x_rot + (u64)(col0 + g) * P.kp + 32 * t;
+        const int xtile = 8 * P.kp;
 
         // This lane's rows: code and scale pointers (null past the last row), chunk t of a step.
         const unsigned char* crow[MT][2];
@@ -272,8 +269,8 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                     for (int du = 0; du < BU; ++du)
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt) {
-                            if (xcol[nt]) {
-                                bq[du][nt] = load_cached_v4(xcol[nt] + k0 + 8 * (u0 + du));
+                            if (col0 + nt * 8 + g < P.batch) {
+                                bq[du][nt] = load_cached_v4(xbase + (u64)(nt * xtile + k0 + 8 * (u0 + du)));
                             } else {
                                 bq[du][nt].x = bq[du][nt].y = bq[du][nt].z = bq[du][nt].w = 0;
                             }
@@ -360,7 +357,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
 // Few batch tiles: cap registers so three (batch <= 8) or two blocks fit per multiprocessor.
-#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : LUT_NT <= 4 ? 2 : 1)
+#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : 2)
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
