@@ -167,8 +167,14 @@ impl Source<'_> {
         let end = start + out.len();
         match self {
             Source::F32(v) => out.copy_from_slice(&v[start..end]),
-            Source::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
-            Source::Bf16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Source::F16(v) => out
+                .iter_mut()
+                .zip(&v[start..end])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            Source::Bf16(v) => out
+                .iter_mut()
+                .zip(&v[start..end])
+                .for_each(|(o, x)| *o = x.to_f32()),
             Source::Bytes(ElemType::F32, b) => {
                 for (o, c) in out.iter_mut().zip(b[start * 4..end * 4].chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -362,10 +368,15 @@ fn choose_scale(assigner: &Assigner, x: &[f32], rms: f64, scratch: &mut SearchSc
 
 /// Quantize a row-major `rows × cols` matrix. Rows run in parallel on the current rayon pool;
 /// the bytes out do not depend on the number of threads.
-pub fn quantize(source: Source<'_>, rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedTensor> {
+pub fn quantize(
+    source: Source<'_>,
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+) -> Result<QuantizedTensor> {
     // Shape problems (empty, unsupported sizes) first: they say more than a length mismatch.
     spec.layout(rows, cols)?;
-    if source.len() != rows.checked_mul(cols).unwrap_or(usize::MAX) {
+    if source.len() != rows.saturating_mul(cols) {
         return Err(HiggsError::invalid(format!(
             "the data holds {} elements, but the shape {rows} × {cols} needs {}",
             source.len(),
@@ -442,7 +453,8 @@ fn quantize_row(
     let g = prep.spec.group_size;
     let p = prep.spec.p;
     for (group, scale) in padded.chunks_mut(g).zip(row_scales.iter_mut()) {
-        let mean_square = group.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / group.len() as f64;
+        let mean_square =
+            group.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / group.len() as f64;
         let rms = mean_square.sqrt();
         if f16::from_f64(rms).is_infinite() {
             return Err(HiggsError::Unsupported(format!(
@@ -456,7 +468,11 @@ fn quantize_row(
             f16::from_f64(rms)
         };
         *scale = s;
-        let inv = if s.to_f32() > 0.0 { 1.0 / s.to_f32() } else { 0.0 };
+        let inv = if s.to_f32() > 0.0 {
+            1.0 / s.to_f32()
+        } else {
+            0.0
+        };
         group.iter_mut().for_each(|x| *x *= inv);
     }
     // Nearest points for the chosen scales (never worse than the codes the search scored).
@@ -512,7 +528,12 @@ fn rotated_squared_error(prep: &Prepared, scaled: &[f32], codes: &[u32], scales:
 }
 
 /// Codes and scales of one row back to `padded_cols` values in the original coordinates.
-fn dequantize_row_into(prep: &Prepared, codes: &[u32], scales: &[f16], out: &mut [f32]) -> Result<()> {
+fn dequantize_row_into(
+    prep: &Prepared,
+    codes: &[u32],
+    scales: &[f16],
+    out: &mut [f32],
+) -> Result<()> {
     let p = prep.spec.p;
     let g = prep.spec.group_size;
     let padded_cols = prep.layout.padded_cols;
@@ -615,7 +636,10 @@ pub fn pack_codes(codes: &[u32], bits: u32, out: &mut [u8]) {
 /// Inverse of [`pack_codes`]: fills all of `codes`.
 pub fn unpack_codes(packed: &[u8], bits: u32, codes: &mut [u32]) {
     match bits {
-        8 => codes.iter_mut().zip(packed).for_each(|(c, &b)| *c = b as u32),
+        8 => codes
+            .iter_mut()
+            .zip(packed)
+            .for_each(|(c, &b)| *c = b as u32),
         _ => {
             let mask = (1u64 << bits) - 1;
             let mut acc = 0u64;
@@ -661,7 +685,9 @@ mod tests {
         let mut rng = SplitMix64::new(3);
         for bits in 1..=16u32 {
             for len in [1usize, 2, 3, 7, 64, 101] {
-                let codes: Vec<u32> = (0..len).map(|_| (rng.next_u64() as u32) & ((1 << bits) - 1)).collect();
+                let codes: Vec<u32> = (0..len)
+                    .map(|_| (rng.next_u64() as u32) & ((1 << bits) - 1))
+                    .collect();
                 let mut packed = vec![0xAAu8; (len * bits as usize).div_ceil(8)];
                 pack_codes(&codes, bits, &mut packed);
                 let mut back = vec![0u32; len];
@@ -683,9 +709,17 @@ mod tests {
         assert!(rel > 0.0055 && rel < 0.0068, "relative MSE {rel}");
         assert!((q.bits_per_weight() - 4.25).abs() < 1e-12);
         let back = dequantize(&q).unwrap();
-        let err: f64 = w.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let err: f64 = w
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let norm: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum();
-        assert!((err / norm - rel).abs() < 1e-5 * rel, "{} vs {rel}", err / norm);
+        assert!(
+            (err / norm - rel).abs() < 1e-5 * rel,
+            "{} vs {rel}",
+            err / norm
+        );
     }
 
     #[test]
@@ -697,7 +731,11 @@ mod tests {
         // 64 codes × 8 bits + 2 scales × 16 bits per row, over 100 weights.
         assert!((q.bits_per_weight() - (64.0 * 8.0 + 32.0) / 100.0).abs() < 1e-12);
         let back = dequantize(&q).unwrap();
-        let err: f64 = w.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let err: f64 = w
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         assert!((err - q.squared_error).abs() <= 1e-9 * err.max(1.0));
     }
 
@@ -722,7 +760,10 @@ mod tests {
     #[test]
     fn all_input_types_agree() {
         let (rows, cols) = (3, 256);
-        let w: Vec<f32> = gaussian(rows * cols, 1).iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        let w: Vec<f32> = gaussian(rows * cols, 1)
+            .iter()
+            .map(|&x| bf16::from_f32(x).to_f32())
+            .collect();
         let s = spec(1, 16, None, Some(0));
         let a = quantize(Source::F32(&w), rows, cols, &s).unwrap();
         let b16: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -744,7 +785,8 @@ mod tests {
         assert!(err.to_string().contains("empty"), "{err}");
         let err = quantize(Source::F32(&w), 5, 64, &spec(2, 256, None, None)).unwrap_err();
         assert!(err.to_string().contains("shape"), "{err}");
-        let err = quantize(Source::F32(&w[..256]), 4, 64, &spec(2, 256, Some(44), None)).unwrap_err();
+        let err =
+            quantize(Source::F32(&w[..256]), 4, 64, &spec(2, 256, Some(44), None)).unwrap_err();
         assert!(err.to_string().contains("Hadamard size 44"), "{err}");
         assert!(QuantSpec::grid_size_for_bits(3.3, 2).is_err());
         assert_eq!(QuantSpec::grid_size_for_bits(3.25, 4).unwrap(), 8192);

@@ -57,7 +57,7 @@ impl Grid {
     /// A grid from explicit points (n × p row-major); checks the shape and that every
     /// coordinate is finite.
     pub fn from_points(p: usize, points: Vec<f32>, version: u32) -> Result<Grid> {
-        if p == 0 || points.is_empty() || points.len() % p != 0 {
+        if p == 0 || points.is_empty() || !points.len().is_multiple_of(p) {
             return Err(HiggsError::invalid(format!(
                 "a grid needs a whole number of {p}-dimensional points, got {} coordinates",
                 points.len()

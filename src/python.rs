@@ -4,11 +4,13 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::codec::{self, ElemType, QuantSpec, Source};
-use crate::pipeline;
 use crate::grid::Grid;
+use crate::pipeline;
 use crate::{hadamard, HiggsError};
 use half::{bf16, f16};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -27,7 +29,9 @@ impl From<HiggsError> for PyErr {
     fn from(err: HiggsError) -> PyErr {
         let message = err.to_string();
         match err {
-            HiggsError::InvalidArgument(_) | HiggsError::NonFinite { .. } => PyValueError::new_err(message),
+            HiggsError::InvalidArgument(_) | HiggsError::NonFinite { .. } => {
+                PyValueError::new_err(message)
+            }
             HiggsError::Format { .. } => HiggsFormatError::new_err(message),
             HiggsError::Io { .. } => PyOSError::new_err(message),
             HiggsError::Unsupported(_) => PyNotImplementedError::new_err(message),
@@ -103,13 +107,13 @@ impl QuantizedTensor {
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let l = self.inner.layout;
-        Ok(PyArray1::from_slice(py, &self.inner.codes).reshape([l.rows, l.row_bytes])?)
+        PyArray1::from_slice(py, &self.inner.codes).reshape([l.rows, l.row_bytes])
     }
     /// Scales, `rows × groups` float16.
     #[getter]
     fn scales<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f16>>> {
         let l = self.inner.layout;
-        Ok(PyArray1::from_slice(py, &self.inner.scales).reshape([l.rows, l.groups])?)
+        PyArray1::from_slice(py, &self.inner.scales).reshape([l.rows, l.groups])
     }
     #[getter]
     fn shape(&self) -> (usize, usize) {
@@ -198,14 +202,22 @@ fn quantize_tensor(
         let (rows, cols) = (a.shape()[0], a.shape()[1]);
         match a.as_slice() {
             Ok(s) => run(Source::F32(s), rows, cols)?,
-            Err(_) => run(Source::F32(&a.as_array().iter().copied().collect::<Vec<_>>()), rows, cols)?,
+            Err(_) => run(
+                Source::F32(&a.as_array().iter().copied().collect::<Vec<_>>()),
+                rows,
+                cols,
+            )?,
         }
     } else if let Ok(a) = array.cast::<PyArray2<f16>>() {
         let a = a.readonly();
         let (rows, cols) = (a.shape()[0], a.shape()[1]);
         match a.as_slice() {
             Ok(s) => run(Source::F16(s), rows, cols)?,
-            Err(_) => run(Source::F16(&a.as_array().iter().copied().collect::<Vec<_>>()), rows, cols)?,
+            Err(_) => run(
+                Source::F16(&a.as_array().iter().copied().collect::<Vec<_>>()),
+                rows,
+                cols,
+            )?,
         }
     } else if let (true, Ok(a)) = (is_bf16, array.cast::<PyArray2<u16>>()) {
         let a = a.readonly();
@@ -224,7 +236,10 @@ fn quantize_tensor(
             .getattr("dtype")
             .map(|d| d.to_string())
             .unwrap_or_else(|_| array.get_type().to_string());
-        let ndim = array.getattr("ndim").map(|d| d.to_string()).unwrap_or_default();
+        let ndim = array
+            .getattr("ndim")
+            .map(|d| d.to_string())
+            .unwrap_or_default();
         return Err(PyValueError::new_err(format!(
             "expected a 2-D numpy array of float32, float16 or bfloat16 bits (uint16 with is_bf16=True); got dtype {described}, ndim {ndim}"
         )));
@@ -256,14 +271,14 @@ fn dequantize<'py>(
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let values = run_detached(py, threads, || codec::dequantize(&tensor.inner))?;
     let l = tensor.inner.layout;
-    Ok(PyArray1::from_vec(py, values).reshape([l.rows, l.cols])?)
+    PyArray1::from_vec(py, values).reshape([l.rows, l.cols])
 }
 
 /// The points of the shipped grid (p, n), as an `n × p` float32 array.
 #[pyfunction]
 fn grid_points<'py>(py: Python<'py>, p: usize, n: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let grid = Grid::load(p, n)?;
-    Ok(PyArray1::from_slice(py, &grid.points).reshape([n, p])?)
+    PyArray1::from_slice(py, &grid.points).reshape([n, p])
 }
 
 /// Every shipped grid as (p, n).
@@ -275,10 +290,15 @@ fn available_grids() -> Vec<(usize, usize)> {
 /// In-place orthonormal Hadamard transform of each row's blocks of `order` (float32, C-contiguous).
 #[pyfunction]
 #[pyo3(signature = (array, order, inverse=false))]
-fn hadamard_transform(py: Python<'_>, mut array: PyReadwriteArray2<'_, f32>, order: usize, inverse: bool) -> PyResult<()> {
-    let data = array
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("hadamard_transform needs a C-contiguous float32 array"))?;
+fn hadamard_transform(
+    py: Python<'_>,
+    mut array: PyReadwriteArray2<'_, f32>,
+    order: usize,
+    inverse: bool,
+) -> PyResult<()> {
+    let data = array.as_slice_mut().map_err(|_| {
+        PyValueError::new_err("hadamard_transform needs a C-contiguous float32 array")
+    })?;
     py.detach(|| {
         if inverse {
             hadamard::inverse(data, order)
@@ -355,8 +375,20 @@ fn quantize_checkpoint<'py>(
             return Ok((plan, None));
         }
         let dst = dst.ok_or_else(|| HiggsError::invalid("a destination directory is needed"))?;
-        let source_dir = if src.is_dir() { src.clone() } else { src.parent().map(PathBuf::from).unwrap_or_default() };
-        let summary = pipeline::run(&checkpoint, &source_dir, &plan, &options, &dst, overwrite, progress)?;
+        let source_dir = if src.is_dir() {
+            src.clone()
+        } else {
+            src.parent().map(PathBuf::from).unwrap_or_default()
+        };
+        let summary = pipeline::run(
+            &checkpoint,
+            &source_dir,
+            &plan,
+            &options,
+            &dst,
+            overwrite,
+            progress,
+        )?;
         Ok((plan, Some(summary)))
     })?;
     let (plan, summary) = result;
@@ -369,7 +401,10 @@ fn quantize_checkpoint<'py>(
         out.set_item("quantized", s.quantized)?;
         out.set_item("seconds", s.seconds)?;
         out.set_item("quantized_weights", s.quantized_weights)?;
-        out.set_item("relative_mse", s.relative_mse.into_iter().collect::<BTreeMap<_, _>>())?;
+        out.set_item(
+            "relative_mse",
+            s.relative_mse.into_iter().collect::<BTreeMap<_, _>>(),
+        )?;
     }
     Ok(out)
 }
@@ -392,19 +427,28 @@ fn allocate<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     use crate::allocate::{allocate, allocate_two_budgets, Choice};
     if costs.len() != errors.len() || costs.iter().zip(&errors).any(|(c, e)| c.len() != e.len()) {
-        return Err(PyValueError::new_err("costs and errors must have the same shape (layers × options)"));
+        return Err(PyValueError::new_err(
+            "costs and errors must have the same shape (layers × options)",
+        ));
     }
     let layers: Vec<Vec<Choice>> = costs
         .iter()
         .zip(&errors)
-        .map(|(c, e)| c.iter().zip(e).map(|(&cost, &error)| Choice { cost, error }).collect())
+        .map(|(c, e)| {
+            c.iter()
+                .zip(e)
+                .map(|(&cost, &error)| Choice { cost, error })
+                .collect()
+        })
         .collect();
     let result = py.detach(|| match (second_costs, second_budget) {
         (None, None) => allocate(&layers, budget, max_cells),
         (Some(second), Some(second_budget)) => {
             allocate_two_budgets(&layers, &second, budget, second_budget, max_cells)
         }
-        _ => Err(HiggsError::invalid("second_costs and second_budget go together")),
+        _ => Err(HiggsError::invalid(
+            "second_costs and second_budget go together",
+        )),
     })?;
     let out = PyDict::new(py);
     out.set_item("choices", result.choices)?;
@@ -419,8 +463,21 @@ fn allocate<'py>(
 /// Bits a `rows × cols` tensor stores with this spec: packed codes (padding included) and f16 scales.
 #[pyfunction]
 #[pyo3(signature = (rows, cols, p, n, hadamard_size=None, group_size=64))]
-fn stored_bits(rows: usize, cols: usize, p: usize, n: usize, hadamard_size: Option<usize>, group_size: usize) -> PyResult<u64> {
-    let spec = QuantSpec { p, n, hadamard_size, group_size, seed: None };
+fn stored_bits(
+    rows: usize,
+    cols: usize,
+    p: usize,
+    n: usize,
+    hadamard_size: Option<usize>,
+    group_size: usize,
+) -> PyResult<u64> {
+    let spec = QuantSpec {
+        p,
+        n,
+        hadamard_size,
+        group_size,
+        seed: None,
+    };
     Ok(crate::allocate::stored_bits(&spec, rows, cols)?)
 }
 
@@ -459,8 +516,12 @@ fn lut_linear<'py>(
             scales.shape()[0]
         )));
     }
-    let (x_values, code_bytes, scale_values, grid_values) =
-        (contiguous(&x), contiguous(&codes), contiguous(&scales), contiguous(&grid));
+    let (x_values, code_bytes, scale_values, grid_values) = (
+        contiguous(&x),
+        contiguous(&codes),
+        contiguous(&scales),
+        contiguous(&grid),
+    );
     let sign_values = signs.as_ref().map(contiguous);
     let weights = crate::cpu_kernels::LutWeights {
         rows,
@@ -508,14 +569,19 @@ fn cuda_status_result() -> std::result::Result<String, String> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_status_result() -> std::result::Result<String, String> {
-    Err("this build of higgs_rs has no CUDA support (it was built without the `cuda` feature)".into())
+    Err(
+        "this build of higgs_rs has no CUDA support (it was built without the `cuda` feature)"
+            .into(),
+    )
 }
 
 /// Errors of the CUDA driver or compiler become RuntimeError; argument errors stay ValueError.
 #[cfg(feature = "cuda")]
 fn cuda_err(err: HiggsError) -> PyErr {
     match err {
-        HiggsError::Unsupported(m) if m.starts_with("CUDA: ") => pyo3::exceptions::PyRuntimeError::new_err(m),
+        HiggsError::Unsupported(m) if m.starts_with("CUDA: ") => {
+            pyo3::exceptions::PyRuntimeError::new_err(m)
+        }
         other => other.into(),
     }
 }
@@ -604,7 +670,18 @@ fn cuda_hadamard(
 ) -> PyResult<()> {
     let act = crate::cuda::ActType::parse(dtype)?;
     py.detach(|| {
-        crate::cuda::hadamard_rotate(x, out, signs, batch, in_features, hadamard_size, out_width, act, stream, device)
+        crate::cuda::hadamard_rotate(
+            x,
+            out,
+            signs,
+            batch,
+            in_features,
+            hadamard_size,
+            out_width,
+            act,
+            stream,
+            device,
+        )
     })
     .map_err(cuda_err)
 }
@@ -645,8 +722,10 @@ fn cuda_dequantize_rotated(
         groups,
     };
     let act = cuda::ActType::parse(dtype)?;
-    py.detach(|| cuda::dequantize_rotated(&shape, codes, scales, grid, out, ld, act, stream, device))
-        .map_err(cuda_err)
+    py.detach(|| {
+        cuda::dequantize_rotated(&shape, codes, scales, grid, out, ld, act, stream, device)
+    })
+    .map_err(cuda_err)
 }
 
 #[pymodule]

@@ -78,7 +78,9 @@ def load_dequantized(path: PathLike, dtype: torch.dtype = torch.float32) -> torc
     return _finish(model, state, path)
 
 
-def load(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load(
+    path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """A transformers causal LM whose quantized linear layers are ``HiggsLinear`` modules.
 
     The model is built on the meta device and only the checkpoint's tensors are materialized, so
@@ -213,7 +215,9 @@ class HiggsLinear(torch.nn.Module):
             torch.ones(padded_in_features, dtype=torch.float32, device=device) if has_signs else None,
         )
         self.bias = (
-            torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+            torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+            if bias
+            else None
         )
 
     @classmethod
