@@ -627,7 +627,7 @@ fn write_config(source_dir: &Path, dst: &Path, plan: &Plan) -> Result<()> {
         "signs": plan.seed.map(|_| "higgs.signs"),
         "sign_rule": "SplitMix64(seed): sign i is -1 where bit (i % 64) of output (i / 64) is 1",
         "codes": "LSB-first bit stream of log2(n)-bit indices per row, rows padded to whole bytes",
-        "scales": "f16 RMS of each group of group_size rotated values",
+        "scales": "f16 per-group scale s of each group of group_size rotated values (value = grid point × s), chosen to minimize the group's squared error",
         "rotation": "x -> H_m1 ⊗ H_m2 ⊗ H_2^k / sqrt(h) per block of hadamard_size after signs; Paley orders 12, 20, 28",
         "bits_per_weight": plan.quantized_bits_per_weight(),
         "modules": modules,

@@ -20,10 +20,13 @@
 // multiplies all its pairs.
 //
 // Work split: a block (8 warps) owns 8*16*MT rows (16*MT per warp) and a range of super-steps
-// (split-K); blocks are persistent and loop over (row block, split, batch chunk) items. With
+// (split-K); blocks are persistent (one wave) and loop over (row block, split, batch chunk)
+// items. Each warp keeps the codes of the next D super-steps in flight in a ring of registers;
+// the activations are read through L1 (the block's warps walk the same super-steps). With
 // several splits, blocks write f32 partials and the last block of a row block (a counter per row
 // block, reset by that block) sums them in split order: deterministic, no atomics on data, no
-// memset between calls.
+// memset between calls. Launched as a programmatic dependent of the Hadamard kernel (sm_90): the
+// table and the first codes load while that kernel runs.
 
 #define WARPS 8
 #define THREADS (WARPS * 32)
@@ -357,7 +360,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
 // Few batch tiles: cap registers so three (batch <= 8) or two blocks fit per multiprocessor.
-#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : 2)
+#define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : LUT_NT <= 4 ? 2 : 1)
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
