@@ -157,3 +157,17 @@ def test_sizes_from_user_buffers_are_checked() -> None:
         _core.lut_linear(x, q.codes, q.scales, bad_grid, signs, 64, 64)
     with pytest.raises(ValueError, match="threads"):
         _core.lut_linear(x, *good, threads=0)
+
+
+def test_dtype_conversion_keeps_the_stored_format() -> None:
+    w = np.random.default_rng(7).standard_normal((16, 64), dtype=np.float32)
+    q = higgs_rs.quantize_tensor(w, bits=4, p=2)
+    layer = HiggsLinear.from_quantized(q, bias=torch.zeros(16))
+    layer.half()
+    assert layer.scales.dtype == torch.float16 and layer.grid.dtype == torch.float32
+    assert layer.bias.dtype == torch.float16
+    layer.float()
+    assert layer.scales.dtype == torch.float16 and layer.signs.dtype == torch.float32
+    x = torch.randn(2, 64)
+    reference = torch.nn.functional.linear(x, torch.from_numpy(higgs_rs.dequantize(q)))
+    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)

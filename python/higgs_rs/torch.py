@@ -251,6 +251,18 @@ class HiggsLinear(torch.nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    def _apply(self, fn: Any, recurse: bool = True) -> HiggsLinear:
+        """``.to(device)`` moves the buffers, but ``.half()`` / ``.to(dtype)`` must not change them:
+        scales stay f16, grid and signs f32 (the format and the kernels depend on it)."""
+        originals = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != original.dtype:
+                # Move the untouched original: converting back would lose precision.
+                self._buffers[name] = original.to(device=moved.device)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, p={self.p}, n={self.n}, "
