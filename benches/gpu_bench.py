@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 import higgs_rs
@@ -74,19 +73,21 @@ def copy_bandwidth() -> float:
 
 
 def random_layer(out_f: int, in_f: int, seed: int = 0) -> HiggsLinear:
-    """A 4-bit p=2 layer with random codes and realistic scales (whole-row Hadamard, group 64)."""
-    rng = np.random.default_rng(seed)
+    """A 4-bit p=2 layer with random codes and realistic scales (whole-row Hadamard, group 64),
+    drawn on the GPU (every layer its own memory: no L2 hits between layers)."""
     h = in_f  # 4096 = 2^12, 14336 = 28·2^9: both supported whole-row orders
     assert higgs_rs.is_supported_hadamard_order(h)
     layer = HiggsLinear(in_f, out_f, p=2, n=256, hadamard_size=h, group_size=64, padded_in_features=in_f,
-                        row_bytes=in_f // 2, bias=False, has_signs=True, device="cpu")
+                        row_bytes=in_f // 2, bias=False, has_signs=True, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     with torch.no_grad():
-        layer.codes.copy_(torch.from_numpy(rng.integers(0, 256, (out_f, in_f // 2), dtype=np.uint8)))
-        scales = np.abs(rng.standard_normal((out_f, in_f // 64))) * 0.01 + 0.01
-        layer.scales.copy_(torch.from_numpy(scales.astype(np.float16)))
+        layer.codes.copy_(torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=DEVICE,
+                                        generator=gen))
+        scales = torch.randn(out_f, in_f // 64, device=DEVICE, generator=gen).abs() * 0.01 + 0.01
+        layer.scales.copy_(scales.half())
         layer.grid.copy_(torch.from_numpy(higgs_rs.grid_points(2, 256)))
         layer.signs.copy_(torch.from_numpy(higgs_rs.random_signs(seed, in_f)))
-    return layer.to(DEVICE)
+    return layer
 
 
 def higgs_kernels_op(out_f: int, in_f: int) -> Callable[[torch.Tensor], torch.Tensor] | str:
@@ -107,7 +108,7 @@ def higgs_kernels_op(out_f: int, in_f: int) -> Callable[[torch.Tensor], torch.Te
         return f"higgs-kernels failed: {e!r}"
 
 
-def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> list[dict]:
+def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict, batches: list[int]) -> list[dict]:
     rows = []
     for out_f, in_f in SHAPES:
         w16 = torch.randn(out_f, in_f, device=DEVICE, dtype=torch.float16) * 0.02
@@ -115,7 +116,7 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> l
         quant_bytes = layer.codes.numel() + layer.scales.numel() * 2
         floor_us = quant_bytes / (copy_gbs * 1e9) * 1e6
         hk = higgs_kernels_op(out_f, in_f) if not quick else "skipped (--quick)"
-        for batch in BATCHES:
+        for batch in batches:
             x = torch.randn(batch, in_f, device=DEVICE, dtype=torch.float16)
             out = torch.empty(batch, out_f, device=DEVICE, dtype=torch.float16)
             t16 = timer(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
@@ -181,16 +182,23 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict) -> l
 
 class Block(torch.nn.Module):
     """One Llama decoder layer for single-token decode over a static KV cache (no RoPE: it does not
-    change the linear layers' cost, which is what is measured)."""
+    change the linear layers' cost, which is what is measured). ``fused``: q/k/v as one projection
+    and gate/up as one (as Phi-3 and vLLM store them), for fp16 and HIGGS alike."""
 
-    def __init__(self, hidden: int, mlp: int, heads: int, kv_heads: int, max_len: int) -> None:
+    def __init__(self, hidden: int, mlp: int, heads: int, kv_heads: int, max_len: int, fused: bool) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.fused = fused
         kv = kv_heads * self.head_dim
+        self.sizes = (hidden, kv, kv)
         lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
-        self.q, self.o = lin(hidden, hidden), lin(hidden, hidden)
-        self.k, self.v = lin(hidden, kv), lin(hidden, kv)
-        self.gate, self.up, self.down = lin(hidden, mlp), lin(hidden, mlp), lin(mlp, hidden)
+        self.o = lin(hidden, hidden)
+        if fused:
+            self.qkv, self.gate_up = lin(hidden, hidden + 2 * kv), lin(hidden, 2 * mlp)
+        else:
+            self.q, self.k, self.v = lin(hidden, hidden), lin(hidden, kv), lin(hidden, kv)
+            self.gate, self.up = lin(hidden, mlp), lin(hidden, mlp)
+        self.down = lin(mlp, hidden)
         self.norm1 = torch.nn.RMSNorm(hidden)
         self.norm2 = torch.nn.RMSNorm(hidden)
         self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
@@ -198,9 +206,13 @@ class Block(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.norm1(h)
-        q = self.q(x).view(1, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.reshape(1, 1, self.heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
         a = torch.nn.functional.scaled_dot_product_attention(
@@ -208,14 +220,18 @@ class Block(torch.nn.Module):
         )
         h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
         x = self.norm2(h)
-        return h + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return h + self.down(torch.nn.functional.silu(gate) * up)
 
 
 class TinyLlama(torch.nn.Module):
-    def __init__(self, layers: int, vocab: int, max_len: int) -> None:
+    def __init__(self, layers: int, vocab: int, max_len: int, fused: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, 4096)
-        self.blocks = torch.nn.ModuleList(Block(4096, 14336, 32, 8, max_len) for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(Block(4096, 14336, 32, 8, max_len, fused) for _ in range(layers))
         self.norm = torch.nn.RMSNorm(4096)
         self.head = torch.nn.Linear(4096, vocab, bias=False)
 
@@ -229,9 +245,11 @@ class TinyLlama(torch.nn.Module):
 def quantize_blocks(model: TinyLlama) -> None:
     """Replace every projection of the blocks with a random-code 4-bit HiggsLinear."""
     for i, block in enumerate(model.blocks):
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
-            old = getattr(block, name)
-            setattr(block, name, random_layer(old.out_features, old.in_features, seed=i))
+        for j, (name, old) in enumerate(list(block.named_children())):
+            if isinstance(old, torch.nn.Linear):
+                setattr(block, name, random_layer(old.out_features, old.in_features, seed=16 * i + j))
+                del old
+        torch.cuda.empty_cache()
 
 
 def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float:
@@ -270,32 +288,40 @@ def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float
         return steps / (time.perf_counter() - start)
 
 
-def bench_decode(quick: bool, results: dict) -> list[dict]:
-    layers, vocab, max_len, steps = (4, 32000, 256, 100) if not quick else (2, 32000, 128, 20)
-    with torch.device(DEVICE):
-        model = TinyLlama(layers, vocab, max_len).half().eval()
+def bench_decode(quick: bool, results: dict, layers: int, vocab: int) -> list[dict]:
+    max_len, steps = (256, 100) if not quick else (128, 30)
     rows = []
-    for label in ("fp16", "higgs 4-bit"):
-        if label != "fp16":
-            quantize_blocks(model)
-        for graph in (False, True):
-            try:
-                tps = decode_tokens_per_second(model, steps, graph)
-            except Exception as e:  # noqa: BLE001
-                tps = float("nan")
-                results.setdefault("notes", []).append(f"decode {label} graph={graph}: {e!r}")
-            row = {"model": f"Llama-3-8B-shaped, {layers} layers, vocab {vocab}", "weights": label,
-                   "mode": "cuda graph" if graph else "eager", "tokens_per_s": tps}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for fused in (False, True):
+        with torch.device(DEVICE):
+            model = TinyLlama(layers, vocab, max_len, fused).half().eval()
+        for label in ("fp16", "higgs 4-bit"):
+            if label != "fp16":
+                quantize_blocks(model)
+            for graph in (False, True):
+                try:
+                    tps = decode_tokens_per_second(model, steps, graph)
+                except Exception as e:  # noqa: BLE001
+                    tps = float("nan")
+                    results.setdefault("notes", []).append(f"decode {label} graph={graph}: {e!r}")
+                row = {"model": f"Llama-3-8B-shaped, {layers} layers, vocab {vocab}"
+                       + (", fused qkv/gate-up" if fused else ""), "weights": label,
+                       "mode": "cuda graph" if graph else "eager", "tokens_per_s": tps}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model
+        torch.cuda.empty_cache()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="no sweep, no higgs-kernels, short decode")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--decode-layers", type=int, default=4, help="decode test layers (0: none)")
+    parser.add_argument("--vocab", type=int, default=32000, help="decode test vocabulary (fp16 lm_head)")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     props = torch.cuda.get_device_properties(DEVICE)
     results: dict[str, Any] = {
         "device": props.name,
@@ -306,8 +332,10 @@ def main() -> None:
     results["copy_gbs"] = copy_gbs
     print(f"{props.name}: device copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
     timer = Timer()
-    results["layers"] = bench_layers(timer, copy_gbs, args.quick, results)
-    results["decode"] = bench_decode(args.quick, results)
+    results["layers"] = bench_layers(timer, copy_gbs, args.quick, results, batches)
+    results["decode"] = (
+        bench_decode(args.quick, results, args.decode_layers, args.vocab) if args.decode_layers else []
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,7 +3,8 @@
 # higgs-kernels 0.4.0), print the kernels' register/spill report, run the CUDA tests, the tests
 # under compute-sanitizer (reduced set), and the benchmark. Logs go to $OUT.
 #   maturin build --release --features python,cuda -o .whl   (on the build machine)
-#   device: [DETAILS=1] bash benches/gpu_run.sh [quick]   (DETAILS: ptxas report, ncu sections)
+#   device: [DETAILS=1] [VARIANTS=1] [BENCH_ARGS=...] bash benches/gpu_run.sh [quick]
+#   (DETAILS: ptxas report, ncu sections; VARIANTS: batch <= 16 with each fast path switched off)
 set -uo pipefail
 MODE=${1:-}
 cd "$(dirname "$0")/.."
@@ -30,11 +31,23 @@ fi
 echo "== tests"
 timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 
+if [ -n "${VARIANTS:-}" ]; then
+echo "== batch <= 16 layers, kernel variants side by side (HIGGS_CUDA_GEMV / HIGGS_CUDA_PREFETCH switches)"
+# VARIANT_LIST: ';'-separated environment settings, e.g. "HIGGS_CUDA_GEMV=0;HIGGS_CUDA_DEFINES=GEMV_D=4"
+IFS=';' read -ra VLIST <<< "${VARIANT_LIST:-HIGGS_CUDA_GEMV=0;HIGGS_CUDA_PREFETCH=1;default}"
+for v in "${VLIST[@]}"; do
+  echo "-- variant: $v"
+  [ "$v" = default ] && v=
+  env $v timeout 60 python3 benches/gpu_bench.py --quick --batches ${VARIANT_BATCHES:-1,4,16} --decode-layers 0 \
+    2>&1 | grep -E '^\| [0-9]'
+done
+fi
+
 echo "== benchmark"
-timeout 230 python3 benches/gpu_bench.py --out "$OUT/bench.json" ${MODE:+--$MODE} 2>&1 | tee "$OUT/bench.txt" | grep -v '^{'
+timeout ${BENCH_TIMEOUT:-230} python3 benches/gpu_bench.py --out "$OUT/bench.json" ${MODE:+--$MODE} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v '^{'
 
 echo "== kernel durations under Nsight Compute (cold L2)"
-timeout 120 ncu --clock-control none --csv -k regex:'hadamard_rotate|lut_mma' \
+timeout 120 ncu --clock-control none --csv -k regex:'hadamard_rotate|lut_mma|lut_gemv' \
   --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
   python3 benches/gpu_profile.py > "$OUT/ncu.csv" 2>&1
 python3 - "$OUT/ncu.csv" <<'PY'
@@ -56,7 +69,7 @@ PY
 if [ "${DETAILS:-0}" = 1 ]; then
 echo "== Nsight Compute details: first Hadamard + LUT-GEMM (4096x4096, batch 1) and the 4096x14336 pair"
 for skip in 0 12; do
-  timeout 90 ncu --clock-control none -k regex:'hadamard_rotate|lut_mma' --launch-skip $skip --launch-count 2 \
+  timeout 90 ncu --clock-control none -k regex:'hadamard_rotate|lut_mma|lut_gemv' --launch-skip $skip --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 benches/gpu_profile.py > "$OUT/ncu_details_$skip.txt" 2>&1
   grep -E "^  [a-z_]+|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Compute \(SM\) Throughput|Dynamic Shared|Local Memory|stall" "$OUT/ncu_details_$skip.txt" | head -60

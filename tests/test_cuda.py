@@ -9,6 +9,7 @@ skip with the reason; ``HIGGS_CUDA_QUICK=1`` runs a reduced set (used under comp
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,57 @@ def test_bad_inputs_are_named() -> None:
     odd, _ = _layer(64, 256, 2, 4, None, 16, 1)
     with pytest.raises(NotImplementedError, match="multiple of 32"):
         hcuda.lut_linear(odd, torch.randn(2, 256, device="cuda").half())
+
+
+def _tiny_llama(tmp_path: Path, seed: int) -> Path:
+    """A random-weight Llama checkpoint (2 layers, hidden 512, MLP 1536 = 12·128, 4 heads / 2 KV
+    heads, vocabulary 1000) saved as bf16 safetensors. The embeddings and lm_head are scaled up so
+    the logits spread over several units: greedy tokens are then rarely near-ties."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, initializer_range=0.05,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    src = tmp_path / "tiny-llama"
+    model.save_pretrained(src, safe_serialization=True)
+    return src
+
+
+@needs_gpu
+def test_load_on_cuda_and_generate(tmp_path: Path) -> None:
+    """End to end on the GPU: quantize a checkpoint, ``higgs_rs.load(..., device="cuda")``, logits
+    against the dequantized model in float32, then ``generate`` (prefill through the batch path,
+    decode steps through the batch-1 kernels and the KV cache)."""
+    seed = _seed()
+    src = _tiny_llama(tmp_path, seed)
+    dst = tmp_path / "tiny-llama-higgs4"
+    higgs_rs.quantize_checkpoint(src, dst, bits=4, p=2, seed=seed % 1000, progress=False)
+    model = higgs_rs.load(dst, device="cuda")
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, HiggsLinear) and layer.codes.is_cuda, "the quantized layers must live on the GPU"
+    assert next(model.parameters()).dtype == torch.float16
+    reference = higgs_rs.load_dequantized(dst, dtype=torch.float32).cuda()
+    ids = torch.randint(0, 1000, (2, 70), generator=torch.Generator().manual_seed(seed)).cuda()
+    with torch.no_grad():
+        for length in (1, 7, 70):  # batch-1 kernel, small-batch kernel, dense path (2 x 70 = 140 rows)
+            got = model(ids[:, :length]).logits.float()
+            want = reference(ids[:, :length]).logits
+            assert torch.isfinite(got).all(), f"seed {seed} length {length}"
+            err = _relative_error(got, want)
+            assert err < 2e-2, f"seed {seed} length {length}: logits relative error {err} vs float32"
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert out.shape == (1, 17) and torch.equal(out[:, :5], prompt), f"seed {seed}: {out}"
+    # Each greedy token must be the reference model's best, up to float16 rounding of the logits
+    # (teacher-forced on the generated sequence, so one near-tie cannot derail the rest).
+    with torch.no_grad():
+        ref_logits = reference(out).logits[0, 4:-1]
+    chosen = ref_logits.gather(1, out[0, 5:, None])[:, 0]
+    gap = ref_logits.max(dim=1).values - chosen
+    assert (gap < 0.15).all(), f"seed {seed}: generated {out[0, 5:].tolist()}, logit gaps {gap.tolist()}"

@@ -3,8 +3,9 @@
 The kernels (``src/cuda``) are compiled with NVRTC on first use and launched on PyTorch's current
 stream without synchronizing. Small batches (up to ``DENSE_MIN_BATCH - 1`` rows) run the fused
 path: a Hadamard kernel rotates the activations into a cached workspace, then a tensor-core
-LUT-GEMM reads the packed codes once. Larger batches dequantize the rotated weights once and use
-PyTorch's GEMM.
+LUT-GEMM reads the packed codes once (``lut_gemv`` up to 8 / (128 / group size) rows, which applies
+the group scales once per 128 inputs, ``lut_mma`` above). Larger batches dequantize the rotated
+weights once and use PyTorch's GEMM.
 """
 
 from __future__ import annotations

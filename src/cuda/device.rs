@@ -480,6 +480,16 @@ impl Device {
 }
 
 /// `HIGGS_CUDA_PDL=0` turns programmatic dependent launches off (for comparisons).
+/// `HIGGS_CUDA_<name>=0` in the environment (read once): switches a fast path off, for
+/// benchmarks that compare against it.
+pub(crate) fn switched_off(name: &'static str) -> bool {
+    static OFF: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
+    let map = OFF.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    *map.entry(name)
+        .or_insert_with(|| std::env::var_os(format!("HIGGS_CUDA_{name}")).is_some_and(|v| v == "0"))
+}
+
 fn programmatic_launch_disabled() -> bool {
     static DISABLED: OnceLock<bool> = OnceLock::new();
     *DISABLED.get_or_init(|| std::env::var_os("HIGGS_CUDA_PDL").is_some_and(|v| v == "0"))
@@ -516,7 +526,12 @@ mod tests {
         for arch in [(8, 0), (9, 0)] {
             for act in [ActType::F16, ActType::Bf16] {
                 for bits in [2, 3, 4] {
-                    for kernel in [LutKernel::Mma { mt: 2, nt: 8 }, LutKernel::Dequantize] {
+                    for kernel in [
+                        LutKernel::Mma { mt: 2, nt: 8 },
+                        LutKernel::Gemv { cpb: 2 },
+                        LutKernel::Gemv { cpb: 4 },
+                        LutKernel::Dequantize,
+                    ] {
                         if arch == (8, 0) && bits != 4 {
                             continue;
                         }

@@ -153,9 +153,24 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
-/// Dynamic shared memory of one LUT-GEMM block: none (its table is static shared memory).
-fn lut_shared_bytes(_bits: u32) -> usize {
-    0
+/// Dynamic shared memory of one LUT-GEMM block: `lut_mma` keeps its table in static shared
+/// memory; `lut_gemv`'s entries are 256 bytes apart (32 copies, then padding).
+fn lut_shared_bytes(bits: u32, kernel: LutKernel) -> usize {
+    match kernel {
+        LutKernel::Gemv { .. } => (1usize << (2 * bits)) * 256,
+        _ => 0,
+    }
+}
+
+/// Scale groups per 128-k super-step when `lut_gemv` takes this call (power-of-two group sizes,
+/// batches of at most `8 / cpb` rows, no `mt` override), else `None`. `HIGGS_CUDA_GEMV=0` turns
+/// it off.
+fn gemv_cpb(group_size: usize, batch: usize, tuning: Tuning) -> Option<usize> {
+    if device::switched_off("GEMV") || !group_size.is_power_of_two() || tuning.mt > 1 {
+        return None;
+    }
+    let cpb = (KSTEP / group_size).clamp(1, 4);
+    (batch <= 8 / cpb).then_some(cpb)
 }
 
 /// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
@@ -238,7 +253,7 @@ pub fn plan_linear(
         partials_offset,
         partial_cols,
         workspace_bytes,
-        shared_bytes: lut_shared_bytes(bits),
+        shared_bytes: lut_shared_bytes(bits, LutKernel::Mma { mt, nt }),
     })
 }
 
@@ -367,6 +382,17 @@ fn hadamard_kernel(
     )
 }
 
+/// The kernel for a call: `lut_gemv` where it applies, else `lut_mma`.
+fn prepare_variant(shape: &LayerShape, batch: usize, tuning: Tuning) -> LutKernel {
+    match gemv_cpb(shape.group_size, batch, tuning) {
+        Some(cpb) => LutKernel::Gemv { cpb },
+        None => {
+            let (mt, nt) = tile_shape(batch, tuning).unwrap_or((1, 1));
+            LutKernel::Mma { mt, nt }
+        }
+    }
+}
+
 /// The LUT-GEMM kernel variant for a call, its plan, and how many of its blocks fit per SM.
 fn prepare(
     dev: &device::Device,
@@ -377,11 +403,12 @@ fn prepare(
     act: ActType,
     tuning: Tuning,
 ) -> Result<(Kernel, LinearPlan, usize)> {
-    let (mt, nt) = tile_shape(batch, tuning)?;
-    let kernel = lut_kernel(dev, bits, act, LutKernel::Mma { mt, nt })?;
-    let shared = lut_shared_bytes(bits);
+    tile_shape(batch, tuning)?;
+    let variant = prepare_variant(shape, batch, tuning);
+    let kernel = lut_kernel(dev, bits, act, variant)?;
+    let shared = lut_shared_bytes(bits, variant);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
-    let plan = plan_linear(
+    let mut plan = plan_linear(
         batch,
         shape.out_features,
         padded,
@@ -390,6 +417,7 @@ fn prepare(
         resident,
         tuning,
     )?;
+    plan.shared_bytes = shared;
     Ok((kernel, plan, resident))
 }
 
@@ -648,6 +676,21 @@ mod tests {
         assert!(shape(8, 4096, 2, 256, 1024, 16).layout().is_err());
         assert!(shape(8, 4096, 1, 32, 1024, 64).layout().is_err());
         assert!(shape(8, 4096, 4, 256, 1024, 64).layout().is_err());
+    }
+
+    #[test]
+    fn small_batches_take_the_gemv_kernel_when_the_groups_allow() {
+        let auto = Tuning::default();
+        assert_eq!(gemv_cpb(64, 1, auto), Some(2));
+        assert_eq!(gemv_cpb(64, 4, auto), Some(2));
+        assert_eq!(gemv_cpb(64, 5, auto), None);
+        assert_eq!(gemv_cpb(32, 2, auto), Some(4));
+        assert_eq!(gemv_cpb(32, 3, auto), None);
+        assert_eq!(gemv_cpb(1024, 8, auto), Some(1));
+        assert_eq!(gemv_cpb(96, 1, auto), None);
+        assert_eq!(gemv_cpb(64, 1, Tuning { mt: 2, splits: 0 }), None);
+        assert_eq!(lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }), 65536);
+        assert_eq!(lut_shared_bytes(4, LutKernel::Mma { mt: 1, nt: 1 }), 0);
     }
 
     #[test]

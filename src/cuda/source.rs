@@ -50,6 +50,9 @@ impl ActType {
 pub enum LutKernel {
     /// `lut_mma` with `mt` m16 row tiles and `nt` n8 batch tiles per warp.
     Mma { mt: usize, nt: usize },
+    /// `lut_gemv` for batches of at most `8 / cpb` rows, `cpb` = scale groups per 128-k
+    /// super-step (1, 2 or 4: group sizes ≥ 128, 64, 32).
+    Gemv { cpb: usize },
     /// `dequantize_rotated`.
     Dequantize,
 }
@@ -58,19 +61,38 @@ impl LutKernel {
     pub fn name(self) -> &'static str {
         match self {
             LutKernel::Mma { .. } => "lut_mma",
+            LutKernel::Gemv { .. } => "lut_gemv",
             LutKernel::Dequantize => "dequantize_rotated",
         }
     }
+}
+
+/// Extra `#define`s for the LUT-GEMM modules from `HIGGS_CUDA_DEFINES` (`NAME=VALUE,...`), read
+/// once: a hook for timing kernel variants without rebuilding.
+fn extra_defines() -> &'static str {
+    static DEFINES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DEFINES.get_or_init(|| {
+        let raw = std::env::var("HIGGS_CUDA_DEFINES").unwrap_or_default();
+        raw.split(',')
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| match d.split_once('=') {
+                Some((name, value)) => format!("#define {} {}\n", name.trim(), value.trim()),
+                None => format!("#define {} 1\n", d.trim()),
+            })
+            .collect()
+    })
 }
 
 /// A LUT-GEMM module for `bits` per weight (2, 3 or 4).
 pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel) -> String {
     let select = match kernel {
         LutKernel::Mma { mt, nt } => format!("#define LUT_MT {mt}\n#define LUT_NT {nt}\n"),
+        LutKernel::Gemv { cpb } => format!("#define LUT_GEMV 1\n#define GEMV_CPB {cpb}\n"),
         LutKernel::Dequantize => "#define LUT_DEQUANT 1\n".to_string(),
     };
     format!(
-        "#define BITS {bits}\n{select}{}{COMMON}\n{LUT_GEMM}",
+        "#define BITS {bits}\n{select}{}{}{COMMON}\n{LUT_GEMM}",
+        extra_defines(),
         act.define()
     )
 }

@@ -88,6 +88,14 @@ __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
     }
 }
 
+// Scale group of the k-range starting at kl (clamped: k past `padded` only meets zero activations).
+__device__ __noinline__ int divide_out_of_line(int a, int b) { return a / b; }
+
+__device__ __forceinline__ int group_of_k(const LutParams& P, int kl) {
+    const int group = P.group_shift >= 0 ? kl >> P.group_shift : divide_out_of_line(kl, P.group_size);
+    return group < P.groups ? group : P.groups - 1;
+}
+
 // Programmatic dependent launch (sm_90): this kernel may start while the Hadamard kernel before it
 // runs; everything that reads that kernel's output (or writes what later work reads) comes after.
 __device__ __forceinline__ void wait_for_previous_grid() {
@@ -105,10 +113,24 @@ __device__ __forceinline__ u32 scale_pair(u16 s) {
 #endif
 }
 
-// Scale group of the k-range starting at kl (clamped: k past `padded` only meets zero activations).
-__device__ __forceinline__ int group_of(const LutParams& P, int kl) {
-    const int group = P.group_shift >= 0 ? kl >> P.group_shift : kl / P.group_size;
-    return group < P.groups ? group : P.groups - 1;
+__device__ __forceinline__ int group_of(const LutParams& P, int kl) { return group_of_k(P, kl); }
+
+// Chunk `c` of a row read byte by byte (unaligned rows, a row's partial last chunk), never past
+// the row. Out of line: the main loops stay small enough for the instruction cache.
+__device__ __noinline__ U4 load_chunk_bytes(const unsigned char* codes, int c, int row_bytes) {
+    u32 w[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 4 * BITS; ++i) {
+        const int b = c * (4 * BITS) + i;
+        const u32 v = b < row_bytes ? (u32)codes[b] : 0u;
+        w[i / 4] |= v << (8 * (i % 4));
+    }
+    U4 r;
+    r.x = w[0];
+    r.y = w[1];
+    r.z = w[2];
+    r.w = w[3];
+    return r;
 }
 
 // Issue the loads of chunk `c` (the 32 k-values [32c, 32c + 32)) of a row: packed codes into w,
@@ -137,12 +159,11 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, const unsigned ch
         for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
 #endif
     } else {
-#pragma unroll
-        for (int i = 0; i < 4 * BITS; ++i) {
-            const int b = c * (4 * BITS) + i;
-            const u32 v = b < P.row_bytes ? (u32)codes[b] : 0u;
-            w[i / 4] |= v << (8 * (i % 4));
-        }
+        const U4 v = load_chunk_bytes(codes, c, P.row_bytes);
+        w[0] = v.x;
+        if (BITS > 1) w[1] = v.y;
+        if (BITS > 2) w[2] = v.z;
+        if (BITS > 3) w[3] = v.w;
     }
     s = load_cached_u16(scales + group_of(P, kl));
 }
@@ -357,6 +378,297 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     }
     if (!waited) wait_for_previous_grid();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Small batches (GEMV): `lut_gemv`. The same mma tiling and chunk ownership as `lut_mma`, with two
+// changes that halve the instructions per pair code:
+// - No scale multiply per pair. The batch has at most 8 / CPB rows, so the mma's 8 B columns are
+//   spent on (batch item, scale group) pairs instead: column n = b * CPB + h holds activation b
+//   masked to the chunks of super-step group slot h (CPB = 128 / group_size slots, 1 to 4, per
+//   128-k super-step). After a super-step's 8 mma the accumulator column n holds the unscaled dot
+//   product of that group; it is multiplied by its row's scale once, in f32.
+// - The table's entries are 256 bytes apart (32 copies, then padding), so a lane's byte offset
+//   code * 256 + lane * 4 is one PRMT of the code byte and the lane offset (4-bit codes).
+#ifdef LUT_GEMV
+#define GEMV_ENTRY_BYTES 256
+#ifndef GEMV_D
+#define GEMV_D 4  // super-steps of codes in flight per warp
+#endif
+#ifndef GEMV_MIN_BLOCKS
+#define GEMV_MIN_BLOCKS 2
+#endif
+#ifndef GEMV_G
+#define GEMV_G 1  // ring slots refilled together (divides GEMV_D)
+#endif
+
+__device__ __forceinline__ void build_lut_wide(const LutParams& P, u32* lut) {
+    const int lane = threadIdx.x & 31;
+    for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS) {
+        const int e = base + lane;
+        u32 v = 0;
+        if (e < LUT_N) {
+            float lo, hi;
+            if (P.p == 2) {
+                lo = P.grid[2 * e];
+                hi = P.grid[2 * e + 1];
+            } else {
+                lo = P.grid[e & ((1 << BITS) - 1)];
+                hi = P.grid[e >> BITS];
+            }
+            v = pack_act2(lo, hi);
+        }
+#pragma unroll 8
+        for (int j = 0; j < 32; ++j) {
+            const u32 vj = __shfl_sync(0xffffffffu, v, j);
+            if (base + j < LUT_N) lut[(base + j) * (GEMV_ENTRY_BYTES / 4) + lane] = vj;
+        }
+    }
+}
+
+// Byte offset of this lane's copy of the entry for pair code i (0..15) of a chunk.
+__device__ __forceinline__ u32 wide_offset(const u32 (&w)[BITS], int i, u32 lane4) {
+#if BITS == 4
+    u32 d;
+    // Result bytes: lane4's low byte, code byte i % 4 of word i / 4, then zeros (lane4's byte 1).
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(w[i >> 2]), "r"(lane4), "r"(0x5504u | ((u32)(i & 3) << 4)));
+    return d;
+#else
+    const int offset = i * PAIR_BITS;
+    const int word = offset >> 5;
+    const int shift = offset & 31;
+    u32 v;
+    if (shift + PAIR_BITS <= 32 || word + 1 >= BITS) {
+        v = shift >= 8 ? w[word] >> (shift - 8) : w[word] << (8 - shift);
+    } else {
+        v = ((w[word] >> shift) | (w[word + 1] << (32 - shift))) << 8;
+    }
+    return (v & ((u32)(LUT_N - 1) << 8)) | lane4;
+#endif
+}
+
+__device__ __forceinline__ u32 wide_lookup(const u32* lut, const u32 (&w)[BITS], int i, u32 lane4) {
+    return *(const u32*)((const char*)lut + wide_offset(w, i, lane4));
+}
+
+// The two f16 scales of a row for this lane's accumulator columns j = 0, 1 at super-step `step`
+// (low half: column 2t, high half: column 2t + 1).
+__device__ __forceinline__ u32 gemv_scales(const LutParams& P, const u16* srow, int step, int t) {
+    // lut_gemv takes power-of-two group sizes only: a shift, clamped for k past `padded`.
+    const int k0 = step * KSTEP + (KSTEP / GEMV_CPB) * ((2 * t) % GEMV_CPB);
+    const int g0 = k0 >> P.group_shift;
+    const u32 s0 = load_cached_u16(srow + (g0 < P.groups ? g0 : P.groups - 1));
+    if (GEMV_CPB == 1) return s0 | (s0 << 16);
+    const int g1 = (k0 + KSTEP / GEMV_CPB) >> P.group_shift;
+    const u32 s1 = load_cached_u16(srow + (g1 < P.groups ? g1 : P.groups - 1));
+    return s0 | (s1 << 16);
+}
+
+template <int MT>
+__device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
+    constexpr int RT = 16 * MT;
+    constexpr int RB = WARPS * RT;
+    constexpr int D = GEMV_D;
+    constexpr int NB = 8 / GEMV_CPB;  // batch items per launch
+    extern __shared__ u32 lut[];      // LUT_N * GEMV_ENTRY_BYTES bytes
+    __shared__ int is_last_block;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const u32 lane4 = (u32)lane * 4;
+    build_lut_wide(P, lut);
+    __syncthreads();
+    bool waited = false;
+
+    // B operand: this lane supplies column g (batch item g / CPB, group slot g % CPB) for its chunk
+    // t, which lies in slot t * CPB / 4; zero where they differ or past the batch.
+    const int xb = g / GEMV_CPB;
+    const bool x_active = xb < P.batch && (t * GEMV_CPB) / 4 == g % GEMV_CPB;
+    // Accumulator columns 2t, 2t + 1 of this lane: batch item (2t) / CPB for both when CPB >= 2.
+    const bool has_output = (2 * t) / GEMV_CPB < P.batch;
+
+    const int items = P.row_tiles * P.splits;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item % P.row_tiles;
+        const int split = item / P.row_tiles;
+        const int row0 = tile * RB + warp * RT;
+        const int step_begin = split * P.steps_per_split;
+        const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
+                                                                            : P.total_steps;
+        const u16* xrow = P.x_rot + (u64)(x_active ? xb : 0) * P.kp + 32 * t;
+
+        float acc[MT][2][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) acc[mt][h][0] = acc[mt][h][1] = 0.f;
+
+        const unsigned char* crow[MT][2];
+        const u16* srow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = row0 + mt * 16 + g + 8 * h;
+                crow[mt][h] = r < P.rows ? P.codes + (u64)r * P.row_bytes : (const unsigned char*)0;
+                srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
+            }
+
+        u32 ring[D][MT][2][BITS];
+        u32 sring[D][MT][2];
+#pragma unroll
+        for (int d = 0; d < D; ++d)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    u32 unused;
+                    sring[d][mt][h] = 0;
+                    if (step_begin + d < step_end) {
+                        load_chunk(P, crow[mt][h], srow[mt][h], (step_begin + d) * 4 + t, ring[d][mt][h], unused);
+                        if (has_output) sring[d][mt][h] = gemv_scales(P, srow[mt][h], step_begin + d, t);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
+                    }
+                }
+        if (!waited) {
+            wait_for_previous_grid();
+            waited = true;
+        }
+        for (int step0 = step_begin; step0 < step_end; step0 += D) {
+#pragma unroll
+            for (int d = 0; d < D; ++d) {
+                const int step = step0 + d;
+                if (step >= step_end) break;
+                const int k0 = step * KSTEP;
+                U4 bq[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    if (x_active) {
+                        bq[u] = load_cached_v4(xrow + k0 + 8 * u);
+                    } else {
+                        bq[u].x = bq[u].y = bq[u].z = bq[u].w = 0;
+                    }
+                }
+                float c[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f;
+#pragma unroll
+                for (int s = 0; s < 8; ++s) {
+                    const u32 b0 = (s & 1) ? bq[s >> 1].z : bq[s >> 1].x;
+                    const u32 b1 = (s & 1) ? bq[s >> 1].w : bq[s >> 1].y;
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        const u32 a0 = wide_lookup(lut, ring[d][mt][0], 2 * s, lane4);
+                        const u32 a1 = wide_lookup(lut, ring[d][mt][1], 2 * s, lane4);
+                        const u32 a2 = wide_lookup(lut, ring[d][mt][0], 2 * s + 1, lane4);
+                        const u32 a3 = wide_lookup(lut, ring[d][mt][1], 2 * s + 1, lane4);
+                        mma_16816(c[mt], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+                // Column j of row half h: scale of its group, applied once per super-step.
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const u32 sp = sring[d][mt][h];
+                        acc[mt][h][0] += f16_to_f32((u16)(sp & 0xffffu)) * c[mt][2 * h];
+                        acc[mt][h][1] += f16_to_f32((u16)(sp >> 16)) * c[mt][2 * h + 1];
+                    }
+                // Refill slots in groups of G: the G super-steps ahead of a row are asked for
+                // together (G * 16 * BITS contiguous bytes per row), which DRAM serves better.
+                if (d % GEMV_G == GEMV_G - 1) {
+#pragma unroll
+                    for (int dd = d - (GEMV_G - 1); dd <= d; ++dd) {
+                        const int ahead = step0 + dd + D;
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h)
+                                if (ahead < step_end) {
+                                    u32 unused;
+                                    load_chunk(P, crow[mt][h], srow[mt][h], ahead * 4 + t, ring[dd][mt][h],
+                                               unused);
+                                    if (has_output) sring[dd][mt][h] = gemv_scales(P, srow[mt][h], ahead, t);
+                                }
+                    }
+                }
+            }
+        }
+
+        // Lane (g, t) holds rows g, g + 8 for columns 2t, 2t + 1: batch items 2t, 2t + 1 (CPB 1), or
+        // both slots of item t (CPB 2), or two of the four slots of item t / 2 (CPB 4: the other two
+        // are on lane t ^ 1).
+        const bool split_mode = P.splits > 1;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = row0 + mt * 16 + g + 8 * h;
+                float v[2];
+                int nv;
+                int b0;
+                if (GEMV_CPB == 1) {
+                    v[0] = acc[mt][h][0];
+                    v[1] = acc[mt][h][1];
+                    nv = 2;
+                    b0 = 2 * t;
+                } else {
+                    v[0] = acc[mt][h][0] + acc[mt][h][1];
+                    if (GEMV_CPB == 4) v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+                    v[1] = 0.f;
+                    nv = (GEMV_CPB == 4 && (t & 1)) ? 0 : 1;
+                    b0 = (2 * t) / GEMV_CPB;
+                }
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int b = b0 + j;
+                    if (j < nv && r < P.rows && b < P.batch) {
+                        if (split_mode) {
+                            P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = v[j];
+                        } else {
+                            P.out[(u64)b * P.rows + r] = f32_to_act(v[j]);
+                        }
+                    }
+                }
+            }
+        if (split_mode) {
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) {
+                const u32 before = atomicAdd(&P.counters[tile], 1u);
+                is_last_block = before == (u32)(P.splits - 1);
+            }
+            __syncthreads();
+            if (is_last_block) {
+                __threadfence();
+                const int rb0 = tile * RB;
+                const int cols = P.batch < NB ? P.batch : NB;
+                for (int e = tid; e < RB * cols; e += THREADS) {
+                    const int r = rb0 + e % RB;
+                    const int b = e / RB;
+                    if (r < P.rows) {
+                        float sum = 0.f;
+                        for (int sp = 0; sp < P.splits; ++sp)
+                            sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
+                        P.out[(u64)b * P.rows + r] = f32_to_act(sum);
+                    }
+                }
+                if (tid == 0) P.counters[tile] = 0;
+            }
+            __syncthreads();
+        }
+    }
+    if (!waited) wait_for_previous_grid();
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(const LutParams P) {
+    lut_gemv_body<1>(P);
+}
+
+#endif
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
 // Few batch tiles: cap registers so three (batch <= 8) or two blocks fit per multiprocessor.
