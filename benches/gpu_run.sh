@@ -32,9 +32,10 @@ echo "== tests"
 timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 
 if [ -n "${VARIANTS:-}" ]; then
-echo "== batch <= 16 layers, kernel variants side by side (HIGGS_CUDA_GEMV / HIGGS_CUDA_PREFETCH switches)"
-# VARIANT_LIST: ';'-separated environment settings, e.g. "HIGGS_CUDA_GEMV=0;HIGGS_CUDA_DEFINES=GEMV_D=4"
-IFS=';' read -ra VLIST <<< "${VARIANT_LIST:-HIGGS_CUDA_GEMV=0;HIGGS_CUDA_PREFETCH=1;default}"
+echo "== batch <= 16 layers, kernel variants side by side (HIGGS_CUDA_GEMV / HIGGS_CUDA_TILE / ... switches)"
+# VARIANT_LIST: ';'-separated environment settings, e.g. "HIGGS_CUDA_GEMV=0;HIGGS_CUDA_DEFINES=GEMV_D=4";
+# several settings in one variant are separated by spaces ("HIGGS_CUDA_TILE=0 HIGGS_CUDA_PDL=0").
+IFS=';' read -ra VLIST <<< "${VARIANT_LIST:-HIGGS_CUDA_TILE=0;default;HIGGS_CUDA_GEMV=0}"
 for v in "${VLIST[@]}"; do
   echo "-- variant: $v"
   [ "$v" = default ] && v=

@@ -8,7 +8,9 @@ skip with the reason; ``HIGGS_CUDA_QUICK=1`` runs a reduced set (used under comp
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +187,56 @@ def test_unaligned_codes_take_the_byte_path() -> None:
     x = torch.randn(5, 4096, device="cuda").half()
     y = hcuda.lut_linear(layer, x)
     assert _relative_error(y, x.double() @ w_deq.double().t()) < 1e-3, f"seed {seed}"
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (256, 4096, 2, 4, None, 64),
+        (48, 1536, 2, 3, None, 128),
+        (32, 256, 1, 2, 128, 32),
+        (200, 1000, 1, 3, None, 32),
+    ],
+    ids=lambda s: "x".join(str(v) for v in s),
+)
+def test_tiled_codes_keep_the_stored_order_outside(shape: tuple) -> None:
+    """The CUDA path repacks the codes of tileable layers (rows % 16 == 0, padded width % 128 == 0)
+    in place of the buffer; state_dict, deepcopy, load_state_dict and moves all see the stored
+    order, and results do not change."""
+    seed = _seed()
+    out_f, in_f, p, bits, h, g = shape
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((out_f, in_f)) * 0.02).astype(np.float32)
+    q = higgs_rs.quantize_tensor(w, bits=bits, p=p, hadamard_size=h, group_size=g, seed=seed % 1000)
+    stored = torch.from_numpy(q.codes.copy())
+    w_deq = torch.from_numpy(higgs_rs.dequantize(q)).cuda()
+    layer = HiggsLinear.from_quantized(q).to("cuda")
+    tileable = out_f % 16 == 0 and layer.padded_in_features % 128 == 0 and hcuda._TILE_CODES
+    x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(seed)).half().cuda()
+    y = layer(x)
+    assert _relative_error(y, x.double() @ w_deq.double().t()) < 1e-3, f"{shape} seed {seed}"
+    assert hcuda.codes_are_tiled(layer) == tileable, f"{shape}"
+    if tileable:
+        assert not torch.equal(layer.codes.cpu(), stored), "the codes were not repacked"
+    dense = hcuda.lut_linear(layer, x, dense_min_batch=1)
+    assert _relative_error(dense, x.double() @ w_deq.double().t()) < 1e-3, f"{shape} seed {seed}: dense path"
+    state = layer.state_dict()
+    assert torch.equal(state["codes"].cpu(), stored), "state_dict must hold the stored order"
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone.codes.cpu(), stored) and not hcuda.codes_are_tiled(clone)
+    assert torch.equal(clone(x), y), "a deep copy computes the same"
+    assert hcuda.codes_are_tiled(clone) == tileable
+    layer.load_state_dict(state)  # copies the stored order into the (tiled) buffer
+    assert torch.equal(layer(x), y), f"{shape}: wrong after load_state_dict into tiled codes"
+    assert torch.equal(layer.state_dict()["codes"].cpu(), stored)
+    layer.to("cpu")
+    assert torch.equal(layer.codes, stored), "moving to the CPU must restore the stored order"
+    y_cpu = layer(x.cpu().float())
+    assert _relative_error(y_cpu, x.double().cpu() @ w_deq.double().cpu().t()) < 1e-3, f"{shape} seed {seed}"
+    layer.to("cuda")
+    assert torch.equal(layer(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(layer)).codes.cpu(), stored)
 
 
 @needs_gpu

@@ -6,6 +6,13 @@ path: a Hadamard kernel rotates the activations into a cached workspace, then a 
 LUT-GEMM reads the packed codes once (``lut_gemv`` up to 8 / (128 / group size) rows, which applies
 the group scales once per 128 inputs, ``lut_mma`` above). Larger batches dequantize the rotated
 weights once and use PyTorch's GEMM.
+
+On the first call on a GPU, a layer's codes are repacked once, on the device, into the tiled order
+the LUT-GEMM reads best (16-row x 128-value tiles stored contiguously: a warp's loads are 512
+contiguous bytes) when the shape allows it (rows a multiple of 16, padded width a multiple of 128).
+The repacked tensor replaces the ``codes`` buffer (no second copy is kept); ``state_dict()``,
+pickling and moves (``.to``, ``.cpu``) put the codes back in their stored order, so checkpoints
+never see the tiled order. ``HIGGS_CUDA_TILE=0`` keeps the stored order (for comparisons).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import ctypes
 import glob
 import os
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -26,6 +34,12 @@ DENSE_MIN_BATCH = 65
 
 _nvrtc_tried = False
 _workspaces: dict[tuple[int, int], Any] = {}
+#: ``HIGGS_CUDA_TILE=0``: leave the codes in their stored order on the GPU.
+_TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
+#: Key in a layer's ``__dict__``: (weak reference to the codes tensor, its version) when that
+#: tensor holds the codes in tiled order. An in-place write (``load_state_dict``) bumps the version
+#: and so marks the buffer as stored order again.
+_TILED_MARK = "_higgs_cuda_tiled"
 
 
 def _preload_nvrtc() -> None:
@@ -131,9 +145,87 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _layer_args(layer: Any, x: torch.Tensor) -> tuple[int, ...]:
-    """(codes, scales, grid, signs addresses, row_bytes, groups, p, n, hadamard_size, group_size),
-    with the buffers checked once per set of buffers (a cache on the layer, keyed by address)."""
+def _tensor_version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return 0
+
+
+def codes_are_tiled(layer: Any) -> bool:
+    """Whether ``layer.codes`` currently holds the codes in the tiled order (see the module notes)."""
+    mark = layer.__dict__.get(_TILED_MARK)
+    codes = layer._buffers.get("codes")
+    return mark is not None and codes is not None and mark[0]() is codes and mark[1] == _tensor_version(codes)
+
+
+def _tile_shape(layer: Any) -> tuple[int, int, int, int] | None:
+    """(row tiles, super-steps, chunk bytes, row bytes) when the layer's codes can be tiled."""
+    rows, row_bytes = layer.codes.shape
+    bits_total = layer.n.bit_length() - 1
+    if layer.p not in (1, 2) or layer.n != 1 << bits_total or bits_total % layer.p:
+        return None
+    bits = bits_total // layer.p
+    steps = layer.padded_in_features // 128
+    chunk = 4 * bits
+    if rows % 16 or layer.padded_in_features % 128 or row_bytes != steps * 4 * chunk or not 2 <= bits <= 4:
+        return None
+    return rows // 16, steps, chunk, row_bytes
+
+
+def _to_tiled(codes: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    # Stored order (row tile, half, row, step, chunk, byte) -> tiled (row tile, step, half, row, chunk, byte).
+    tiles, steps, chunk, row_bytes = shape
+    return codes.view(tiles, 2, 8, steps, 4, chunk).permute(0, 3, 1, 2, 4, 5).contiguous().view(-1, row_bytes)
+
+
+def _to_stored(codes: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    tiles, steps, chunk, row_bytes = shape
+    return codes.view(tiles, steps, 2, 8, 4, chunk).permute(0, 2, 3, 1, 4, 5).contiguous().view(-1, row_bytes)
+
+
+def stored_codes(layer: Any) -> torch.Tensor | None:
+    """A new tensor with the codes in their stored (checkpoint) order when they are tiled, else None."""
+    if not codes_are_tiled(layer):
+        return None
+    shape = _tile_shape(layer)
+    assert shape is not None, "tiled codes of an untileable shape"
+    return _to_stored(layer.codes, shape)
+
+
+def restore_stored_order(layer: Any) -> None:
+    """Put the codes back in their stored order (before a move, a dtype change or pickling)."""
+    codes = stored_codes(layer)
+    if codes is not None:
+        layer._buffers["codes"] = codes
+    layer.__dict__.pop(_TILED_MARK, None)
+
+
+def _tile_codes(layer: Any) -> bool:
+    """Repack the codes into tiled order once (on their device); whether they are tiled now."""
+    import torch
+
+    if codes_are_tiled(layer):
+        return True
+    layer.__dict__.pop(_TILED_MARK, None)
+    codes = layer._buffers.get("codes")
+    if not _TILE_CODES or codes is None or not codes.is_cuda or codes.dtype != torch.uint8:
+        return False
+    shape = _tile_shape(layer)
+    if shape is None or not codes.is_contiguous() or torch.cuda.is_current_stream_capturing():
+        return False
+    with torch.no_grad():
+        tiled = _to_tiled(codes, shape)
+    layer._buffers["codes"] = tiled
+    layer.__dict__[_TILED_MARK] = (weakref.ref(tiled), _tensor_version(tiled))
+    return True
+
+
+def _layer_args(layer: Any, x: torch.Tensor) -> tuple[Any, ...]:
+    """(codes, scales, grid, signs addresses, row_bytes, groups, p, n, hadamard_size, group_size, tiled),
+    with the buffers checked once per set of buffers (a cache on the layer, keyed by address), and
+    whether the codes are tiled (repacked here on the first call)."""
+    tiled = _tile_codes(layer) if layer.codes.is_cuda else False
     ptrs = (
         layer.codes.data_ptr(),
         layer.scales.data_ptr(),
@@ -141,7 +233,7 @@ def _layer_args(layer: Any, x: torch.Tensor) -> tuple[int, ...]:
         0 if layer.signs is None else layer.signs.data_ptr(),
     )
     cached = layer.__dict__.get("_higgs_cuda_args")
-    if cached is not None and cached[0] == ptrs and cached[1] == x.device:
+    if cached is not None and cached[0] == ptrs and cached[1] == x.device and cached[2][-1] == tiled:
         return cached[2]
     _check_buffers(layer, x)
     args = (
@@ -152,6 +244,7 @@ def _layer_args(layer: Any, x: torch.Tensor) -> tuple[int, ...]:
         layer.n,
         layer.hadamard_size,
         layer.group_size,
+        tiled,
     )
     layer.__dict__["_higgs_cuda_args"] = (ptrs, x.device, args)
     return args
@@ -197,8 +290,8 @@ def lut_linear(
         )
         w_rot = torch.empty(layer.out_features, padded, dtype=x.dtype, device=x.device)
         _core.cuda_dequantize_rotated(
-            *args[:3], w_rot.data_ptr(), padded, layer.in_features, layer.out_features, *args[4:],
-            dtype, stream, device,
+            *args[:3], w_rot.data_ptr(), padded, layer.in_features, layer.out_features, *args[4:-1],
+            dtype, stream, device, tiled=args[-1],
         )
         torch.matmul(x_rot, w_rot.t(), out=out)
         return out
@@ -212,12 +305,13 @@ def lut_linear(
             batch,
             layer.in_features,
             layer.out_features,
-            *args,
+            *args[:-1],
             dtype,
             stream,
             device,
             mt=mt,
             splits=splits,
+            tiled=args[-1],
         )
         if need == 0:
             return out

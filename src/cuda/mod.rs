@@ -280,6 +280,9 @@ pub struct LinearCall {
     pub stream: u64,
     pub device: usize,
     pub tuning: Tuning,
+    /// The codes are in the tiled order of [`tiled_pitches`] (repacked on the device), not in
+    /// the stored row order.
+    pub tiled: bool,
 }
 
 #[repr(C)]
@@ -309,6 +312,8 @@ struct LutParams {
     partial_cols: i32,
     group_shift: i32,
     full_chunks: i32,
+    row_pitch: i32,
+    step_pitch: i32,
 }
 
 #[repr(C)]
@@ -336,6 +341,41 @@ struct DequantParams {
     group_size: i32,
     p: i32,
     ld: i32,
+    row_pitch: i32,
+    step_pitch: i32,
+}
+
+/// Whether a layer's codes can be repacked into the tiled order the LUT-GEMM reads best: whole
+/// 16-row tiles and whole 128-value super-steps per row (no padding inside a tile).
+pub fn tiled_layout_applies(shape: &LayerShape) -> bool {
+    match shape.layout() {
+        Ok((layout, bits)) => {
+            shape.out_features.is_multiple_of(16)
+                && layout.padded_cols.is_multiple_of(KSTEP)
+                && layout.row_bytes == layout.padded_cols / KSTEP * 16 * bits as usize
+        }
+        Err(_) => false,
+    }
+}
+
+/// `(row_pitch, step_pitch)` in bytes: the distance between two rows inside a 16-row tile, and
+/// between two 128-value super-steps of a row. Stored (canonical) order: rows of `row_bytes`.
+/// Tiled order (`higgs_rs.cuda` repacks the codes once on the device, see `code_row` in
+/// `lut_gemm.cu`): tiles of 16 rows × 128 values stored contiguously, so a warp's loads of one
+/// super-step are 512 contiguous bytes (4 bits).
+fn tiled_pitches(shape: &LayerShape, bits: u32, tiled: bool) -> Result<(i32, i32)> {
+    let chunk = 4 * bits as usize;
+    if !tiled {
+        return Ok((shape.row_bytes as i32, (4 * chunk) as i32));
+    }
+    if !tiled_layout_applies(shape) {
+        return Err(HiggsError::invalid(format!(
+            "a {}×{} layer cannot use tiled codes: the tiled order needs a multiple of 16 rows and a padded \
+             width that is a multiple of {KSTEP}",
+            shape.out_features, shape.in_features
+        )));
+    }
+    Ok(((4 * chunk) as i32, (64 * chunk) as i32))
 }
 
 fn require_pointers(pointers: &[(&str, u64)]) -> Result<()> {
@@ -525,6 +565,18 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             call.batch
         )));
     }
+    let alignment = match bits {
+        4 => 16,
+        2 => 8,
+        _ => 4,
+    };
+    let vector_codes = call.codes.is_multiple_of(16) && layout.row_bytes.is_multiple_of(alignment);
+    if call.tiled && !vector_codes {
+        return Err(HiggsError::invalid(
+            "tiled codes must start at a 16-byte aligned address",
+        ));
+    }
+    let (row_pitch, step_pitch) = tiled_pitches(shape, bits, call.tiled)?;
     let x_rot = call.workspace + plan.x_rot_offset as u64;
     hadamard_rotate(
         call.x,
@@ -538,11 +590,6 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         call.stream,
         call.device,
     )?;
-    let alignment = match bits {
-        4 => 16,
-        2 => 8,
-        _ => 4,
-    };
     let params = LutParams {
         x_rot,
         out: call.out,
@@ -562,8 +609,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         splits: plan.splits as i32,
         steps_per_split: plan.steps_per_split as i32,
         total_steps: plan.total_steps as i32,
-        vector_codes: (call.codes.is_multiple_of(16) && layout.row_bytes.is_multiple_of(alignment))
-            as i32,
+        vector_codes: vector_codes as i32,
         row_tiles: plan.row_tiles as i32,
         batch_chunks: plan.batch_chunks as i32,
         partial_cols: plan.partial_cols as i32,
@@ -573,6 +619,8 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             -1
         },
         full_chunks: (layout.row_bytes / (4 * bits as usize)) as i32,
+        row_pitch,
+        step_pitch,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;
@@ -603,8 +651,10 @@ pub fn dequantize_rotated(
     act: ActType,
     stream: u64,
     device_index: usize,
+    tiled: bool,
 ) -> Result<()> {
     let (layout, bits) = shape.layout()?;
+    let (row_pitch, step_pitch) = tiled_pitches(shape, bits, tiled)?;
     require_pointers(&[
         ("codes", codes),
         ("scales", scales),
@@ -635,6 +685,8 @@ pub fn dequantize_rotated(
         group_size: shape.group_size as i32,
         p: shape.p as i32,
         ld: ld as i32,
+        row_pitch,
+        step_pitch,
     };
     let pairs = shape.out_features * layout.padded_cols / 2;
     let blocks = pairs.div_ceil(256).min(dev.sm_count * 16) as u32;
@@ -676,6 +728,25 @@ mod tests {
         assert!(shape(8, 4096, 2, 256, 1024, 16).layout().is_err());
         assert!(shape(8, 4096, 1, 32, 1024, 64).layout().is_err());
         assert!(shape(8, 4096, 4, 256, 1024, 64).layout().is_err());
+    }
+
+    #[test]
+    fn tiled_codes_need_whole_tiles() {
+        let four = shape(4096, 4096, 2, 256, 1024, 64);
+        assert!(tiled_layout_applies(&four));
+        assert_eq!(tiled_pitches(&four, 4, false).unwrap(), (2048, 64));
+        assert_eq!(tiled_pitches(&four, 4, true).unwrap(), (64, 1024));
+        let three = shape(32, 256, 1, 8, 128, 32);
+        assert_eq!(tiled_pitches(&three, 3, true).unwrap(), (48, 768));
+        // 1000 rows (not whole 16-row tiles), a padded width of 576 (not whole super-steps).
+        for bad in [
+            shape(1000, 4096, 2, 256, 1024, 64),
+            shape(16, 576, 2, 256, 576, 64),
+        ] {
+            assert!(!tiled_layout_applies(&bad));
+            assert!(tiled_pitches(&bad, 4, true).is_err());
+            assert!(tiled_pitches(&bad, 4, false).is_ok());
+        }
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct LutParams {
     int partial_cols;            // batch columns per split in `partials`
     int group_shift;             // log2(group_size) when a power of two, else -1
     int full_chunks;             // whole 32-value chunks of codes in a row: row_bytes / (4 * BITS)
+    int row_pitch;               // bytes between rows inside a 16-row tile (see code_row)
+    int step_pitch;              // bytes between a row's 128-k super-steps
 };
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
@@ -133,6 +135,18 @@ __device__ __noinline__ U4 load_chunk_bytes(const unsigned char* codes, int c, i
     return r;
 }
 
+// Codes of row r. Canonical layout (as stored on disk): rows of row_bytes, row_pitch = row_bytes,
+// step_pitch = 16 * BITS. Tiled layout (repacked at load time by higgs_rs.cuda when rows % 16 == 0
+// and the padded width is a multiple of 128): 16-row x 128-k tiles of 64 * BITS contiguous bytes,
+// ordered (row tile, super-step); inside a tile row r & 15, chunk c & 3 at (4 (r & 15) + (c & 3))
+// * 4 * BITS, so a warp's 32 chunk loads of one row half are 512 contiguous bytes (4 bits):
+// row_pitch = 16 * BITS, step_pitch = 256 * BITS. Both: chunk c of row r lies at
+// 16 row_bytes (r >> 4) + row_pitch (r & 15) + step_pitch (c >> 2) + 4 BITS (c & 3); only the
+// canonical layout has partial or unaligned chunks (read byte by byte from the row start).
+__device__ __forceinline__ const unsigned char* code_row(const LutParams& P, int r) {
+    return P.codes + (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch);
+}
+
 // Issue the loads of chunk `c` (the 32 k-values [32c, 32c + 32)) of a row: packed codes into w,
 // the f16 scale into s. `codes` and `scales` point at the row (null: a row past the end, which
 // gets zero codes and scale 0, so its values are 0). Chunks past `padded` get zeros too;
@@ -144,8 +158,8 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, const unsigned ch
     s = 0;
     const int kl = c * 32;
     if (!codes || kl >= P.padded) return;
-    const unsigned char* src = codes + c * (4 * BITS);
     if (P.vector_codes && c < P.full_chunks) {
+        const unsigned char* src = codes + (c >> 2) * P.step_pitch + (c & 3) * (4 * BITS);
 #if BITS == 4
         const U4 v = load_stream_v4(src);
         w[0] = v.x;
@@ -247,7 +261,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = row0 + mt * 16 + g + 8 * h;
-                crow[mt][h] = r < P.rows ? P.codes + (u64)r * P.row_bytes : (const unsigned char*)0;
+                crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
                 srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
             }
 
@@ -511,7 +525,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = row0 + mt * 16 + g + 8 * h;
-                crow[mt][h] = r < P.rows ? P.codes + (u64)r * P.row_bytes : (const unsigned char*)0;
+                crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
                 srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
             }
 
@@ -694,7 +708,18 @@ struct DequantParams {
     int group_size;
     int p;
     int ld;
+    int row_pitch;   // as LutParams (canonical or tiled codes)
+    int step_pitch;
 };
+
+// Byte `byte` of row r's codes in either layout (see code_row).
+__device__ __forceinline__ u32 dequant_code_byte(const DequantParams& P, int r, int byte) {
+    constexpr int CB = 4 * BITS;
+    const int c = byte / CB;
+    const u64 at = (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch) +
+                   (u64)((c >> 2) * P.step_pitch + (c & 3) * CB + byte % CB);
+    return P.codes[at];
+}
 
 extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const DequantParams P) {
     __shared__ u32 lut[LUT_N];
@@ -716,11 +741,10 @@ extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const Dequa
          q += (long long)gridDim.x * blockDim.x) {
         const int r = (int)(q / pairs);
         const int pair = (int)(q % pairs);
-        const unsigned char* row = P.codes + (u64)r * P.row_bytes;
         const int bit = pair * PAIR_BITS;
         const int byte = bit >> 3;
-        u32 v = row[byte];
-        if (byte + 1 < P.row_bytes) v |= (u32)row[byte + 1] << 8;
+        u32 v = dequant_code_byte(P, r, byte);
+        if (byte + 1 < P.row_bytes) v |= dequant_code_byte(P, r, byte + 1) << 8;
         const u32 code = (v >> (bit & 7)) & (LUT_N - 1);
         const int k = 2 * pair;
         const u32 s2 = scale_pair(P.scales[(u64)r * P.groups + k / P.group_size]);
