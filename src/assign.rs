@@ -47,6 +47,34 @@ mod simd {
     ) -> bool {
         false
     }
+    pub fn assign_line_avx2(_: &super::LineSearch, _: &[f32], _: &[f32], _: &mut [u32]) -> bool {
+        false
+    }
+    pub fn assign_line_stats_avx2(
+        _: &super::LineSearch,
+        _: &[f32],
+        _: &[f32],
+        _: &mut [u32],
+    ) -> Option<super::AssignStats> {
+        None
+    }
+    pub fn assign_pairs_stats_avx2(
+        _: &super::CellSearch,
+        _: &super::Grid,
+        _: &[f32],
+        _: &mut [u32],
+    ) -> Option<super::AssignStats> {
+        None
+    }
+    pub fn scan_pairs_avx512(
+        _: &[[f32; 2]],
+        _: usize,
+        _: &[f32],
+        _: &[f32],
+        _: &mut [(f32, f32)],
+    ) -> bool {
+        false
+    }
 }
 
 use crate::grid::Grid;
@@ -66,10 +94,140 @@ const QUAD_OVERFLOW: u32 = 1 << 31;
 /// Unit roundoff of f32.
 const UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 
+/// Sums over the tuples of one [`Assigner::assign_stats`] call, x the inputs and q their
+/// nearest points: what a scale search needs to score a scale and refit it by least squares.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AssignStats {
+    /// Σ‖x − q‖².
+    pub error: f32,
+    /// Σ x·q.
+    pub dot: f32,
+    /// Σ‖q‖².
+    pub norm: f32,
+}
+
+/// Tuple x with point q: its error, dot and norm terms (coordinates in order, multiply then add)
+/// into accumulator `lane`.
+#[inline(always)]
+fn add_terms(acc: &mut [[f32; 8]; 3], lane: usize, x: &[f32], q: &[f32]) {
+    let (mut err, mut dot, mut norm) = (0f32, 0f32, 0f32);
+    for (&v, &g) in x.iter().zip(q) {
+        let d = v - g;
+        err += d * d;
+        dot += v * g;
+        norm += g * g;
+    }
+    acc[0][lane] += err;
+    acc[1][lane] += dot;
+    acc[2][lane] += norm;
+}
+
+/// The 8 accumulators added as ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).
+fn fold_stats(acc: &[[f32; 8]; 3]) -> AssignStats {
+    let fold = |a: &[f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    AssignStats {
+        error: fold(&acc[0]),
+        dot: fold(&acc[1]),
+        norm: fold(&acc[2]),
+    }
+}
+
+/// [`Assigner::stats_of`] for a fixed dimension: blocks of 8 tuples, tuple k of a block into
+/// accumulator k (the same order as tuple index mod 8).
+fn stats_of_p<const P: usize>(points: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
+    let mut acc = [[0f32; 8]; 3];
+    for (xb, cb) in xs.chunks(8 * P).zip(codes.chunks(8)) {
+        for (lane, (x, &c)) in xb.chunks_exact(P).zip(cb).enumerate() {
+            let q = &points[c as usize * P..c as usize * P + P];
+            add_terms(&mut acc, lane, x, q);
+        }
+    }
+    fold_stats(&acc)
+}
+
+/// Largest p = 2 grid the fused AVX2 assign-and-sum kernel takes (its gathers index the
+/// points with i32).
+const QUAD_STATS_MAX_N: usize = 1 << 20;
+
 /// Search structure for one grid; exact (ties go to the lowest index).
 pub struct Assigner {
     pub grid: Arc<Grid>,
     search: Search,
+    /// p = 2 only: the table behind [`Assigner::scan_pairs`].
+    pair_table: Option<PairTable>,
+}
+
+/// Cells per axis of the p = 2 scan table (a power of two).
+const PAIR_TABLE_SIDE: usize = 256;
+/// Accumulators of [`Assigner::scan_pairs`]: element i of the input adds to accumulator i mod 16.
+const SCAN_LANES: usize = 16;
+/// Scale factors one [`Assigner::scan_pairs`] call takes.
+pub const SCAN_MAX_FACTORS: usize = 16;
+
+/// A square table over the p = 2 grid's box: each cell holds the grid point nearest to the
+/// cell's centre, so looking up an input's cell gives its nearest point, or (near a Voronoi
+/// boundary, or beyond the box) a point whose squared distance is only slightly larger. Cheap
+/// to read with gathers, for scoring many candidate scales; codes still come from the exact
+/// search.
+pub struct PairTable {
+    /// Cell (k0, k1) at `points[k0 + k1 · side]`, as (x, y).
+    points: Vec<[f32; 2]>,
+    side: usize,
+    /// Cells per unit of the input: an input v is in cell ⌊v · per_unit + side / 2⌋, clamped.
+    per_unit: f32,
+}
+
+impl PairTable {
+    fn new(grid: &Grid, search: &CellSearch) -> PairTable {
+        let side = PAIR_TABLE_SIDE;
+        let big = grid
+            .points
+            .iter()
+            .fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let half_width = (big * 1.02).max(1e-3);
+        let width = 2.0 * half_width / side as f64;
+        let mut centres = Vec::with_capacity(2 * side * side);
+        for k1 in 0..side {
+            for k0 in 0..side {
+                for k in [k0, k1] {
+                    centres.push((-half_width + (k as f64 + 0.5) * width) as f32);
+                }
+            }
+        }
+        let mut codes = vec![0u32; side * side];
+        search.assign_scalar(grid, &centres, &mut codes);
+        PairTable {
+            points: codes
+                .iter()
+                .map(|&c| [grid.points[2 * c as usize], grid.points[2 * c as usize + 1]])
+                .collect(),
+            side,
+            per_unit: (1.0 / width) as f32,
+        }
+    }
+
+    /// The cell of a scaled input coordinate `x · a + side/2` (see `scan_pairs`), clamped.
+    #[inline(always)]
+    fn cell_axis(&self, x: f32, a: f32) -> usize {
+        let u = x * a + (self.side / 2) as f32;
+        u.max(0.0).min((self.side - 1) as f32) as usize
+    }
+
+    /// Scalar reference of [`Assigner::scan_pairs`] for one factor from element `start` on,
+    /// into `acc`.
+    fn scan_scalar(&self, xs: &[f32], a: f32, start: usize, acc: &mut [[f32; SCAN_LANES]; 2]) {
+        let mut i = start;
+        while i + 1 < xs.len() {
+            let cell = self.cell_axis(xs[i], a) + self.cell_axis(xs[i + 1], a) * self.side;
+            let q = self.points[cell];
+            for d in 0..2 {
+                let lane = (i + d) % SCAN_LANES;
+                acc[0][lane] += xs[i + d] * q[d];
+                acc[1][lane] += q[d] * q[d];
+            }
+            i += 2;
+        }
+    }
 }
 
 enum Search {
@@ -85,7 +243,58 @@ impl Assigner {
         } else {
             Search::Cells(CellSearch::new(&grid))
         };
-        Assigner { grid, search }
+        let pair_table = match &search {
+            Search::Cells(cells) if grid.p == 2 => Some(PairTable::new(&grid, cells)),
+            _ => None,
+        };
+        Assigner {
+            grid,
+            search,
+            pair_table,
+        }
+    }
+
+    /// p = 2 only (None otherwise): for each `inv` of `invs` (at most [`SCAN_MAX_FACTORS`]),
+    /// with q the point of each pair of `xs`·inv's cell in the scan table (its nearest grid
+    /// point, or one almost as near), writes (Σ x·q, Σ‖q‖²) over the unscaled x to `out`. Then
+    /// Σ‖x − s·q‖² = Σ‖x‖² − 2s·Σx·q + s²·Σ‖q‖² estimates the error of scale s = 1/inv, and
+    /// Σx·q / Σ‖q‖² is its least-squares refit, with no exact assignment. The sums are f32 in a
+    /// fixed order (element i adds to accumulator i mod 16, no FMA; then a fixed tree),
+    /// bit-identical with or without SIMD.
+    pub fn scan_pairs(&self, xs: &[f32], invs: &[f32], out: &mut [(f32, f32)]) -> Option<()> {
+        let table = self.pair_table.as_ref()?;
+        assert!(
+            invs.len() <= SCAN_MAX_FACTORS && out.len() >= invs.len(),
+            "scan_pairs: {} factors (at most {SCAN_MAX_FACTORS}), {} outputs",
+            invs.len(),
+            out.len()
+        );
+        let mut factors = [0f32; SCAN_MAX_FACTORS];
+        for (f, &inv) in factors.iter_mut().zip(invs) {
+            *f = inv * table.per_unit;
+        }
+        let factors = &factors[..invs.len()];
+        if simd::scan_pairs_avx512(&table.points, table.side, xs, factors, out) {
+            return Some(());
+        }
+        for (&a, o) in factors.iter().zip(out.iter_mut()) {
+            let mut acc = [[0f32; SCAN_LANES]; 2];
+            table.scan_scalar(xs, a, 0, &mut acc);
+            // Lanes j and j + width, halving the width: 16 → 8 → 4 → 2 → 1.
+            let reduce = |v: &[f32; SCAN_LANES]| {
+                let mut folded = *v;
+                let mut width = SCAN_LANES / 2;
+                while width > 0 {
+                    for j in 0..width {
+                        folded[j] += folded[j + width];
+                    }
+                    width /= 2;
+                }
+                folded[0]
+            };
+            *o = (reduce(&acc[0]), reduce(&acc[1]));
+        }
+        Some(())
     }
 
     /// Built once per (p, n) and cached.
@@ -138,6 +347,56 @@ impl Assigner {
                     .sum::<f64>()
             })
             .sum()
+    }
+
+    /// Like [`Assigner::assign`], and returns the sums a scale search needs (see [`AssignStats`]).
+    ///
+    /// The sums are f32 in a fixed order, the same on every path: tuple t adds its terms
+    /// (coordinates in order, separate multiply and add) into accumulator t mod 8, and the 8
+    /// accumulators are then added as ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)). So the result is
+    /// bit-identical with or without SIMD, whatever splits the caller uses.
+    pub fn assign_stats(&self, xs: &[f32], codes: &mut [u32]) -> AssignStats {
+        let p = self.grid.p;
+        if let Search::Line(line) = &self.search {
+            if line.avx2 {
+                if let Some(stats) =
+                    simd::assign_line_stats_avx2(line, &self.grid.points, xs, codes)
+                {
+                    return stats;
+                }
+            }
+        }
+        if p == 2 && self.grid.n <= QUAD_STATS_MAX_N {
+            if let Search::Cells(cells) = &self.search {
+                if cells.avx2 {
+                    if let Some(stats) = simd::assign_pairs_stats_avx2(cells, &self.grid, xs, codes)
+                    {
+                        return stats;
+                    }
+                }
+            }
+        }
+        self.assign(xs, codes);
+        self.stats_of(xs, codes)
+    }
+
+    /// The sums of [`Assigner::assign_stats`] for given codes (scalar, the canonical order).
+    pub fn stats_of(&self, xs: &[f32], codes: &[u32]) -> AssignStats {
+        let points = &self.grid.points;
+        match self.grid.p {
+            1 => stats_of_p::<1>(points, xs, codes),
+            2 => stats_of_p::<2>(points, xs, codes),
+            3 => stats_of_p::<3>(points, xs, codes),
+            4 => stats_of_p::<4>(points, xs, codes),
+            p => {
+                let mut acc = [[0f32; 8]; 3];
+                for (t, (x, &c)) in xs.chunks_exact(p).zip(codes).enumerate() {
+                    let q = &points[c as usize * p..c as usize * p + p];
+                    add_terms(&mut acc, t % 8, x, q);
+                }
+                fold_stats(&acc)
+            }
+        }
     }
 
     /// The scalar path only (reference for the SIMD paths; exact as well).
@@ -801,6 +1060,102 @@ mod tests {
             }
         }
         xs
+    }
+
+    #[test]
+    fn assign_stats_match_the_scalar_sums() {
+        for (p, n) in [(1usize, 16usize), (2, 256), (2, 64), (3, 512), (4, 8192)] {
+            let assigner = Assigner::for_grid(p, n).unwrap();
+            // Lengths that do and do not fill whole SIMD blocks; inputs past ±far included.
+            for (len, seed) in [(64usize, 1u64), (32, 2), (38, 3), (7, 4), (200, 5)] {
+                // Finite inputs whose squares fit f32 (the sums are f32).
+                let mut xs = hard_inputs(p, len, seed);
+                xs.retain(|v| v.abs() < 1e6);
+                xs.truncate(xs.len() / p * p);
+                let tuples = xs.len() / p;
+                let mut codes = vec![0u32; tuples];
+                let stats = assigner.assign_stats(&xs, &mut codes);
+                let mut want = vec![0u32; tuples];
+                assigner.assign_scalar(&xs, &mut want);
+                assert_eq!(codes, want, "p {p} n {n} len {len}");
+                let reference = assigner.stats_of(&xs, &want);
+                assert_eq!(
+                    (
+                        stats.error.to_bits(),
+                        stats.dot.to_bits(),
+                        stats.norm.to_bits()
+                    ),
+                    (
+                        reference.error.to_bits(),
+                        reference.dot.to_bits(),
+                        reference.norm.to_bits()
+                    ),
+                    "p {p} n {n} len {len}: {stats:?} vs {reference:?}"
+                );
+                let exact = assigner.assign_with_error(&xs, &mut codes);
+                assert!(
+                    (stats.error as f64 - exact).abs() <= 1e-5 * exact.max(1e-30),
+                    "{stats:?} vs {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pair_scan_matches_its_reference_and_bounds_the_exact_error() {
+        let assigner = Assigner::for_grid(2, 256).unwrap();
+        let table = assigner.pair_table.as_ref().unwrap();
+        assert!(Assigner::for_grid(4, 8192)
+            .unwrap()
+            .scan_pairs(&[0.0; 16], &[1.0], &mut [(0.0, 0.0)])
+            .is_none());
+        let mut rng = SplitMix64::new(77);
+        let invs: Vec<f32> = (0..SCAN_MAX_FACTORS)
+            .map(|k| 0.5 + 0.1 * k as f32)
+            .collect();
+        for len in [64usize, 128, 16, 34, 2] {
+            let mut xs = vec![0f32; len];
+            rng.fill_gaussian(&mut xs);
+            xs[len / 2] *= 9.0; // beyond the table's box for most factors
+            let mut sums = vec![(0f32, 0f32); invs.len()];
+            assigner.scan_pairs(&xs, &invs, &mut sums).unwrap();
+            for (&inv, &(dot, norm)) in invs.iter().zip(&sums) {
+                // The scalar reference, folded like `scan_pairs`.
+                let mut acc = [[0f32; SCAN_LANES]; 2];
+                table.scan_scalar(&xs, inv * table.per_unit, 0, &mut acc);
+                let fold = |v: &[f32; SCAN_LANES]| {
+                    let mut f = *v;
+                    for width in [8, 4, 2, 1] {
+                        for j in 0..width {
+                            f[j] += f[j + width];
+                        }
+                    }
+                    f[0]
+                };
+                assert_eq!(
+                    dot.to_bits(),
+                    fold(&acc[0]).to_bits(),
+                    "len {len} inv {inv}"
+                );
+                assert_eq!(
+                    norm.to_bits(),
+                    fold(&acc[1]).to_bits(),
+                    "len {len} inv {inv}"
+                );
+                // The estimate uses grid points, so it is never below the exact error.
+                let s = 1.0 / inv as f64;
+                let xx: f64 = xs.iter().map(|&v| (v as f64).powi(2)).sum();
+                let estimate = xx - 2.0 * s * dot as f64 + s * s * norm as f64;
+                let scaled: Vec<f32> = xs.iter().map(|&v| v * inv).collect();
+                let mut codes = vec![0u32; len / 2];
+                let exact = assigner.assign_with_error(&scaled, &mut codes) * s * s;
+                assert!(
+                    estimate >= exact * (1.0 - 1e-4) - 1e-6 * xx,
+                    "len {len} inv {inv}: estimate {estimate} < exact {exact}"
+                );
+                assert!(estimate <= exact * 1.5 + 1e-6 * xx, "{estimate} vs {exact}");
+            }
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! - Each block of `h` values is transformed by `hadamard::forward` (orthonormal).
 //! - Group `j` of `group_size` consecutive rotated values gets one f16 scale `s` (the last group
 //!   may be shorter); values are divided by `s`. The format fixes only that; the quantizer
-//!   chooses `s` as the candidate with the least squared error of the group after assignment
-//!   (RMS × a few multipliers and least-squares refits, see `choose_scale`), or the RMS when
-//!   `p` does not divide the group size.
+//!   chooses `s` by a [`ScaleSearch`]: among the RMS × a few multipliers and least-squares
+//!   refits, the candidate with the least squared error of the group after assignment (see
+//!   `choose_scale`; for p = 2 the candidates are scored by table scans, then the chosen one
+//!   and the RMS exactly), or the RMS when `p` does not divide the group size.
 //! - The scaled row, zero-extended to a multiple of `p`, is cut into p-tuples; each becomes the
 //!   index of its nearest grid point, `log2(n)` bits, packed LSB-first into a little-endian
 //!   bit stream; each row's stream is padded to whole bytes (`row_bytes`).
@@ -18,7 +19,7 @@
 //! Dequantization reverses it: grid point × scale, `hadamard::inverse`, signs, crop.
 #![forbid(unsafe_code)]
 
-use crate::assign::Assigner;
+use crate::assign::{Assigner, SCAN_MAX_FACTORS};
 use crate::grid::Grid;
 use crate::{hadamard, HiggsError, Result};
 use half::{bf16, f16};
@@ -233,6 +234,7 @@ struct Prepared {
     grid: Arc<Grid>,
     assigner: Arc<Assigner>,
     signs: Option<Vec<f32>>,
+    search: ScaleSearch,
 }
 
 impl Prepared {
@@ -247,7 +249,47 @@ impl Prepared {
             signs: spec
                 .seed
                 .map(|seed| hadamard::random_signs(seed, layout.padded_cols)),
+            search: ScaleSearch::default(),
         })
+    }
+}
+
+/// How the quantizer picks each group's scale. Every choice writes the same format (one f16
+/// scale per group, nearest grid points for it); they differ in speed and weight error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ScaleSearch {
+    /// The group's RMS (one assignment per group): fastest, about 24 % more weight MSE.
+    Rms,
+    /// RMS × 6 multipliers, each with a least-squares refit, then refit rounds from the best
+    /// (p = 2: all scored by table scans, then 2 exact assignments; other p: refits scored by a
+    /// bound, about 8 exact assignments). About 1 % more weight MSE than `Full`; SmolLM2
+    /// perplexity level with it (within seed noise). The default.
+    #[default]
+    Fast,
+    /// RMS × 11 multipliers, each with a least-squares refit, then up to 4 more refit rounds
+    /// (p = 2: scored by table scans; other p: about 26 exact assignments per group).
+    Full,
+}
+
+impl ScaleSearch {
+    /// The names `"rms"`, `"fast"`, `"full"` (as the CLI and Python take them).
+    pub fn parse(name: &str) -> Result<ScaleSearch> {
+        match name {
+            "rms" => Ok(ScaleSearch::Rms),
+            "fast" => Ok(ScaleSearch::Fast),
+            "full" => Ok(ScaleSearch::Full),
+            other => Err(HiggsError::invalid(format!(
+                "scale search {other:?} is not one of \"fast\", \"full\", \"rms\""
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScaleSearch::Rms => "rms",
+            ScaleSearch::Fast => "fast",
+            ScaleSearch::Full => "full",
+        }
     }
 }
 
@@ -274,6 +316,7 @@ impl Scratch {
 struct SearchScratch {
     scaled: Vec<f32>,
     codes: Vec<u32>,
+    best_codes: Vec<u32>,
 }
 
 impl SearchScratch {
@@ -281,98 +324,262 @@ impl SearchScratch {
         SearchScratch {
             scaled: vec![0.0; group_size],
             codes: vec![0; group_size.div_ceil(p)],
+            best_codes: vec![0; group_size.div_ceil(p)],
         }
     }
 }
 
-/// Multipliers of the group's RMS tried as scales. The grid is MSE-optimal for N(0, 1), but a
-/// group of 32–128 rotated values is one sample, not the distribution: the scale that fits this
-/// sample best is often 10–25 % off its RMS. Choosing it cuts the weight MSE by about a fifth
+/// Multipliers of the group's RMS tried as scales by [`ScaleSearch::Full`]. The grid is
+/// MSE-optimal for N(0, 1), but a group of 32–128 rotated values is one sample, not the
+/// distribution: the scale that fits this sample best is often 10–25 % off its RMS, and the
+/// error as a function of the scale has many local minima (a refit only finds the nearest), so
+/// the search starts from many points. Choosing the scale cuts the weight MSE by about a fifth
 /// (p = 2, n = 256, g = 64) in the same stored format.
 const SCALE_MULTIPLIERS: [f64; 11] = [
     0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30,
 ];
+/// Starting multipliers of [`ScaleSearch::Fast`]: every other one of the full search.
+const FAST_MULTIPLIERS: [f64; 6] = [0.80, 0.90, 1.00, 1.10, 1.20, 1.30];
 /// Rounds of (least-squares scale for the current codes → nearest codes for that scale).
 const LEAST_SQUARES_ROUNDS: usize = 4;
+/// Refit rounds of [`ScaleSearch::Fast`] with exact assignments (p ≠ 2).
+const FAST_EXACT_ROUNDS: usize = 1;
 
-/// The f16 scale for one group of rotated values `x` that gives the least squared error
-/// Σ‖x − s·q‖² with nearest grid points q, among: RMS × each of [`SCALE_MULTIPLIERS`], the
-/// least-squares scale Σx·q / Σq² of each candidate's codes, and a few rounds alternating
-/// least squares and assignment from the best. Ties keep the earlier candidate (the order is
-/// fixed), so the result is deterministic. The returned scale is finite; 0 for an all-zero group.
-fn choose_scale(assigner: &Assigner, x: &[f32], rms: f64, scratch: &mut SearchScratch) -> f16 {
-    if rms == 0.0 {
-        return f16::ZERO;
-    }
-    let p = assigner.grid.p;
-    let tuples = x.len() / p;
-    let scaled = &mut scratch.scaled[..x.len()];
-    let codes = &mut scratch.codes[..tuples];
-    // Error of scale s with nearest codes (left in `codes`), and the least-squares scale of
-    // those codes.
-    let mut score = |s: f16, codes: &mut [u32]| -> (f64, f16) {
-        let sf = s.to_f32();
-        let inv = 1.0 / sf;
-        scaled.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
-        assigner.assign(scaled, codes);
-        let (mut err, mut xq, mut qq) = (0f64, 0f64, 0f64);
-        for (tuple, &c) in x.chunks_exact(p).zip(codes.iter()) {
-            for (&v, &q) in tuple.iter().zip(assigner.grid.point(c as usize)) {
-                let d = v as f64 - sf as f64 * q as f64;
-                err += d * d;
-                xq += v as f64 * q as f64;
-                qq += q as f64 * q as f64;
-            }
-        }
-        let ls = if qq > 0.0 && xq > 0.0 {
-            f16::from_f64(xq / qq)
-        } else {
-            s
-        };
-        (
-            err,
-            if ls.is_finite() && ls.to_f32() > 0.0 {
-                ls
-            } else {
-                s
-            },
-        )
-    };
-    let mut best = (f64::INFINITY, f16::from_f64(rms), f16::from_f64(rms));
-    let mut consider = |s: f16, codes: &mut [u32], best: &mut (f64, f16, f16)| -> f16 {
-        if !s.is_finite() || s.to_f32() <= 0.0 {
-            return s;
-        }
-        let (err, ls) = score(s, codes);
-        if err < best.0 {
-            *best = (err, s, ls);
-        }
-        ls
-    };
-    for m in SCALE_MULTIPLIERS {
-        let ls = consider(f16::from_f64(rms * m), codes, &mut best);
-        consider(ls, codes, &mut best);
-    }
-    for _ in 0..LEAST_SQUARES_ROUNDS {
-        let (err, s, ls) = best;
-        if ls == s {
-            break;
-        }
-        consider(ls, codes, &mut best);
-        if best.0 >= err {
-            break;
-        }
-    }
-    best.1
+/// The best scale found so far for one group, with its codes in `SearchScratch::best_codes`.
+struct Best {
+    /// Σ‖x − s·q‖² (f64, from the f32 sums of the assignment).
+    error: f64,
+    scale: f16,
+    /// Least-squares scale of the best codes.
+    refit: f16,
 }
 
-/// Quantize a row-major `rows × cols` matrix. Rows run in parallel on the current rayon pool;
-/// the bytes out do not depend on the number of threads.
+/// A candidate scale worth scoring: finite and positive.
+fn usable(s: f16) -> bool {
+    s.is_finite() && s.to_f32() > 0.0
+}
+
+/// Scores scale `s` for group `x` by exact assignment: returns its error Σ‖x − s·q‖² with
+/// nearest codes (kept in `best_codes` when `s` beats `best`), the least-squares scale of those
+/// codes (or `s` itself when that is not usable), and the error of that refit with the same
+/// codes (an upper bound of its error with nearest codes).
+fn score_scale(
+    assigner: &Assigner,
+    x: &[f32],
+    s: f16,
+    scratch: &mut SearchScratch,
+    best: &mut Best,
+) -> (f64, f16, f64) {
+    if !usable(s) {
+        return (f64::INFINITY, s, f64::INFINITY);
+    }
+    let sf = s.to_f32();
+    let tuples = x.len() / assigner.grid.p;
+    let scaled = &mut scratch.scaled[..x.len()];
+    let inv = 1.0 / sf;
+    scaled.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
+    let stats = assigner.assign_stats(scaled, &mut scratch.codes[..tuples]);
+    let sd = sf as f64;
+    let error = stats.error as f64 * sd * sd;
+    // In x's units Σx·q = s·dot and Σ‖q‖² = norm.
+    let (dot, norm) = (stats.dot as f64, stats.norm as f64);
+    let mut refit = s;
+    if norm > 0.0 && dot > 0.0 {
+        let ls = f16::from_f64(sd * dot / norm);
+        if usable(ls) {
+            refit = ls;
+        }
+    }
+    // Σ‖x − r·q‖² = Σ‖x − s·q‖² + 2(s − r)·Σ(x − s·q)·q + (s − r)²·Σ‖q‖².
+    let delta = sd - refit.to_f64();
+    let refit_bound = error + 2.0 * delta * sd * (dot - norm) + delta * delta * norm;
+    if error < best.error {
+        *best = Best {
+            error,
+            scale: s,
+            refit,
+        };
+        std::mem::swap(&mut scratch.codes, &mut scratch.best_codes);
+    }
+    (error, refit, refit_bound)
+}
+
+/// The scale search of `search` (not RMS) scored with [`Assigner::scan_pairs`] estimates instead
+/// of exact assignments: p = 2 only (`None` otherwise). The estimate of a scale's error uses
+/// grid points that are nearest or almost so, so it is close to (and never below) the exact
+/// error. `xx` is Σx² of the group.
+fn scan_search(
+    assigner: &Assigner,
+    x: &[f32],
+    xx: f64,
+    rms: f64,
+    search: ScaleSearch,
+) -> Option<f16> {
+    // Estimated errors of the scales, with the least-squares refits of their points, updating
+    // `best` (error, scale, refit); unusable candidates are skipped.
+    let estimate = |scales: &[f16], refits: &mut [f16], best: &mut (f64, f16, f16)| -> Option<()> {
+        let mut invs = [0f32; SCAN_MAX_FACTORS];
+        let mut sums = [(0f32, 0f32); SCAN_MAX_FACTORS];
+        for (inv, &s) in invs.iter_mut().zip(scales) {
+            *inv = if usable(s) { 1.0 / s.to_f32() } else { 0.0 };
+        }
+        assigner.scan_pairs(x, &invs[..scales.len()], &mut sums)?;
+        for ((&s, &(dot, norm)), refit) in scales.iter().zip(&sums).zip(refits.iter_mut()) {
+            *refit = s;
+            if !usable(s) {
+                continue;
+            }
+            let (sd, dot, norm) = (s.to_f64(), dot as f64, norm as f64);
+            let error = xx - 2.0 * sd * dot + sd * sd * norm;
+            if norm > 0.0 && dot > 0.0 {
+                let ls = f16::from_f64(dot / norm);
+                if usable(ls) {
+                    *refit = ls;
+                }
+            }
+            if error < best.0 {
+                *best = (error, s, *refit);
+            }
+        }
+        Some(())
+    };
+    let multipliers: &[f64] = match search {
+        ScaleSearch::Rms => return None,
+        ScaleSearch::Fast => &FAST_MULTIPLIERS,
+        ScaleSearch::Full => &SCALE_MULTIPLIERS,
+    };
+    const { assert!(SCALE_MULTIPLIERS.len() <= SCAN_MAX_FACTORS) };
+    let count = multipliers.len();
+    let mut best = (f64::INFINITY, f16::from_f64(rms), f16::from_f64(rms));
+    let mut starts = [f16::ZERO; SCAN_MAX_FACTORS];
+    for (s, &m) in starts.iter_mut().zip(multipliers) {
+        *s = f16::from_f64(rms * m);
+    }
+    let mut refits = [f16::ZERO; SCAN_MAX_FACTORS];
+    estimate(&starts[..count], &mut refits[..count], &mut best)?;
+    let mut unused = [f16::ZERO; SCAN_MAX_FACTORS];
+    estimate(&refits[..count], &mut unused[..count], &mut best)?;
+    for _ in 0..LEAST_SQUARES_ROUNDS {
+        let (error, scale, refit) = best;
+        if refit == scale {
+            break;
+        }
+        estimate(&[refit], &mut [f16::ZERO], &mut best)?;
+        if best.0 >= error {
+            break;
+        }
+    }
+    Some(best.1)
+}
+
+/// The f16 scale for one group of rotated values `x` (a whole number of p-tuples) chosen as
+/// `search` says; writes the nearest codes for it into `codes` and returns (scale, Σ‖x − s·q‖²).
+/// Every search scores the RMS scale exactly as well, so none is worse than [`ScaleSearch::Rms`].
+/// Ties keep the earlier candidate (the order is fixed), so the result is deterministic. The
+/// scale is finite; 0 for an all-zero group. `xx` is Σx² of the group.
+fn choose_scale(
+    assigner: &Assigner,
+    x: &[f32],
+    xx: f64,
+    search: ScaleSearch,
+    scratch: &mut SearchScratch,
+    codes: &mut [u32],
+) -> (f16, f64) {
+    let tuples = x.len() / assigner.grid.p;
+    let rms = (xx / x.len() as f64).sqrt();
+    let rms16 = f16::from_f64(rms);
+    if rms == 0.0 || !usable(rms16) {
+        // All zeros (or an RMS below f16's range): a zero scale, and the codes of the origin
+        // (dequantization gives zeros whatever they are).
+        let zeros = &mut scratch.scaled[..x.len()];
+        zeros.fill(0.0);
+        assigner.assign(zeros, codes);
+        return (f16::ZERO, xx);
+    }
+    let mut best = Best {
+        error: f64::INFINITY,
+        scale: rms16,
+        refit: rms16,
+    };
+    if let Some(s) = scan_search(assigner, x, xx, rms, search) {
+        // p = 2: the scan's estimates picked the scale; exact assignment gives its codes.
+        score_scale(assigner, x, s, scratch, &mut best);
+        score_scale(assigner, x, rms16, scratch, &mut best);
+    } else {
+        match search {
+            ScaleSearch::Rms => {
+                score_scale(assigner, x, rms16, scratch, &mut best);
+            }
+            ScaleSearch::Fast => {
+                // Each start scored exactly; its refit by the bound from the start's codes, and
+                // the refit with the lowest bound scored exactly, then refit rounds.
+                let mut bound_best = (f64::INFINITY, rms16);
+                for m in FAST_MULTIPLIERS {
+                    let (_, refit, bound) =
+                        score_scale(assigner, x, f16::from_f64(rms * m), scratch, &mut best);
+                    if bound < bound_best.0 {
+                        bound_best = (bound, refit);
+                    }
+                }
+                if bound_best.0 < best.error {
+                    score_scale(assigner, x, bound_best.1, scratch, &mut best);
+                }
+                refit_rounds(assigner, x, FAST_EXACT_ROUNDS, scratch, &mut best);
+            }
+            ScaleSearch::Full => {
+                for m in SCALE_MULTIPLIERS {
+                    let (_, refit, _) =
+                        score_scale(assigner, x, f16::from_f64(rms * m), scratch, &mut best);
+                    score_scale(assigner, x, refit, scratch, &mut best);
+                }
+                refit_rounds(assigner, x, LEAST_SQUARES_ROUNDS, scratch, &mut best);
+            }
+        }
+    }
+    // The RMS scale is usable, so `best` holds a scored candidate and its codes.
+    debug_assert!(best.error.is_finite());
+    codes.copy_from_slice(&scratch.best_codes[..tuples]);
+    (best.scale, best.error)
+}
+
+/// Up to `rounds` of: score the best's least-squares refit; stop when it does not improve.
+fn refit_rounds(
+    assigner: &Assigner,
+    x: &[f32],
+    rounds: usize,
+    scratch: &mut SearchScratch,
+    best: &mut Best,
+) {
+    for _ in 0..rounds {
+        let (error, scale, refit) = (best.error, best.scale, best.refit);
+        if refit == scale {
+            break;
+        }
+        score_scale(assigner, x, refit, scratch, best);
+        if best.error >= error {
+            break;
+        }
+    }
+}
+
+/// Quantize a row-major `rows × cols` matrix with the default [`ScaleSearch`]. Rows run in
+/// parallel on the current rayon pool; the bytes out do not depend on the number of threads.
 pub fn quantize(
     source: Source<'_>,
     rows: usize,
     cols: usize,
     spec: &QuantSpec,
+) -> Result<QuantizedTensor> {
+    quantize_with(source, rows, cols, spec, ScaleSearch::default())
+}
+
+/// [`quantize`] with the given scale search.
+pub fn quantize_with(
+    source: Source<'_>,
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    search: ScaleSearch,
 ) -> Result<QuantizedTensor> {
     // Shape problems (empty, unsupported sizes) first: they say more than a length mismatch.
     spec.layout(rows, cols)?;
@@ -383,7 +590,8 @@ pub fn quantize(
             rows as u128 * cols as u128
         )));
     }
-    let prep = Prepared::new(spec, rows, cols)?;
+    let mut prep = Prepared::new(spec, rows, cols)?;
+    prep.search = search;
     let layout = prep.layout;
     let mut codes = vec![0u8; rows * layout.row_bytes];
     let mut scales = vec![f16::ZERO; rows * layout.groups];
@@ -414,6 +622,22 @@ pub fn quantize(
     })
 }
 
+/// Σ x² in f64, with 8 independent accumulators (a fixed order, so deterministic; and
+/// vectorizable, unlike one serial sum).
+fn sum_squares(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v as f64 * v as f64;
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v as f64 * v as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// One row: returns (Σ error², Σ w²) of the row in the original coordinates.
 fn quantize_row(
     prep: &Prepared,
@@ -433,18 +657,17 @@ fn quantize_row(
     let cols = layout.cols;
     source.read(r * cols, &mut row[..cols]);
     row[cols..].fill(0.0);
-    let mut norm = 0f64;
-    for (c, &x) in row[..cols].iter().enumerate() {
-        if !x.is_finite() {
-            return Err(HiggsError::NonFinite {
-                what: "the weights".into(),
-                row: r,
-                col: c,
-                value: x,
-            });
-        }
-        norm += (x as f64) * (x as f64);
+    // A branch-free check first (it vectorizes); the position only when something is wrong.
+    if !row[..cols].iter().fold(true, |ok, x| ok & x.is_finite()) {
+        let c = row[..cols].iter().position(|x| !x.is_finite()).unwrap_or(0);
+        return Err(HiggsError::NonFinite {
+            what: "the weights".into(),
+            row: r,
+            col: c,
+            value: row[c],
+        });
     }
+    let norm = sum_squares(&row[..cols]);
     let padded = &mut row[..layout.padded_cols];
     if let Some(signs) = &prep.signs {
         padded.iter_mut().zip(signs).for_each(|(x, s)| *x *= s);
@@ -452,37 +675,53 @@ fn quantize_row(
     hadamard::forward(padded, layout.block)?;
     let g = prep.spec.group_size;
     let p = prep.spec.p;
-    for (group, scale) in padded.chunks_mut(g).zip(row_scales.iter_mut()) {
-        let mean_square =
-            group.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / group.len() as f64;
-        let rms = mean_square.sqrt();
+    let padded_cols = layout.padded_cols;
+    // The search needs groups of whole tuples; otherwise (p ∤ g) tuples straddle groups, each
+    // group gets its RMS and the whole row is assigned at once.
+    let per_group = g.is_multiple_of(p) && padded_cols.is_multiple_of(p);
+    let mut rotated_error = 0f64;
+    for (j, scale) in row_scales.iter_mut().enumerate() {
+        let (start, end) = (j * g, ((j + 1) * g).min(padded_cols));
+        let group = &mut padded[start..end];
+        let xx = sum_squares(group);
+        let rms = (xx / group.len() as f64).sqrt();
         if f16::from_f64(rms).is_infinite() {
             return Err(HiggsError::Unsupported(format!(
                 "row {r}: a group's RMS {rms:.3e} overflows the f16 scale; weights this large are not supported"
             )));
         }
-        // Tuples must not straddle groups for a per-group search; otherwise (p ∤ g) the RMS.
-        let s = if group.len() % p == 0 {
-            choose_scale(&prep.assigner, group, rms, search)
+        if per_group {
+            let (s, error) = choose_scale(
+                &prep.assigner,
+                group,
+                xx,
+                prep.search,
+                search,
+                &mut codes[start / p..end / p],
+            );
+            *scale = s;
+            rotated_error += error;
         } else {
-            f16::from_f64(rms)
-        };
-        *scale = s;
-        let inv = if s.to_f32() > 0.0 {
-            1.0 / s.to_f32()
-        } else {
-            0.0
-        };
-        group.iter_mut().for_each(|x| *x *= inv);
+            let s = f16::from_f64(rms);
+            *scale = s;
+            let inv = if s.to_f32() > 0.0 {
+                1.0 / s.to_f32()
+            } else {
+                0.0
+            };
+            group.iter_mut().for_each(|x| *x *= inv);
+        }
     }
-    // Nearest points for the chosen scales (never worse than the codes the search scored).
-    prep.assigner.assign(row, codes);
+    if !per_group {
+        prep.assigner.assign(row, codes);
+        rotated_error = rotated_squared_error(prep, row, codes, row_scales);
+    }
     pack_codes(codes, prep.spec.code_bits(), row_codes);
 
     let err = if layout.padded_cols == cols {
         // The rotation is orthonormal, so the error is the same in rotated coordinates: no
         // inverse transform needed (equal up to float rounding).
-        rotated_squared_error(prep, row, codes, row_scales)
+        rotated_error
     } else {
         // With padding, only the real columns count: dequantize the row and compare.
         dequantize_row_into(prep, codes, row_scales, back)?;
@@ -817,11 +1056,14 @@ mod tests {
             (2, 256, 64),
             (2, 64, 32),
             (2, 256, 128),
+            (2, 256, 36),
             (4, 4096, 64),
         ] {
             let assigner = Assigner::for_grid(p, n).unwrap();
             let mut scratch = SearchScratch::new(g, p);
-            let (mut rms_total, mut chosen_total) = (0f64, 0f64);
+            let mut codes = vec![0u32; g / p];
+            // Σ error over the groups for RMS, fast, full.
+            let mut totals = [0f64; 3];
             for trial in 0..200 {
                 let mut x = vec![0f32; g];
                 rng.fill_gaussian(&mut x);
@@ -829,26 +1071,104 @@ mod tests {
                     // Heavier tails than a Gaussian, as a group with an outlier.
                     x[trial % g] *= 6.0;
                 }
-                let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / g as f64).sqrt();
-                let s = choose_scale(&assigner, &x, rms, &mut scratch);
-                let (e_rms, e_chosen) = (
-                    group_error(&assigner, &x, f16::from_f64(rms)),
-                    group_error(&assigner, &x, s),
-                );
-                assert!(e_chosen <= e_rms, "p {p} n {n} g {g}: {e_chosen} > {e_rms}");
-                rms_total += e_rms;
-                chosen_total += e_chosen;
+                let xx: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+                let mut errors = [0f64; 3];
+                for (k, search) in [ScaleSearch::Rms, ScaleSearch::Fast, ScaleSearch::Full]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let (s, reported) =
+                        choose_scale(&assigner, &x, xx, search, &mut scratch, &mut codes);
+                    // The codes are the nearest points for the scale, and the error is theirs.
+                    let exact = group_error(&assigner, &x, s);
+                    assert!(
+                        (reported - exact).abs() <= 1e-4 * exact,
+                        "{search:?} p {p} n {n} g {g}: reported {reported}, exact {exact}"
+                    );
+                    let scaled: Vec<f32> = x.iter().map(|&v| v / s.to_f32()).collect();
+                    let mut nearest = vec![0u32; g / p];
+                    assigner.assign(&scaled, &mut nearest);
+                    assert_eq!(codes, nearest, "{search:?} p {p} n {n} g {g}");
+                    errors[k] = exact;
+                    totals[k] += exact;
+                }
+                let rms = f16::from_f64((xx / g as f64).sqrt());
+                assert_eq!(errors[0], group_error(&assigner, &x, rms));
+                assert!(errors[1] <= errors[0], "p {p} n {n} g {g}: fast {errors:?}");
+                assert!(errors[2] <= errors[0], "p {p} n {n} g {g}: full {errors:?}");
             }
             assert!(
-                chosen_total < 0.95 * rms_total,
-                "p {p} n {n} g {g}: {chosen_total} vs {rms_total}"
+                totals[1] < 0.95 * totals[0] && totals[2] < 0.95 * totals[0],
+                "p {p} n {n} g {g}: {totals:?}"
+            );
+            // The full search is the better one over many groups (a little, by design).
+            assert!(
+                totals[2] <= totals[1] * 1.002,
+                "p {p} n {n} g {g}: {totals:?}"
             );
         }
         // An all-zero group keeps a zero scale.
         let assigner = Assigner::for_grid(2, 256).unwrap();
+        for search in [ScaleSearch::Rms, ScaleSearch::Fast, ScaleSearch::Full] {
+            let mut codes = vec![0u32; 32];
+            let chosen = choose_scale(
+                &assigner,
+                &[0.0; 64],
+                0.0,
+                search,
+                &mut SearchScratch::new(64, 2),
+                &mut codes,
+            );
+            assert_eq!(chosen, (f16::ZERO, 0.0));
+        }
+    }
+
+    #[test]
+    fn scale_searches_are_deterministic_and_ranked() {
+        let (rows, cols) = (24, 576);
+        let w = gaussian(rows * cols, 17);
+        let s = spec(2, 256, None, Some(3));
+        let run = |threads, search| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| quantize_with(Source::F32(&w), rows, cols, &s, search).unwrap())
+        };
+        let mut errors = Vec::new();
+        for search in [ScaleSearch::Rms, ScaleSearch::Fast, ScaleSearch::Full] {
+            let (a, b) = (run(1, search), run(2, search));
+            assert_eq!(a.codes, b.codes);
+            assert_eq!(a.scales, b.scales);
+            assert_eq!(a.squared_error.to_bits(), b.squared_error.to_bits());
+            // The reported error is the dequantized one.
+            let back = dequantize(&a).unwrap();
+            let err: f64 = w
+                .iter()
+                .zip(&back)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
+            assert!((err - a.squared_error).abs() < 1e-4 * err, "{search:?}");
+            errors.push(a.relative_mse());
+        }
+        assert!(errors[1] < 0.9 * errors[0], "{errors:?}");
+        assert!(errors[2] <= errors[1], "{errors:?}");
         assert_eq!(
-            choose_scale(&assigner, &[0.0; 64], 0.0, &mut SearchScratch::new(64, 2)),
-            f16::ZERO
+            quantize(Source::F32(&w), rows, cols, &s).unwrap().scales,
+            run(1, ScaleSearch::default()).scales
+        );
+    }
+
+    #[test]
+    fn scale_search_names() {
+        for search in [ScaleSearch::Rms, ScaleSearch::Fast, ScaleSearch::Full] {
+            assert_eq!(ScaleSearch::parse(search.name()).unwrap(), search);
+        }
+        assert_eq!(ScaleSearch::default(), ScaleSearch::Fast);
+        let err = ScaleSearch::parse("quick").unwrap_err().to_string();
+        assert!(
+            err.contains("\"quick\"") && err.contains("\"fast\""),
+            "{err}"
         );
     }
 

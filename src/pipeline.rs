@@ -348,6 +348,24 @@ pub fn run(
     overwrite: bool,
     progress: bool,
 ) -> Result<Summary> {
+    let search = codec::ScaleSearch::default();
+    run_with(
+        checkpoint, source_dir, plan, options, dst, overwrite, progress, search,
+    )
+}
+
+/// [`run`] with the given per-group scale search (the format written is the same).
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    checkpoint: &Checkpoint,
+    source_dir: &Path,
+    plan: &Plan,
+    options: &Options,
+    dst: &Path,
+    overwrite: bool,
+    progress: bool,
+    scale_search: codec::ScaleSearch,
+) -> Result<Summary> {
     prepare_destination(source_dir, dst, overwrite)?;
     let started = Instant::now();
     let ranges = shard_ranges(plan, options.max_shard_bytes);
@@ -421,8 +439,9 @@ pub fn run(
                 Action::Copy => writer.write_tensor(&t.name, bytes)?,
                 Action::Quantize { spec, layout } => {
                     let elem = elem_type(info.dtype).expect("planned tensors are float");
+                    let source = Source::Bytes(elem, bytes);
                     let q =
-                        codec::quantize(Source::Bytes(elem, bytes), layout.rows, layout.cols, spec)
+                        codec::quantize_with(source, layout.rows, layout.cols, spec, scale_search)
                             .map_err(|e| in_tensor(&t.name, e))?;
                     let m = module_name(&t.name);
                     writer.write_tensor(&format!("{m}.higgs_codes"), &q.codes)?;

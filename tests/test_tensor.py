@@ -56,6 +56,29 @@ def test_same_bytes_any_thread_count() -> None:
     np.testing.assert_array_equal(a.scales, b.scales)
 
 
+@pytest.mark.parametrize(("p", "bits"), [(2, 4), (4, 3.25)])
+def test_scale_searches_same_format_ranked_errors(p: int, bits: float) -> None:
+    w = gaussian(32, 576, seed=6)
+    w[::7] *= 5.0  # a few outlier rows
+    errors = {}
+    quantized = {}
+    for search in ("rms", "fast", "full"):
+        q = higgs_rs.quantize_tensor(w, bits=bits, p=p, scale_search=search)
+        assert q.bits_per_weight == pytest.approx(4.25 if p == 2 else 3.5)
+        back = higgs_rs.dequantize(q)
+        rel = float(((back - w) ** 2).sum() / (w**2).sum())
+        assert rel == pytest.approx(q.relative_mse, rel=1e-4)
+        errors[search] = rel
+        quantized[search] = q
+    assert errors["fast"] < 0.95 * errors["rms"]
+    assert errors["full"] <= errors["fast"]
+    default = higgs_rs.quantize_tensor(w, bits=bits, p=p)
+    np.testing.assert_array_equal(default.codes, quantized["fast"].codes)
+    np.testing.assert_array_equal(default.scales, quantized["fast"].scales)
+    with pytest.raises(ValueError, match='"quick" is not one of'):
+        higgs_rs.quantize_tensor(w, bits=bits, p=p, scale_search="quick")  # type: ignore[arg-type]
+
+
 def test_float16_input_and_strided_input() -> None:
     w = gaussian(16, 512, seed=4)
     a = higgs_rs.quantize_tensor(w.astype(np.float16))

@@ -3,7 +3,9 @@
 //! answers are bit-identical to [`super::brute_force_nearest`]; tests compare both.
 #![allow(unsafe_code)]
 
-use super::{brute_force_nearest, CellSearch, LineSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS};
+use super::{
+    brute_force_nearest, AssignStats, CellSearch, LineSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS,
+};
 use crate::grid::Grid;
 use std::arch::x86_64::*;
 
@@ -63,10 +65,15 @@ unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes
     let mut table_index = [u32::MAX; 16];
     table_levels[..distinct].copy_from_slice(&line.levels[1..=distinct]);
     table_index[..distinct].copy_from_slice(&line.index[1..=distinct]);
-    let thresholds: Vec<__m256> = line.thresholds[..distinct - 1]
-        .iter()
-        .map(|&t| _mm256_set1_ps(t))
-        .collect();
+    // On the stack: this runs once per call, and calls can be as short as one group.
+    let mut threshold_table = [_mm256_setzero_ps(); 15];
+    for (r, &t) in threshold_table
+        .iter_mut()
+        .zip(&line.thresholds[..distinct - 1])
+    {
+        *r = _mm256_set1_ps(t);
+    }
+    let thresholds = &threshold_table[..distinct - 1];
     // SAFETY: the tables are 16 entries, read as two halves of 8.
     let (levels_lo, levels_hi, index_lo, index_hi) = unsafe {
         (
@@ -94,7 +101,7 @@ unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes
         }
         // k = number of thresholds <= x, as in the scalar path.
         let mut k = _mm256_setzero_si256();
-        for &t in &thresholds {
+        for &t in thresholds {
             k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(t, x)));
         }
         let mut best_d = _mm256_set1_ps(f32::INFINITY);
@@ -142,6 +149,80 @@ unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes
     }
     let done = blocks * 8;
     line.assign_scalar(points, &xs[done..], &mut codes[done..]);
+}
+
+/// p = 1 with at most 16 grid points: [`assign_line_avx2`], then the sums of
+/// [`super::Assigner::assign_stats`] in its canonical order, the points looked up from registers.
+/// `None` (nothing done) when AVX2 is missing or the grid is larger.
+pub fn assign_line_stats_avx2(
+    line: &LineSearch,
+    points: &[f32],
+    xs: &[f32],
+    codes: &mut [u32],
+) -> Option<AssignStats> {
+    if points.len() > 16 || xs.len() != codes.len() || !assign_line_avx2(line, points, xs, codes) {
+        return None;
+    }
+    // SAFETY: AVX2 is available (assign_line_avx2 ran), every code is below points.len() <= 16.
+    Some(unsafe { line_stats(points, xs, codes) })
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn line_stats(points: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
+    let mut table = [0f32; 16];
+    table[..points.len()].copy_from_slice(points);
+    // SAFETY: `table` is 16 floats, read as two halves of 8.
+    let (lo, hi) = unsafe {
+        (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        )
+    };
+    let seven = _mm256_set1_epi32(7);
+    let (mut err, mut dot, mut norm) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let blocks = codes.len() / 8;
+    for b in 0..blocks {
+        // SAFETY: 8 floats and 8 codes at b·8 (b < blocks).
+        let (x, c) = unsafe {
+            (
+                _mm256_loadu_ps(xs.as_ptr().add(b * 8)),
+                _mm256_loadu_si256(codes.as_ptr().add(b * 8).cast()),
+            )
+        };
+        let q = _mm256_blendv_ps(
+            _mm256_permutevar8x32_ps(lo, c),
+            _mm256_permutevar8x32_ps(hi, c),
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, seven)),
+        );
+        let d = _mm256_sub_ps(x, q);
+        err = _mm256_add_ps(err, _mm256_mul_ps(d, d));
+        dot = _mm256_add_ps(dot, _mm256_mul_ps(x, q));
+        norm = _mm256_add_ps(norm, _mm256_mul_ps(q, q));
+    }
+    let mut acc = [[0f32; 8]; 3];
+    // SAFETY: each row is 8 f32.
+    unsafe {
+        _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
+        _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
+        _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
+    }
+    for t in blocks * 8..codes.len() {
+        let (x, q) = (xs[t], points[codes[t] as usize]);
+        let d = x - q;
+        acc[0][t % 8] += d * d;
+        acc[1][t % 8] += x * q;
+        acc[2][t % 8] += q * q;
+    }
+    let fold = |a: &[f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    AssignStats {
+        error: fold(&acc[0]),
+        dot: fold(&acc[1]),
+        norm: fold(&acc[2]),
+    }
 }
 
 #[target_feature(enable = "avx2")]
@@ -223,96 +304,236 @@ pub fn assign_pairs_avx2(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &m
     true
 }
 
+/// p = 2 with AVX2, fused with the sums of [`super::Assigner::assign_stats`] in its canonical
+/// order. `None` (and nothing done) when AVX2 is missing or the tables do not fit.
+pub fn assign_pairs_stats_avx2(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) -> Option<AssignStats> {
+    if !avx2_available()
+        || search.p != 2
+        || search.quads.len() != (search.chunk_offsets.len() - 1) * QUAD_WORDS
+        || grid.points.len() != 2 * grid.n
+        || grid.n > super::QUAD_STATS_MAX_N
+        || xs.len() != 2 * codes.len()
+    {
+        return None;
+    }
+    // SAFETY: AVX2 is available; `quads` has QUAD_WORDS words per cell; every code the search
+    // writes is a grid index below n and `points` holds 2·n floats below i32::MAX (all checked
+    // above), which is what the loads and gathers of `assign_pairs_stats` rely on.
+    Some(unsafe { assign_pairs_stats(search, grid, xs, codes) })
+}
+
+/// Constants of the p = 2 block search.
+struct PairConsts {
+    shift: __m128i,
+    offset: __m256,
+    scale: __m256,
+    far: __m256,
+    top: __m256,
+    abs_mask: __m256,
+}
+
+#[target_feature(enable = "avx2")]
+fn pair_consts(search: &CellSearch) -> PairConsts {
+    PairConsts {
+        shift: _mm_cvtsi32_si128(search.cells_per_axis.trailing_zeros() as i32),
+        offset: _mm256_set1_ps(search.half_width),
+        scale: _mm256_set1_ps(search.inv_width),
+        far: _mm256_set1_ps(search.far),
+        top: _mm256_set1_ps((search.cells_per_axis - 1) as f32),
+        abs_mask: _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)),
+    }
+}
+
+/// Nearest points of 8 pairs (`x` holds 16 floats, `out` 8 codes); returns the pairs' first
+/// and second coordinates, deinterleaved, in pair order.
+///
+/// # Safety
+/// AVX2; `search.quads` has QUAD_WORDS words per cell.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_block(
+    search: &CellSearch,
+    grid: &Grid,
+    k: &PairConsts,
+    x: &[f32],
+    out: &mut [u32],
+) -> (__m256, __m256) {
+    debug_assert!(x.len() == 16 && out.len() == 8);
+    let quads = search.quads.as_ptr();
+    let cell_count = search.chunk_offsets.len() - 1;
+    // SAFETY: `x` holds 16 floats; two unaligned loads of 8.
+    let (v0, v1) = unsafe {
+        (
+            _mm256_loadu_ps(x.as_ptr()),
+            _mm256_loadu_ps(x.as_ptr().add(8)),
+        )
+    };
+    // Deinterleave into the 8 first and the 8 second coordinates, in pair order.
+    let first = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+        _mm256_shuffle_ps::<0b10_00_10_00>(v0, v1),
+    )));
+    let second = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+        _mm256_shuffle_ps::<0b11_01_11_01>(v0, v1),
+    )));
+    let inside = _mm256_and_ps(
+        _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(first, k.abs_mask), k.far),
+        _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(second, k.abs_mask), k.far),
+    );
+    if _mm256_movemask_ps(inside) != 0xFF {
+        // Some input is beyond ±far or NaN: this block goes through the scalar path.
+        search.assign_scalar_p::<2>(grid, x, out);
+        return (first, second);
+    }
+    // Same arithmetic as `CellSearch::cell_of`: (v + half_width) · inv_width, clamped.
+    let axis = |v: __m256| {
+        let u = _mm256_mul_ps(_mm256_add_ps(v, k.offset), k.scale);
+        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), k.top))
+    };
+    let cells = _mm256_or_si256(axis(first), _mm256_sll_epi32(axis(second), k.shift));
+    let mut cell = [0u32; 8];
+    // SAFETY: `cell` is 32 bytes.
+    unsafe { _mm256_storeu_si256(cell.as_mut_ptr().cast(), cells) };
+    for j in 0..4 {
+        let (a, b2) = (cell[2 * j] as usize, cell[2 * j + 1] as usize);
+        debug_assert!(a < cell_count && b2 < cell_count);
+        // SAFETY: cell indices are clamped to [0, cells_per_axis - 1] per axis, so they are
+        // below cell_count, and `quads` has QUAD_WORDS words per cell (caller's contract).
+        let (qa, qb) = unsafe { (quads.add(a * QUAD_WORDS), quads.add(b2 * QUAD_WORDS)) };
+        // SAFETY: each quad is 12 words: x's at 0..4, y's at 4..8, indices at 8..12.
+        let (gx, gy, ia, ib) = unsafe {
+            (
+                _mm256_loadu2_m128(qb.cast(), qa.cast()),
+                _mm256_loadu2_m128(qb.add(4).cast(), qa.add(4).cast()),
+                std::slice::from_raw_parts(qa.add(8), 4),
+                std::slice::from_raw_parts(qb.add(8), 4),
+            )
+        };
+        let pick = _mm256_setr_epi32(
+            2 * j as i32,
+            2 * j as i32,
+            2 * j as i32,
+            2 * j as i32,
+            2 * j as i32 + 1,
+            2 * j as i32 + 1,
+            2 * j as i32 + 1,
+            2 * j as i32 + 1,
+        );
+        let dx = _mm256_sub_ps(gx, _mm256_permutevar8x32_ps(first, pick));
+        let dy = _mm256_sub_ps(gy, _mm256_permutevar8x32_ps(second, pick));
+        let d = _mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy));
+        let m = _mm256_min_ps(d, _mm256_permute_ps::<0b01_00_11_10>(d));
+        let m = _mm256_min_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m));
+        let at_min = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, m)) as u32;
+        // Distances are finite, so each half has a lane at its minimum.
+        out[2 * j] = ia[(at_min & 0xF).trailing_zeros().min(3) as usize];
+        out[2 * j + 1] = ib[(at_min >> 4).trailing_zeros().min(3) as usize];
+        if (ia[0] | ib[0]) & QUAD_OVERFLOW != 0 {
+            out[2 * j] = search.nearest_in_cell::<2>(&grid.points, a, &x[4 * j..4 * j + 2]);
+            out[2 * j + 1] =
+                search.nearest_in_cell::<2>(&grid.points, b2, &x[4 * j + 2..4 * j + 4]);
+        }
+    }
+    (first, second)
+}
+
 #[target_feature(enable = "avx2")]
 unsafe fn assign_pairs(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
     let blocks = codes.len() / 8;
-    let last_cell = (search.cells_per_axis - 1) as f32;
-    let shift = _mm_cvtsi32_si128(search.cells_per_axis.trailing_zeros() as i32);
-    let offset = _mm256_set1_ps(search.half_width);
-    let scale = _mm256_set1_ps(search.inv_width);
-    let far = _mm256_set1_ps(search.far);
-    let top = _mm256_set1_ps(last_cell);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    let quads = search.quads.as_ptr();
-    let cell_count = search.chunk_offsets.len() - 1;
+    let k = pair_consts(search);
     for b in 0..blocks {
-        let x = &xs[b * 16..b * 16 + 16];
-        let out = &mut codes[b * 8..b * 8 + 8];
-        // SAFETY: `x` holds 16 floats; two unaligned loads of 8.
-        let (v0, v1) = unsafe {
-            (
-                _mm256_loadu_ps(x.as_ptr()),
-                _mm256_loadu_ps(x.as_ptr().add(8)),
+        // SAFETY: forwarded contract (AVX2, quads per cell).
+        unsafe {
+            pair_block(
+                search,
+                grid,
+                &k,
+                &xs[b * 16..b * 16 + 16],
+                &mut codes[b * 8..b * 8 + 8],
             )
         };
-        // Deinterleave into the 8 first and the 8 second coordinates, in pair order.
-        let first = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
-            _mm256_shuffle_ps::<0b10_00_10_00>(v0, v1),
-        )));
-        let second = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
-            _mm256_shuffle_ps::<0b11_01_11_01>(v0, v1),
-        )));
-        let inside = _mm256_and_ps(
-            _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(first, abs_mask), far),
-            _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(second, abs_mask), far),
-        );
-        if _mm256_movemask_ps(inside) != 0xFF {
-            // Some input is beyond ±far or NaN: this block goes through the scalar path.
-            search.assign_scalar_p::<2>(grid, x, out);
-            continue;
-        }
-        // Same arithmetic as `CellSearch::cell_of`: (v + half_width) · inv_width, clamped.
-        let axis = |v: __m256| {
-            let u = _mm256_mul_ps(_mm256_add_ps(v, offset), scale);
-            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), top))
-        };
-        let cells = _mm256_or_si256(axis(first), _mm256_sll_epi32(axis(second), shift));
-        let mut cell = [0u32; 8];
-        // SAFETY: `cell` is 32 bytes.
-        unsafe { _mm256_storeu_si256(cell.as_mut_ptr().cast(), cells) };
-        for j in 0..4 {
-            let (a, b2) = (cell[2 * j] as usize, cell[2 * j + 1] as usize);
-            debug_assert!(a < cell_count && b2 < cell_count);
-            // SAFETY: cell indices are clamped to [0, cells_per_axis - 1] per axis, so they are
-            // below cell_count, and `quads` has QUAD_WORDS words per cell (caller's contract).
-            let (qa, qb) = unsafe { (quads.add(a * QUAD_WORDS), quads.add(b2 * QUAD_WORDS)) };
-            // SAFETY: each quad is 12 words: x's at 0..4, y's at 4..8, indices at 8..12.
-            let (gx, gy, ia, ib) = unsafe {
-                (
-                    _mm256_loadu2_m128(qb.cast(), qa.cast()),
-                    _mm256_loadu2_m128(qb.add(4).cast(), qa.add(4).cast()),
-                    std::slice::from_raw_parts(qa.add(8), 4),
-                    std::slice::from_raw_parts(qb.add(8), 4),
-                )
-            };
-            let pick = _mm256_setr_epi32(
-                2 * j as i32,
-                2 * j as i32,
-                2 * j as i32,
-                2 * j as i32,
-                2 * j as i32 + 1,
-                2 * j as i32 + 1,
-                2 * j as i32 + 1,
-                2 * j as i32 + 1,
-            );
-            let dx = _mm256_sub_ps(gx, _mm256_permutevar8x32_ps(first, pick));
-            let dy = _mm256_sub_ps(gy, _mm256_permutevar8x32_ps(second, pick));
-            let d = _mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy));
-            let m = _mm256_min_ps(d, _mm256_permute_ps::<0b01_00_11_10>(d));
-            let m = _mm256_min_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m));
-            let at_min = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, m)) as u32;
-            // Distances are finite, so each half has a lane at its minimum.
-            out[2 * j] = ia[(at_min & 0xF).trailing_zeros().min(3) as usize];
-            out[2 * j + 1] = ib[(at_min >> 4).trailing_zeros().min(3) as usize];
-            if (ia[0] | ib[0]) & QUAD_OVERFLOW != 0 {
-                out[2 * j] = search.nearest_in_cell::<2>(&grid.points, a, &x[4 * j..4 * j + 2]);
-                out[2 * j + 1] =
-                    search.nearest_in_cell::<2>(&grid.points, b2, &x[4 * j + 2..4 * j + 4]);
-            }
-        }
     }
     let done = blocks * 8;
     search.assign_scalar_p::<2>(grid, &xs[done * 2..], &mut codes[done..]);
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn assign_pairs_stats(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) -> AssignStats {
+    let blocks = codes.len() / 8;
+    let k = pair_consts(search);
+    let points = grid.points.as_ptr();
+    let one = _mm256_set1_epi32(1);
+    let (mut err, mut dot, mut norm) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    for b in 0..blocks {
+        let out = &mut codes[b * 8..b * 8 + 8];
+        // SAFETY: forwarded contract (AVX2, quads per cell).
+        let (first, second) =
+            unsafe { pair_block(search, grid, &k, &xs[b * 16..b * 16 + 16], out) };
+        // SAFETY: `out` holds 8 u32; every code is below n and points has 2·n < i32::MAX
+        // floats (caller's contract), so 2c and 2c + 1 are in bounds.
+        let (gx, gy) = unsafe {
+            let c2 = _mm256_slli_epi32::<1>(_mm256_loadu_si256(out.as_ptr().cast()));
+            (
+                _mm256_i32gather_ps::<4>(points, c2),
+                _mm256_i32gather_ps::<4>(points, _mm256_add_epi32(c2, one)),
+            )
+        };
+        // The scalar order: per pair (x0 − g0)² + (x1 − g1)², x0·g0 + x1·g1, g0² + g1².
+        let dx = _mm256_sub_ps(first, gx);
+        let dy = _mm256_sub_ps(second, gy);
+        err = _mm256_add_ps(
+            err,
+            _mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)),
+        );
+        dot = _mm256_add_ps(
+            dot,
+            _mm256_add_ps(_mm256_mul_ps(first, gx), _mm256_mul_ps(second, gy)),
+        );
+        norm = _mm256_add_ps(
+            norm,
+            _mm256_add_ps(_mm256_mul_ps(gx, gx), _mm256_mul_ps(gy, gy)),
+        );
+    }
+    let mut acc = [[0f32; 8]; 3];
+    // SAFETY: each array is 8 f32.
+    unsafe {
+        _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
+        _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
+        _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
+    }
+    let done = blocks * 8;
+    search.assign_scalar_p::<2>(grid, &xs[done * 2..], &mut codes[done..]);
+    for (t, (x, &c)) in xs[done * 2..]
+        .chunks_exact(2)
+        .zip(&codes[done..])
+        .enumerate()
+    {
+        let g = grid.point(c as usize);
+        let (d0, d1) = (x[0] - g[0], x[1] - g[1]);
+        // Tuple done + t goes to accumulator t mod 8 (done is a multiple of 8).
+        acc[0][t % 8] += d0 * d0 + d1 * d1;
+        acc[1][t % 8] += x[0] * g[0] + x[1] * g[1];
+        acc[2][t % 8] += g[0] * g[0] + g[1] * g[1];
+    }
+    let reduce = |a: &[f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    AssignStats {
+        error: reduce(&acc[0]),
+        dot: reduce(&acc[1]),
+        norm: reduce(&acc[2]),
+    }
 }
 
 #[target_feature(enable = "avx2")]
@@ -436,4 +657,87 @@ unsafe fn nearest_in_chunks(points4: &[f32], indices: &[u32], point: &[__m256; 4
     let i = _mm256_min_epu32(i, _mm256_shuffle_epi32::<0b01_00_11_10>(i));
     let i = _mm256_min_epu32(i, _mm256_shuffle_epi32::<0b10_11_00_01>(i));
     _mm256_cvtsi256_si32(i) as u32
+}
+
+/// AVX-512 version of [`super::Assigner::scan_pairs`] for inputs of whole blocks of 16
+/// elements (8 pairs): for each scale factor `a` of `factors`, (Σ x·q, Σ‖q‖²) into `out`, with
+/// the scalar reference's arithmetic (element i into accumulator i mod 16; multiply, then add;
+/// clamp, truncate; the same folding of the accumulators). Returns false (nothing written)
+/// without AVX-512F or when the lengths do not fit.
+pub fn scan_pairs_avx512(
+    points: &[[f32; 2]],
+    side: usize,
+    xs: &[f32],
+    factors: &[f32],
+    out: &mut [(f32, f32)],
+) -> bool {
+    let fits = side.is_power_of_two()
+        && points.len() == side * side
+        && side <= 1 << 15
+        && out.len() >= factors.len()
+        && xs.len().is_multiple_of(16);
+    if !fits || !avx512_available() {
+        return false;
+    }
+    // SAFETY: AVX-512F is available; `points` has side² entries and every index the kernel
+    // forms is k0 + k1·side with k0, k1 clamped to [0, side − 1]; `xs` is whole blocks of 16
+    // (checked above).
+    unsafe { scan_pairs(points, side, xs, factors, out) };
+    true
+}
+
+fn avx512_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Lanes j and j + width added, halving the width 16 → 8 → 4 → 2 → 1 (the reference's fold).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold16(v: __m512) -> f32 {
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let v8 = _mm256_add_ps(lo, hi);
+    let v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps::<1>(v8));
+    let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    let v1 = _mm_add_ss(v2, _mm_shuffle_ps::<0b01_01_01_01>(v2, v2));
+    _mm_cvtss_f32(v1)
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn scan_pairs(
+    points: &[[f32; 2]],
+    side: usize,
+    xs: &[f32],
+    factors: &[f32],
+    out: &mut [(f32, f32)],
+) {
+    const { assert!(super::SCAN_LANES == 16) };
+    let blocks = xs.len() / 16;
+    let centre = _mm512_set1_ps((side / 2) as f32);
+    let top = _mm512_set1_ps((side - 1) as f32);
+    let zero = _mm512_setzero_ps();
+    let low = _mm512_set1_epi64(0xFFFF_FFFF);
+    let shift = _mm_cvtsi32_si128(side.trailing_zeros() as i32);
+    let base = points.as_ptr().cast::<f64>();
+    for (&a, o) in factors.iter().zip(out.iter_mut()) {
+        let scale = _mm512_set1_ps(a);
+        let mut dot = _mm512_setzero_ps();
+        let mut norm = _mm512_setzero_ps();
+        for b in 0..blocks {
+            // SAFETY: elements b·16 .. b·16 + 16 are inside `xs` (b < blocks).
+            let x = unsafe { _mm512_loadu_ps(xs.as_ptr().add(b * 16)) };
+            let u = _mm512_add_ps(_mm512_mul_ps(x, scale), centre);
+            let k = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, zero), top));
+            // Pairs are (k0, k1) in the two halves of each 64-bit lane: index k0 + k1·side.
+            let index = _mm512_add_epi64(
+                _mm512_and_si512(k, low),
+                _mm512_sll_epi64(_mm512_srli_epi64::<32>(k), shift),
+            );
+            // SAFETY: every index is below side² = points.len(), each entry 8 bytes.
+            let q = _mm512_castpd_ps(unsafe { _mm512_i64gather_pd::<8>(index, base) });
+            dot = _mm512_add_ps(dot, _mm512_mul_ps(x, q));
+            norm = _mm512_add_ps(norm, _mm512_mul_ps(q, q));
+        }
+        *o = (fold16(dot), fold16(norm));
+    }
 }
