@@ -9,10 +9,17 @@
 //! is the shipped one, group size 64, whole-row Hadamard (14336 = 28·512), with signs.
 //! `*_bf16grid` rounds the grid to bf16 (what the two-plane AVX-512 front end needs);
 //! `*_one_thread` runs on a one-thread pool, beside `memcpy_one_thread`.
+//!
+//! `smollm2_<rows>x<cols>`: the layer shapes of SmolLM2-135M (small: the calls run on the calling
+//! thread), with the shipped grid (symmetric: the half-table front end) and the same grid rounded
+//! to bf16 (what bf16 activations use), batch 1 to 32, and the batched path's dequantization of
+//! the rotated weights. Throughput in weights × batch rows per second.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use higgs_rs::codec::QuantSpec;
-use higgs_rs::cpu_kernels::{kernel_path, lut_linear, lut_linear_with, KernelPath, LutWeights};
+use higgs_rs::cpu_kernels::{
+    kernel_path, lut_linear, lut_linear_with, Activations, KernelPath, LutPlan, LutWeights, Outputs,
+};
 use higgs_rs::grid::Grid;
 use higgs_rs::hadamard;
 use higgs_rs::rng::SplitMix64;
@@ -195,5 +202,46 @@ fn bench_lut(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_lut);
+fn bench_small_layers(c: &mut Criterion) {
+    for (rows, cols) in [(576usize, 576usize), (192, 576), (1536, 576), (576, 1536)] {
+        let mut group = c.benchmark_group(format!("smollm2_{rows}x{cols}"));
+        group
+            .sample_size(20)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        let layer = Layer::random(rows, cols, 2, 256);
+        let mut rounded = Layer::random(rows, cols, 2, 256);
+        for v in rounded.grid.iter_mut() {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        for (name, layer) in [("f32grid", &layer), ("bf16grid", &rounded)] {
+            let w = layer.weights();
+            let plan = LutPlan::new(&w, KernelPath::Auto).unwrap();
+            eprintln!("smollm2 {rows}x{cols} {name}: path {}", plan.kernel_path());
+            for batch in [1usize, 4, 8, 16, 32] {
+                group.throughput(Throughput::Elements((rows * cols * batch) as u64));
+                let x = gaussian(batch * cols, 2);
+                let mut y = vec![0f32; batch * rows];
+                group.bench_function(format!("lut_{name}/batch{batch}"), |b| {
+                    b.iter(|| {
+                        let x = Activations::F32(black_box(&x));
+                        plan.run(w.codes, w.scales, x, batch, Outputs::F32(&mut y), None)
+                            .unwrap()
+                    })
+                });
+            }
+            group.throughput(Throughput::Elements((rows * cols) as u64));
+            let mut w_rot = vec![0f32; rows * plan.rotated_width()];
+            group.bench_function(format!("dequantize_rotated_{name}"), |b| {
+                b.iter(|| {
+                    plan.dequantize_rotated(w.codes, w.scales, Outputs::F32(&mut w_rot))
+                        .unwrap()
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_small_layers, bench_lut);
 criterion_main!(benches);

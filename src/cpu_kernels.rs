@@ -26,7 +26,7 @@ mod avx512;
 
 use crate::codec::{unpack_codes, Layout, QuantSpec};
 use crate::{hadamard, HiggsError, Result};
-use half::f16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task: small enough to balance two to a few dozen threads, large
@@ -150,14 +150,7 @@ pub enum KernelPath {
 /// The path [`lut_linear`] takes for these weights on this machine: "avx512/planes",
 /// "avx512/planes-bf16", "avx512/nibbles", "avx2" or "scalar".
 pub fn kernel_path(w: &LutWeights<'_>) -> Result<&'static str> {
-    let layout = w.layout()?;
-    Ok(match resolve(w, &layout, KernelPath::Auto)? {
-        Resolved::Scalar => "scalar",
-        #[cfg(target_arch = "x86_64")]
-        Resolved::Avx512(plan) => plan.name(),
-        #[cfg(target_arch = "x86_64")]
-        Resolved::Avx2(_) => "avx2",
-    })
+    Ok(LutPlan::new(w, KernelPath::Auto)?.kernel_path())
 }
 
 /// `out = x Wᵀ` for `batch` rows of `x` (`batch × cols`); `out` is `batch × rows`.
@@ -173,114 +166,517 @@ pub fn lut_linear_with(
     out: &mut [f32],
     path: KernelPath,
 ) -> Result<()> {
-    let layout = w.layout()?;
-    if x.len() != batch * w.cols {
-        return Err(HiggsError::invalid(format!(
-            "activations hold {} values; batch {} × {} input features = {} are needed",
-            x.len(),
-            batch,
-            w.cols,
-            batch * w.cols
-        )));
-    }
-    if out.len() != batch * w.rows {
-        return Err(HiggsError::invalid(format!(
-            "the output holds {} values; batch {} × {} output features = {} are needed",
-            out.len(),
-            batch,
-            w.rows,
-            batch * w.rows
-        )));
-    }
-    if batch == 0 {
-        return Ok(());
-    }
-    let resolved = resolve(w, &layout, path)?;
-    let x_rot = rotate_activations(x, batch, &layout, w.p, w.signs)?;
-    // Each task fills `ROWS_PER_TASK` rows for the whole batch, row-major (row, batch);
-    // transposed into (batch, row) at the end when batch > 1.
-    let mut by_row = if batch == 1 {
-        Vec::new()
-    } else {
-        vec![0f32; batch * w.rows]
-    };
-    let target: &mut [f32] = if batch == 1 { out } else { &mut by_row };
-    match resolved {
-        Resolved::Scalar => for_row_tiles(
-            w,
-            &layout,
-            batch,
-            target,
-            || vec![0u32; layout.tuples],
-            |row_codes, codes, scales, tile| {
-                scalar_rows(w, &layout, codes, scales, &x_rot, batch, row_codes, tile)
-            },
-        ),
-        #[cfg(target_arch = "x86_64")]
-        Resolved::Avx512(plan) => {
-            let x_simd = plan.prepare_activations(&x_rot, batch);
-            for_row_tiles(
-                w,
-                &layout,
-                batch,
-                target,
-                || plan.scratch(),
-                |scratch, codes, scales, tile| {
-                    plan.rows(codes, scales, &x_simd, batch, scratch, tile)
-                },
-            )
-        }
-        #[cfg(target_arch = "x86_64")]
-        Resolved::Avx2(plan) => {
-            let x_simd = plan.prepare_activations(&x_rot, batch);
-            for_row_tiles(
-                w,
-                &layout,
-                batch,
-                target,
-                || plan.scratch(),
-                |scratch, codes, scales, tile| {
-                    plan.rows(codes, scales, &x_simd, batch, scratch, tile)
-                },
-            )
+    LutPlan::new(w, path)?.run(
+        w.codes,
+        w.scales,
+        Activations::F32(x),
+        batch,
+        Outputs::F32(out),
+        None,
+    )
+}
+
+/// Activation rows for [`LutPlan::run`]; bf16 rows are widened to f32 while they are rotated.
+#[derive(Clone, Copy, Debug)]
+pub enum Activations<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Activations<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Activations::F32(x) => x.len(),
+            Activations::Bf16(x) => x.len(),
         }
     }
-    if batch > 1 {
-        for (r, values) in by_row.chunks_exact(batch).enumerate() {
-            for (b, &v) in values.iter().enumerate() {
-                out[b * w.rows + r] = v;
+}
+
+/// Where [`LutPlan::run`] writes its `batch × rows` outputs; bf16 outputs are rounded to nearest
+/// even from the f32 results.
+#[derive(Debug)]
+pub enum Outputs<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl Outputs<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Outputs::F32(y) => y.len(),
+            Outputs::Bf16(y) => y.len(),
+        }
+    }
+}
+
+/// Below this much work (code bytes × batch rows) a call runs on the calling thread alone: waking
+/// the rayon pool and waiting for its slowest worker costs tens of µs, more than a layer of a
+/// small model takes on one core, and much more on a loaded machine where a worker can be
+/// descheduled (or torch's OpenMP worker still spins on the other core). SmolLM2 decode, 2 threads,
+/// `benches/decode_cpu.py` A/B/A/B: with 128 KiB (its 576- and 1536-wide layers on the pool)
+/// 29–31 tok/s, with every layer on the calling thread 39–40 tok/s.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Everything about a quantized layer that does not change between calls, resolved once: the
+/// layout, the kernel for this machine and its lookup tables, the grid and the signs. Codes and
+/// scales are passed to each [`LutPlan::run`] (they are the bulk of the layer and stay where the
+/// caller keeps them).
+pub struct LutPlan {
+    rows: usize,
+    cols: usize,
+    p: usize,
+    group_size: usize,
+    layout: Layout,
+    grid: Vec<f32>,
+    signs: Option<Vec<f32>>,
+    kernel: Resolved,
+}
+
+impl LutPlan {
+    /// Check `w` (every size, the grid's values) and prepare its kernel on `path`. The codes and
+    /// scales of `w` are only checked for size here.
+    pub fn new(w: &LutWeights<'_>, path: KernelPath) -> Result<LutPlan> {
+        let layout = w.layout()?;
+        let kernel = resolve(w, &layout, path)?;
+        Ok(LutPlan {
+            rows: w.rows,
+            cols: w.cols,
+            p: w.p,
+            group_size: w.group_size,
+            layout,
+            grid: w.grid.to_vec(),
+            signs: w.signs.map(<[f32]>::to_vec),
+            kernel,
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (before padding).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The codec layout of the weights.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The kernel this plan runs, as [`kernel_path`] names it.
+    pub fn kernel_path(&self) -> &'static str {
+        match &self.kernel {
+            Resolved::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Resolved::Avx512(plan) => plan.name(),
+            #[cfg(target_arch = "x86_64")]
+            Resolved::Avx2(_) => "avx2",
+        }
+    }
+
+    /// `out = x Wᵀ (+ bias)` for `batch` rows of `x` (`batch × cols`); `out` is `batch × rows`.
+    /// `codes` and `scales` are the layer's (`rows × row_bytes`, `rows × groups`).
+    ///
+    /// Small products run on the calling thread, larger ones on the current rayon pool; each
+    /// output is computed by one thread in the same order either way, so the result does not
+    /// depend on the thread count or on the other rows of the batch.
+    pub fn run(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        x: Activations<'_>,
+        batch: usize,
+        mut out: Outputs<'_>,
+        bias: Option<&[f32]>,
+    ) -> Result<()> {
+        let layout = &self.layout;
+        self.check_parts(codes, scales)?;
+        if x.len() != batch * self.cols {
+            return Err(HiggsError::invalid(format!(
+                "activations hold {} values; batch {} × {} input features = {} are needed",
+                x.len(),
+                batch,
+                self.cols,
+                batch * self.cols
+            )));
+        }
+        if out.len() != batch * self.rows {
+            return Err(HiggsError::invalid(format!(
+                "the output holds {} values; batch {} × {} output features = {} are needed",
+                out.len(),
+                batch,
+                self.rows,
+                batch * self.rows
+            )));
+        }
+        if let Some(bias) = bias {
+            if bias.len() != self.rows {
+                return Err(HiggsError::invalid(format!(
+                    "the bias holds {} values; one per output feature ({}) is needed",
+                    bias.len(),
+                    self.rows
+                )));
+            }
+        }
+        if batch == 0 {
+            return Ok(());
+        }
+        let parallel = self.worth_parallel(self.rows * layout.row_bytes * batch);
+        let x_rot = self.rotate(x, batch, parallel)?;
+        match (&mut out, batch, bias) {
+            // Batch 1 in f32 without bias: the kernels write the caller's buffer directly.
+            (Outputs::F32(y), 1, None) => self.product(codes, scales, &x_rot, 1, y, parallel),
+            _ => {
+                // Tiles fill (row, batch) order; transposed into (batch, row) while converting.
+                let mut by_row = vec![0f32; batch * self.rows];
+                self.product(codes, scales, &x_rot, batch, &mut by_row, parallel);
+                let bias_of = |r: usize| bias.map_or(0.0, |b| b[r]);
+                for (r, values) in by_row.chunks_exact(batch).enumerate() {
+                    let add = bias_of(r);
+                    for (b, &v) in values.iter().enumerate() {
+                        let i = b * self.rows + r;
+                        match &mut out {
+                            Outputs::F32(y) => y[i] = v + add,
+                            Outputs::Bf16(y) => y[i] = bf16::from_f32(v + add),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Width of a rotated activation or weight row: `tuples · p` (zeros past the padded row).
+    pub fn rotated_width(&self) -> usize {
+        self.layout.tuples * self.p
+    }
+
+    fn check_parts(&self, codes: &[u8], scales: &[f16]) -> Result<()> {
+        let layout = &self.layout;
+        if codes.len() != self.rows * layout.row_bytes {
+            return Err(HiggsError::invalid(format!(
+                "codes hold {} bytes; {} rows × {} bytes are needed",
+                codes.len(),
+                self.rows,
+                layout.row_bytes
+            )));
+        }
+        if scales.len() != self.rows * layout.groups {
+            return Err(HiggsError::invalid(format!(
+                "scales hold {} values; {} rows × {} groups are needed",
+                scales.len(),
+                self.rows,
+                layout.groups
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `work` (code bytes × batch rows, or values written) is worth waking the pool.
+    fn worth_parallel(&self, work: usize) -> bool {
+        rayon::current_num_threads() > 1 && self.rows > ROWS_PER_TASK && work >= PARALLEL_MIN_WORK
+    }
+
+    /// The batched path's weights: Ŵ_rot, `rows × rotated_width`, grid point × scale per rotated
+    /// value (0 past the padded row). With activations from [`LutPlan::rotate_into`],
+    /// `y = x_rot Ŵ_rotᵀ` in any matrix product: for large batches a dense GEMM on a transient
+    /// tile beats the LUT product, whose table lookups are paid per batch block.
+    pub fn dequantize_rotated(&self, codes: &[u8], scales: &[f16], out: Outputs<'_>) -> Result<()> {
+        self.check_parts(codes, scales)?;
+        let width = self.rotated_width();
+        if out.len() != self.rows * width {
+            return Err(HiggsError::invalid(format!(
+                "the output holds {} values; {} rows × {} rotated values are needed",
+                out.len(),
+                self.rows,
+                width
+            )));
+        }
+        let parallel = self.worth_parallel(self.rows * width);
+        match out {
+            Outputs::F32(y) => self.dequantize_rows(codes, scales, y, parallel, |v| v),
+            Outputs::Bf16(y) => self.dequantize_rows(codes, scales, y, parallel, finite_to_bf16),
+        }
+        Ok(())
+    }
+
+    fn dequantize_rows<T: Copy + Send + Sync>(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        out: &mut [T],
+        parallel: bool,
+        convert: impl Fn(f32) -> T + Send + Sync,
+    ) {
+        let layout = &self.layout;
+        let (p, g, grid) = (self.p, self.group_size, &self.grid[..]);
+        let width = self.rotated_width();
+        let bits = (grid.len() / p).trailing_zeros();
+        let rows_per_task = ROWS_PER_TASK;
+        let zero = convert(0.0);
+        let tile = |(task, tile): (usize, &mut [T])| {
+            let mut row_codes = vec![0u32; layout.tuples];
+            for (i, values) in tile.chunks_exact_mut(width).enumerate() {
+                let r = task * rows_per_task + i;
+                unpack_codes(
+                    &codes[r * layout.row_bytes..(r + 1) * layout.row_bytes],
+                    bits,
+                    &mut row_codes,
+                );
+                let row_scales = &scales[r * layout.groups..(r + 1) * layout.groups];
+                for (group, scale) in row_scales.iter().enumerate() {
+                    let s = scale.to_f32();
+                    let (start, end) = (group * g, ((group + 1) * g).min(layout.padded_cols));
+                    let out = &mut values[start..end];
+                    if g.is_multiple_of(p) {
+                        // Whole tuples: one grid point per code, the group's scale hoisted.
+                        let codes = &row_codes[start / p..end.div_ceil(p)];
+                        match p {
+                            1 => dequantize_group::<1, T>(codes, grid, s, out, &convert),
+                            2 => dequantize_group::<2, T>(codes, grid, s, out, &convert),
+                            4 => dequantize_group::<4, T>(codes, grid, s, out, &convert),
+                            _ => out.iter_mut().enumerate().for_each(|(k, v)| {
+                                let i = start + k;
+                                *v = convert(grid[row_codes[i / p] as usize * p + i % p] * s)
+                            }),
+                        }
+                    } else {
+                        out.iter_mut().enumerate().for_each(|(k, v)| {
+                            let i = start + k;
+                            *v = convert(grid[row_codes[i / p] as usize * p + i % p] * s)
+                        });
+                    }
+                }
+                values[layout.padded_cols..].fill(zero);
+            }
+        };
+        if parallel {
+            out.par_chunks_mut(rows_per_task * width)
+                .enumerate()
+                .for_each(tile);
+        } else {
+            out.chunks_mut(rows_per_task * width)
+                .enumerate()
+                .for_each(tile);
+        }
+    }
+
+    /// The batched path's activations: `batch` rows of `x` rotated like the weights were
+    /// (`batch × rotated_width`), for a product with [`LutPlan::dequantize_rotated`].
+    pub fn rotate_into(&self, x: Activations<'_>, batch: usize, out: Outputs<'_>) -> Result<()> {
+        let width = self.rotated_width();
+        if x.len() != batch * self.cols || out.len() != batch * width {
+            return Err(HiggsError::invalid(format!(
+                "rotating {} activations into {} values: batch {batch} needs {} and {}",
+                x.len(),
+                out.len(),
+                batch * self.cols,
+                batch * width
+            )));
+        }
+        let parallel = self.worth_parallel(batch * width * 16);
+        match out {
+            Outputs::F32(y) => self.rotate_rows(x, batch, parallel, y),
+            Outputs::Bf16(y) => {
+                let rotated = self.rotate(x, batch, parallel)?;
+                y.iter_mut()
+                    .zip(&rotated)
+                    .for_each(|(o, &v)| *o = bf16::from_f32(v));
+                Ok(())
             }
         }
     }
-    Ok(())
-}
 
-/// Run `work(scratch, codes, scales, out)` on tiles of `ROWS_PER_TASK` rows in parallel; `out` is
-/// the tile's `rows × batch` outputs. One scratch per rayon worker, from `init`.
-fn for_row_tiles<S>(
-    w: &LutWeights<'_>,
-    layout: &Layout,
-    batch: usize,
-    target: &mut [f32],
-    init: impl Fn() -> S + Send + Sync,
-    work: impl Fn(&mut S, &[u8], &[f16], &mut [f32]) + Send + Sync,
-) {
-    let (rb, groups) = (layout.row_bytes, layout.groups);
-    target
-        .par_chunks_mut(ROWS_PER_TASK * batch)
-        .enumerate()
-        .for_each_init(init, |scratch, (task, tile)| {
+    /// Rotate `batch` activation rows like the weights were (see [`rotate_activations`]).
+    fn rotate(&self, x: Activations<'_>, batch: usize, parallel: bool) -> Result<Vec<f32>> {
+        let mut rotated = vec![0f32; batch * self.rotated_width()];
+        self.rotate_rows(x, batch, parallel, &mut rotated)?;
+        Ok(rotated)
+    }
+
+    fn rotate_rows(
+        &self,
+        x: Activations<'_>,
+        batch: usize,
+        parallel: bool,
+        rotated: &mut [f32],
+    ) -> Result<()> {
+        let layout = &self.layout;
+        let width = self.rotated_width();
+        let cols = layout.cols;
+        debug_assert_eq!(rotated.len(), batch * width);
+        let one = |(b, row): (usize, &mut [f32])| -> Result<()> {
+            match x {
+                Activations::F32(x) => row[..cols].copy_from_slice(&x[b * cols..(b + 1) * cols]),
+                Activations::Bf16(x) => row[..cols]
+                    .iter_mut()
+                    .zip(&x[b * cols..(b + 1) * cols])
+                    .for_each(|(r, v)| *r = v.to_f32()),
+            }
+            row[cols..].fill(0.0);
+            let padded = &mut row[..layout.padded_cols];
+            if let Some(signs) = &self.signs {
+                padded.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
+            }
+            hadamard::forward(padded, layout.block)
+        };
+        if parallel && batch > 1 {
+            rotated.par_chunks_mut(width).enumerate().try_for_each(one)
+        } else {
+            rotated.chunks_mut(width).enumerate().try_for_each(one)
+        }
+    }
+
+    /// The LUT products on rotated activations: `out` is `rows × batch` (row-major).
+    fn product(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        x_rot: &[f32],
+        batch: usize,
+        out: &mut [f32],
+        parallel: bool,
+    ) {
+        match &self.kernel {
+            Resolved::Scalar => self.for_row_tiles(
+                codes,
+                scales,
+                batch,
+                out,
+                parallel,
+                || vec![0u32; self.layout.tuples],
+                |row_codes, codes, scales, tile| {
+                    self.scalar_rows(codes, scales, x_rot, batch, row_codes, tile)
+                },
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Resolved::Avx512(plan) => {
+                let x_simd = plan.prepare_activations(x_rot, batch);
+                self.for_row_tiles(
+                    codes,
+                    scales,
+                    batch,
+                    out,
+                    parallel,
+                    || plan.scratch(),
+                    |scratch, codes, scales, tile| {
+                        plan.rows(codes, scales, &x_simd, batch, scratch, tile)
+                    },
+                )
+            }
+            #[cfg(target_arch = "x86_64")]
+            Resolved::Avx2(plan) => {
+                let x_simd = plan.prepare_activations(x_rot, batch);
+                self.for_row_tiles(
+                    codes,
+                    scales,
+                    batch,
+                    out,
+                    parallel,
+                    || plan.scratch(),
+                    |scratch, codes, scales, tile| {
+                        plan.rows(codes, scales, &x_simd, batch, scratch, tile)
+                    },
+                )
+            }
+        }
+    }
+
+    /// Run `work(scratch, codes, scales, out)` on tiles of `ROWS_PER_TASK` rows, in parallel or
+    /// in order on this thread; `out` is the tile's `rows × batch` outputs. One scratch per
+    /// worker, from `init`.
+    #[allow(clippy::too_many_arguments)]
+    fn for_row_tiles<S>(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        batch: usize,
+        target: &mut [f32],
+        parallel: bool,
+        init: impl Fn() -> S + Send + Sync,
+        work: impl Fn(&mut S, &[u8], &[f16], &mut [f32]) + Send + Sync,
+    ) {
+        let (rb, groups) = (self.layout.row_bytes, self.layout.groups);
+        let tile = |scratch: &mut S, (task, tile): (usize, &mut [f32])| {
             let (r0, r1) = (
                 task * ROWS_PER_TASK,
                 task * ROWS_PER_TASK + tile.len() / batch,
             );
             work(
                 scratch,
-                &w.codes[r0 * rb..r1 * rb],
-                &w.scales[r0 * groups..r1 * groups],
+                &codes[r0 * rb..r1 * rb],
+                &scales[r0 * groups..r1 * groups],
                 tile,
             )
-        });
+        };
+        if parallel {
+            target
+                .par_chunks_mut(ROWS_PER_TASK * batch)
+                .enumerate()
+                .for_each_init(&init, tile);
+        } else {
+            let mut scratch = init();
+            target
+                .chunks_mut(ROWS_PER_TASK * batch)
+                .enumerate()
+                .for_each(|t| tile(&mut scratch, t));
+        }
+    }
+
+    /// The portable kernel and the reference: any p, n and group size. `x_rot` is `batch` rows
+    /// of `tuples · p`; `row_codes` is scratch of `tuples`; `out` is `rows × batch` for the rows
+    /// of `codes`/`scales`.
+    fn scalar_rows(
+        &self,
+        codes: &[u8],
+        scales: &[f16],
+        x_rot: &[f32],
+        batch: usize,
+        row_codes: &mut [u32],
+        out: &mut [f32],
+    ) {
+        let layout = &self.layout;
+        let (p, g, grid) = (self.p, self.group_size, &self.grid[..]);
+        let width = layout.tuples * p;
+        let bits = (grid.len() / p).trailing_zeros();
+        for ((row_bytes, row_scales), y) in codes
+            .chunks_exact(layout.row_bytes)
+            .zip(scales.chunks_exact(layout.groups))
+            .zip(out.chunks_exact_mut(batch))
+        {
+            unpack_codes(row_bytes, bits, row_codes);
+            for (yb, xb) in y.iter_mut().zip(x_rot.chunks_exact(width)) {
+                let mut total = 0f32;
+                for (group, scale) in row_scales.iter().enumerate() {
+                    let start = group * g;
+                    let end = (start + g).min(layout.padded_cols);
+                    let part = if g.is_multiple_of(p) {
+                        // Whole tuples (the last one may reach into the zero padding of x).
+                        let (t0, t1) = (start / p, end.div_ceil(p));
+                        let (codes, x) = (&row_codes[t0..t1], &xb[t0 * p..t1 * p]);
+                        match p {
+                            1 => group_dot::<1>(codes, grid, x),
+                            2 => group_dot::<2>(codes, grid, x),
+                            3 => group_dot::<3>(codes, grid, x),
+                            4 => group_dot::<4>(codes, grid, x),
+                            _ => (start..end)
+                                .map(|i| grid[row_codes[i / p] as usize * p + i % p] * xb[i])
+                                .sum(),
+                        }
+                    } else {
+                        // A group boundary splits a tuple: value by value.
+                        (start..end)
+                            .map(|i| grid[row_codes[i / p] as usize * p + i % p] * xb[i])
+                            .sum()
+                    };
+                    total += part * scale.to_f32();
+                }
+                *yb = total;
+            }
+        }
+    }
 }
 
 enum Resolved {
@@ -345,57 +741,34 @@ pub fn rotate_activations(
     Ok(rotated)
 }
 
-/// The portable kernel and the reference: any p, n and group size. `x_rot` is `batch` rows of
-/// `tuples · p`; `row_codes` is scratch of `tuples`; `out` is `rows × batch` for the rows of
-/// `codes`/`scales`.
-#[allow(clippy::too_many_arguments)]
-fn scalar_rows(
-    w: &LutWeights<'_>,
-    layout: &Layout,
-    codes: &[u8],
-    scales: &[f16],
-    x_rot: &[f32],
-    batch: usize,
-    row_codes: &mut [u32],
-    out: &mut [f32],
+/// Round a finite f32 to the nearest bf16, ties to even: `bf16::from_f32` without its NaN branch,
+/// so the dequantization loop vectorizes (grid points and scales are finite, checked up front).
+fn finite_to_bf16(v: f32) -> bf16 {
+    let bits = v.to_bits();
+    bf16::from_bits(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16)
+}
+
+/// `out = grid[codes] · scale`, `P` values per code (the last code may be cut by `out`'s end).
+fn dequantize_group<const P: usize, T>(
+    codes: &[u32],
+    grid: &[f32],
+    scale: f32,
+    out: &mut [T],
+    convert: &impl Fn(f32) -> T,
 ) {
-    let p = w.p;
-    let g = w.group_size;
-    let width = layout.tuples * p;
-    let bits = w.n.trailing_zeros();
-    for ((row_bytes, row_scales), y) in codes
-        .chunks_exact(layout.row_bytes)
-        .zip(scales.chunks_exact(layout.groups))
-        .zip(out.chunks_exact_mut(batch))
-    {
-        unpack_codes(row_bytes, bits, row_codes);
-        for (yb, xb) in y.iter_mut().zip(x_rot.chunks_exact(width)) {
-            let mut total = 0f32;
-            for (group, scale) in row_scales.iter().enumerate() {
-                let start = group * g;
-                let end = (start + g).min(layout.padded_cols);
-                let part = if g.is_multiple_of(p) {
-                    // Whole tuples (the last one may reach into the zero padding of x).
-                    let (t0, t1) = (start / p, end.div_ceil(p));
-                    let (codes, x) = (&row_codes[t0..t1], &xb[t0 * p..t1 * p]);
-                    match p {
-                        1 => group_dot::<1>(codes, w.grid, x),
-                        2 => group_dot::<2>(codes, w.grid, x),
-                        3 => group_dot::<3>(codes, w.grid, x),
-                        4 => group_dot::<4>(codes, w.grid, x),
-                        _ => (start..end)
-                            .map(|i| w.grid[row_codes[i / p] as usize * p + i % p] * xb[i])
-                            .sum(),
-                    }
-                } else {
-                    // A group boundary splits a tuple: value by value.
-                    (start..end)
-                        .map(|i| w.grid[row_codes[i / p] as usize * p + i % p] * xb[i])
-                        .sum()
-                };
-                total += part * scale.to_f32();
-            }
-            *yb = total;
+    let whole = out.len() / P;
+    let (head, tail) = out.split_at_mut(whole * P);
+    for (&code, values) in codes.iter().zip(head.chunks_exact_mut(P)) {
+        let point: &[f32; P] = grid[code as usize * P..code as usize * P + P]
+            .try_into()
+            .expect("P values");
+        for (v, &g) in values.iter_mut().zip(point) {
+            *v = convert(g * scale);
+        }
+    }
+    if let Some(&code) = codes.get(whole) {
+        for (v, &g) in tail.iter_mut().zip(&grid[code as usize * P..]) {
+            *v = convert(g * scale);
         }
     }
 }
@@ -559,44 +932,15 @@ mod tests {
         }
         let expected = reference_rotated(parts, &x_rot, batch);
         let mut by_row = vec![0f32; batch * parts.rows];
-        match resolve(&w, &l, path).unwrap() {
-            Resolved::Scalar => scalar_rows(
-                &w,
-                &l,
-                &parts.codes,
-                &parts.scales,
-                &x_rot,
-                batch,
-                &mut vec![0; l.tuples],
-                &mut by_row,
-            ),
-            #[cfg(target_arch = "x86_64")]
-            Resolved::Avx512(plan) => {
-                let xs = plan.prepare_activations(&x_rot, batch);
-                let mut scratch = plan.scratch();
-                plan.rows(
-                    &parts.codes,
-                    &parts.scales,
-                    &xs,
-                    batch,
-                    &mut scratch,
-                    &mut by_row,
-                )
-            }
-            #[cfg(target_arch = "x86_64")]
-            Resolved::Avx2(plan) => {
-                let xs = plan.prepare_activations(&x_rot, batch);
-                let mut scratch = plan.scratch();
-                plan.rows(
-                    &parts.codes,
-                    &parts.scales,
-                    &xs,
-                    batch,
-                    &mut scratch,
-                    &mut by_row,
-                )
-            }
-        }
+        let plan = LutPlan::new(&w, path).unwrap();
+        plan.product(
+            &parts.codes,
+            &parts.scales,
+            &x_rot,
+            batch,
+            &mut by_row,
+            false,
+        );
         let mut got = vec![0f32; batch * parts.rows];
         for r in 0..parts.rows {
             for b in 0..batch {
@@ -707,6 +1051,53 @@ mod tests {
             *v = half::bf16::from_f32(*v).to_f32();
         }
         assert_eq!(kernel_path(&parts.weights()).unwrap(), "avx512/planes");
+    }
+
+    /// Grids with point c + 128 = −point c take the half-table front end (f32 and bf16 grids).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_symmetric_grids_match_reference() {
+        if !avx512::available() {
+            eprintln!("skipped: this machine has no AVX-512 VBMI");
+            return;
+        }
+        let symmetrize = |parts: &mut RandomParts, bf16_grid: bool| {
+            let half = 128 * parts.p;
+            for i in 0..half {
+                let mut v = parts.grid[i];
+                if bf16_grid {
+                    v = half::bf16::from_f32(v).to_f32();
+                }
+                parts.grid[i] = v;
+                parts.grid[half + i] = -v;
+            }
+        };
+        let shapes: [Shape; 4] = [
+            (37, 256, 2, 256, 256, 64),
+            (5, 100, 2, 256, 64, 32),
+            (9, 1000, 2, 256, 8, 64),
+            (5, 200, 4, 256, 8, 64),
+        ];
+        for (i, &shape) in shapes.iter().enumerate() {
+            for bf16_grid in [false, true] {
+                let mut parts = RandomParts::new(shape, i % 2 == 0, 700 + i as u64);
+                symmetrize(&mut parts, bf16_grid);
+                let want = if bf16_grid {
+                    "avx512/planes-bf16-sym"
+                } else {
+                    "avx512/planes-sym"
+                };
+                assert_eq!(kernel_path(&parts.weights()).unwrap(), want);
+                for batch in [1usize, 2, 3, 8, 9] {
+                    let err = check_product(&parts, batch, KernelPath::Avx512);
+                    assert!(err < 2e-6, "case {i} {shape:?} batch {batch}: {err}");
+                }
+                // One point that is not the exact negation keeps the full tables.
+                parts.grid[128 * parts.p + 3] =
+                    f32::from_bits(parts.grid[128 * parts.p + 3].to_bits() ^ 1);
+                assert!(!kernel_path(&parts.weights()).unwrap().ends_with("-sym"));
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -866,6 +1257,140 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// bf16 activations and outputs, and a fused bias: the same f32 product, converted.
+    #[test]
+    fn bf16_activations_and_bias() {
+        for (i, &shape) in shapes().iter().enumerate() {
+            let parts = RandomParts::new(shape, i % 2 == 0, 500 + i as u64);
+            let (rows, cols) = (parts.rows, parts.cols);
+            let plan = LutPlan::new(&parts.weights(), KernelPath::Auto).unwrap();
+            for batch in [1usize, 3, 9] {
+                let x: Vec<bf16> = gaussian(batch * cols, 6)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                let bias = gaussian(rows, 7);
+                let mut expected = vec![0f32; batch * rows];
+                let (c, s) = (&parts.codes[..], &parts.scales[..]);
+                plan.run(
+                    c,
+                    s,
+                    Activations::F32(&x32),
+                    batch,
+                    Outputs::F32(&mut expected),
+                    None,
+                )
+                .unwrap();
+                let mut with_bias = vec![0f32; batch * rows];
+                let out = Outputs::F32(&mut with_bias);
+                plan.run(c, s, Activations::Bf16(&x), batch, out, Some(&bias))
+                    .unwrap();
+                let mut rounded = vec![bf16::ZERO; batch * rows];
+                let out = Outputs::Bf16(&mut rounded);
+                plan.run(c, s, Activations::Bf16(&x), batch, out, None)
+                    .unwrap();
+                for (o, (&e, (&b, &r))) in expected
+                    .iter()
+                    .zip(with_bias.iter().zip(&rounded))
+                    .enumerate()
+                {
+                    assert_eq!(b, e + bias[o % rows], "case {i} batch {batch} output {o}");
+                    assert_eq!(r, bf16::from_f32(e), "case {i} batch {batch} output {o}");
+                }
+            }
+        }
+    }
+
+    /// The batched path's parts: rotated activations times dequantized rotated weights equal the
+    /// LUT product (same values, another summation order).
+    #[test]
+    fn dequantized_rotated_product_matches() {
+        let mut cases = shapes();
+        cases.extend([(4, 50, 2, 256, 2, 7), (3, 96, 3, 64, 32, 24)]);
+        for (i, &shape) in cases.iter().enumerate() {
+            let parts = RandomParts::new(shape, i % 2 == 1, 600 + i as u64);
+            let (rows, cols) = (parts.rows, parts.cols);
+            let plan = LutPlan::new(&parts.weights(), KernelPath::Auto).unwrap();
+            let width = plan.rotated_width();
+            let batch = 4;
+            let x = gaussian(batch * cols, 8);
+            let mut w_rot = vec![f32::NAN; rows * width];
+            let (c, s) = (&parts.codes[..], &parts.scales[..]);
+            plan.dequantize_rotated(c, s, Outputs::F32(&mut w_rot))
+                .unwrap();
+            let reference = parts.rotated_weights();
+            let l = parts.layout;
+            for r in 0..rows {
+                for k in 0..width {
+                    let want = if k < l.padded_cols {
+                        reference[r * l.padded_cols + k] as f32
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(w_rot[r * width + k], want, "case {i} row {r} value {k}");
+                }
+            }
+            let mut w_bf16 = vec![bf16::ZERO; rows * width];
+            plan.dequantize_rotated(c, s, Outputs::Bf16(&mut w_bf16))
+                .unwrap();
+            assert!(w_bf16
+                .iter()
+                .zip(&w_rot)
+                .all(|(a, b)| *a == bf16::from_f32(*b)));
+            let mut x_rot = vec![f32::NAN; batch * width];
+            plan.rotate_into(Activations::F32(&x), batch, Outputs::F32(&mut x_rot))
+                .unwrap();
+            let mut lut = vec![0f32; batch * rows];
+            plan.run(
+                c,
+                s,
+                Activations::F32(&x),
+                batch,
+                Outputs::F32(&mut lut),
+                None,
+            )
+            .unwrap();
+            let dense: Vec<f64> = (0..batch * rows)
+                .map(|o| {
+                    let (b, r) = (o / rows, o % rows);
+                    (0..width)
+                        .map(|k| x_rot[b * width + k] as f64 * w_rot[r * width + k] as f64)
+                        .sum()
+                })
+                .collect();
+            let err = relative_error(&lut, &dense);
+            assert!(err < 2e-6, "case {i} {shape:?}: {err}");
+            assert!(plan
+                .dequantize_rotated(c, s, Outputs::F32(&mut w_rot[1..]))
+                .is_err());
+        }
+    }
+
+    /// Products large enough for the pool: the same bits on 1 and 3 threads, and as the one-row
+    /// calls (which run on the calling thread).
+    #[test]
+    fn parallel_and_sequential_agree() {
+        let rows = PARALLEL_MIN_WORK / 288 + 5;
+        let parts = RandomParts::new((rows, 576, 2, 256, 576, 64), true, 10);
+        let x = gaussian(2 * 576, 11);
+        let run = |threads: usize, batch: usize| {
+            let mut y = vec![0f32; batch * rows];
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    lut_linear(&parts.weights(), &x[..batch * 576], batch, &mut y).unwrap()
+                });
+            y
+        };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let one = run(1, 2);
+        assert_eq!(bits(&one), bits(&run(3, 2)));
+        assert_eq!(bits(&one[..rows]), bits(&run(3, 1)));
     }
 
     #[test]

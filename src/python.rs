@@ -174,7 +174,7 @@ impl QuantizedTensor {
 /// Quantize a 2-D array. `array` is float32, float16, or uint16 holding bfloat16 bits
 /// (`is_bf16=True`); it is read in place when C-contiguous.
 #[pyfunction]
-#[pyo3(signature = (array, *, p, n, hadamard_size=None, group_size=64, seed=Some(0), is_bf16=false, threads=None))]
+#[pyo3(signature = (array, *, p, n, hadamard_size=None, group_size=64, seed=Some(0), is_bf16=false, threads=None, scale_search="fast"))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_tensor(
     py: Python<'_>,
@@ -186,7 +186,9 @@ fn quantize_tensor(
     seed: Option<u64>,
     is_bf16: bool,
     threads: Option<usize>,
+    scale_search: &str,
 ) -> PyResult<QuantizedTensor> {
+    let search = codec::ScaleSearch::parse(scale_search)?;
     let spec = QuantSpec {
         p,
         n,
@@ -195,7 +197,9 @@ fn quantize_tensor(
         seed,
     };
     let run = |source: Source<'_>, rows: usize, cols: usize| {
-        run_detached(py, threads, || codec::quantize(source, rows, cols, &spec))
+        run_detached(py, threads, || {
+            codec::quantize_with(source, rows, cols, &spec, search)
+        })
     };
     let inner = if let Ok(a) = array.cast::<PyArray2<f32>>() {
         let a = a.readonly();
@@ -332,7 +336,7 @@ fn simd_path() -> &'static str {
 #[pyfunction]
 #[pyo3(signature = (src, dst, *, p, n, hadamard_size=None, group_size=64, seed=Some(0), skip=Vec::new(),
     overrides=BTreeMap::new(), threads=None, overwrite=false, dry_run=false, progress=true,
-    max_shard_bytes=5_000_000_000))]
+    max_shard_bytes=5_000_000_000, scale_search="fast"))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -350,7 +354,9 @@ fn quantize_checkpoint<'py>(
     dry_run: bool,
     progress: bool,
     max_shard_bytes: u64,
+    scale_search: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let search = codec::ScaleSearch::parse(scale_search)?;
     let spec_of = |p, n, hadamard_size, group_size| QuantSpec {
         p,
         n,
@@ -380,7 +386,7 @@ fn quantize_checkpoint<'py>(
         } else {
             src.parent().map(PathBuf::from).unwrap_or_default()
         };
-        let summary = pipeline::run(
+        let summary = pipeline::run_with(
             &checkpoint,
             &source_dir,
             &plan,
@@ -388,6 +394,7 @@ fn quantize_checkpoint<'py>(
             &dst,
             overwrite,
             progress,
+            search,
         )?;
         Ok((plan, Some(summary)))
     })?;
@@ -546,6 +553,192 @@ fn lut_linear<'py>(
     PyArray1::from_vec(py, y).reshape([batch, rows])
 }
 
+/// A HIGGS layer prepared once for the CPU kernels (layout, kernel, lookup tables; grid and signs
+/// copied in). Codes and scales are passed to each call, so it holds no copy of the weights.
+#[pyclass(module = "higgs_rs._core", frozen)]
+pub struct CpuLutPlan {
+    plan: crate::cpu_kernels::LutPlan,
+}
+
+#[pymethods]
+impl CpuLutPlan {
+    /// Check the parts like `lut_linear` does and prepare the kernel. With `bf16_grid`, the grid
+    /// points are rounded to bfloat16 first (bf16 precision, like a bf16 `F.linear`; the kernels
+    /// then look up half as many bytes).
+    #[new]
+    #[pyo3(signature = (codes, scales, grid, signs, cols, hadamard_size, group_size, bf16_grid=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        codes: PyReadonlyArray2<'_, u8>,
+        scales: PyReadonlyArray2<'_, f16>,
+        grid: PyReadonlyArray2<'_, f32>,
+        signs: Option<numpy::PyReadonlyArray1<'_, f32>>,
+        cols: usize,
+        hadamard_size: usize,
+        group_size: usize,
+        bf16_grid: bool,
+    ) -> PyResult<Self> {
+        let contiguous = |name: &str| {
+            PyValueError::new_err(format!("CpuLutPlan needs a C-contiguous `{name}` array"))
+        };
+        let mut grid_values = grid.as_slice().map_err(|_| contiguous("grid"))?.to_vec();
+        if bf16_grid {
+            grid_values
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32());
+        }
+        let weights = crate::cpu_kernels::LutWeights {
+            rows: codes.shape()[0],
+            cols,
+            p: grid.shape()[1],
+            n: grid.shape()[0],
+            hadamard_size,
+            group_size,
+            codes: codes.as_slice().map_err(|_| contiguous("codes"))?,
+            scales: scales.as_slice().map_err(|_| contiguous("scales"))?,
+            grid: &grid_values,
+            signs: match &signs {
+                Some(s) => Some(s.as_slice().map_err(|_| contiguous("signs"))?),
+                None => None,
+            },
+        };
+        let plan =
+            crate::cpu_kernels::LutPlan::new(&weights, crate::cpu_kernels::KernelPath::Auto)?;
+        Ok(CpuLutPlan { plan })
+    }
+
+    /// The kernel this plan runs ("avx512/planes", ..., "scalar").
+    #[getter]
+    fn kernel_path(&self) -> &'static str {
+        self.plan.kernel_path()
+    }
+
+    /// `out = x @ W.T (+ bias)` on the global rayon pool, without the GIL. `x` (`batch × cols`)
+    /// and `out` (`batch × rows`) are C-contiguous float32 arrays, or both uint16 arrays holding
+    /// bfloat16 bits; `bias` is float32.
+    #[pyo3(signature = (x, codes, scales, out, bias=None))]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        codes: PyReadonlyArray2<'_, u8>,
+        scales: PyReadonlyArray2<'_, f16>,
+        out: &Bound<'_, PyAny>,
+        bias: Option<numpy::PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<()> {
+        use crate::cpu_kernels::{Activations, Outputs};
+        let contiguous =
+            |name: &str| PyValueError::new_err(format!("forward needs a C-contiguous `{name}`"));
+        let codes = codes.as_slice().map_err(|_| contiguous("codes"))?;
+        let scales = scales.as_slice().map_err(|_| contiguous("scales"))?;
+        let bias = match &bias {
+            Some(b) => Some(b.as_slice().map_err(|_| contiguous("bias"))?),
+            None => None,
+        };
+        let batch = |shape: &[usize]| shape.first().copied().unwrap_or(0);
+        if let (Ok(x), Ok(out)) = (x.cast::<PyArray2<f32>>(), out.cast::<PyArray2<f32>>()) {
+            let (x, mut out) = (x.readonly(), out.readwrite());
+            let rows = batch(x.shape());
+            let xs = x.as_slice().map_err(|_| contiguous("x"))?;
+            let ys = out.as_slice_mut().map_err(|_| contiguous("out"))?;
+            let (xs, ys) = (Activations::F32(xs), Outputs::F32(ys));
+            py.detach(|| self.plan.run(codes, scales, xs, rows, ys, bias))?;
+        } else if let (Ok(x), Ok(out)) = (x.cast::<PyArray2<u16>>(), out.cast::<PyArray2<u16>>()) {
+            let (x, mut out) = (x.readonly(), out.readwrite());
+            let rows = batch(x.shape());
+            let xs = x.as_slice().map_err(|_| contiguous("x"))?;
+            let ys = out.as_slice_mut().map_err(|_| contiguous("out"))?;
+            let xs = Activations::Bf16(bytemuck::cast_slice(xs));
+            let ys = Outputs::Bf16(bytemuck::cast_slice_mut(ys));
+            py.detach(|| self.plan.run(codes, scales, xs, rows, ys, bias))?;
+        } else {
+            return Err(PyValueError::new_err(
+                "forward takes x and out as 2-D float32 arrays, or both as uint16 arrays of bfloat16 bits",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Values per rotated row (`rotated_width`): the width of `rotate` and `dequantize_rotated`.
+    #[getter]
+    fn rotated_width(&self) -> usize {
+        self.plan.rotated_width()
+    }
+
+    /// The batched path: `out` (`rows × rotated_width`, float32 or uint16 bfloat16 bits) = the
+    /// rotated weights, grid point × scale, for a dense product with `rotate`'s activations.
+    fn dequantize_rotated(
+        &self,
+        py: Python<'_>,
+        codes: PyReadonlyArray2<'_, u8>,
+        scales: PyReadonlyArray2<'_, f16>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        use crate::cpu_kernels::Outputs;
+        let contiguous = |name: &str| {
+            PyValueError::new_err(format!("dequantize_rotated needs a C-contiguous `{name}`"))
+        };
+        let codes = codes.as_slice().map_err(|_| contiguous("codes"))?;
+        let scales = scales.as_slice().map_err(|_| contiguous("scales"))?;
+        if let Ok(out) = out.cast::<PyArray2<f32>>() {
+            let mut out = out.readwrite();
+            let ys = Outputs::F32(out.as_slice_mut().map_err(|_| contiguous("out"))?);
+            py.detach(|| self.plan.dequantize_rotated(codes, scales, ys))?;
+        } else if let Ok(out) = out.cast::<PyArray2<u16>>() {
+            let mut out = out.readwrite();
+            let ys = out.as_slice_mut().map_err(|_| contiguous("out"))?;
+            let ys = Outputs::Bf16(bytemuck::cast_slice_mut(ys));
+            py.detach(|| self.plan.dequantize_rotated(codes, scales, ys))?;
+        } else {
+            return Err(PyValueError::new_err(
+                "dequantize_rotated writes a 2-D float32 array or a uint16 array of bfloat16 bits",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The batched path: `out` (`batch × rotated_width`) = rows of `x` (`batch × cols`) rotated
+    /// like the weights were. Each of `x` and `out` is float32 or uint16 (bfloat16 bits).
+    fn rotate(&self, py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        use crate::cpu_kernels::{Activations, Outputs};
+        let contiguous =
+            |name: &str| PyValueError::new_err(format!("rotate needs a C-contiguous `{name}`"));
+        let bad = || {
+            PyValueError::new_err(
+                "rotate takes 2-D float32 arrays or uint16 arrays of bfloat16 bits",
+            )
+        };
+        let (x32, x16) = (x.cast::<PyArray2<f32>>(), x.cast::<PyArray2<u16>>());
+        let (x32, x16) = (x32.map(|a| a.readonly()), x16.map(|a| a.readonly()));
+        let (xs, batch) = match (&x32, &x16) {
+            (Ok(a), _) => (
+                Activations::F32(a.as_slice().map_err(|_| contiguous("x"))?),
+                a.shape()[0],
+            ),
+            (_, Ok(a)) => (
+                Activations::Bf16(bytemuck::cast_slice(
+                    a.as_slice().map_err(|_| contiguous("x"))?,
+                )),
+                a.shape()[0],
+            ),
+            _ => return Err(bad()),
+        };
+        if let Ok(out) = out.cast::<PyArray2<f32>>() {
+            let mut out = out.readwrite();
+            let ys = Outputs::F32(out.as_slice_mut().map_err(|_| contiguous("out"))?);
+            py.detach(|| self.plan.rotate_into(xs, batch, ys))?;
+        } else if let Ok(out) = out.cast::<PyArray2<u16>>() {
+            let mut out = out.readwrite();
+            let ys = out.as_slice_mut().map_err(|_| contiguous("out"))?;
+            let ys = Outputs::Bf16(bytemuck::cast_slice_mut(ys));
+            py.detach(|| self.plan.rotate_into(xs, batch, ys))?;
+        } else {
+            return Err(bad());
+        }
+        Ok(())
+    }
+}
+
 /// Whether the CUDA kernels can run here: built with the `cuda` feature, the NVIDIA driver and
 /// NVRTC found, and a GPU of compute capability 8.0 or newer present.
 #[pyfunction]
@@ -594,7 +787,7 @@ fn cuda_err(err: HiggsError) -> PyErr {
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
-    row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0))]
+    row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_lut_linear(
     py: Python<'_>,
@@ -620,6 +813,7 @@ fn cuda_lut_linear(
     device: usize,
     mt: usize,
     splits: usize,
+    tiled: bool,
 ) -> PyResult<usize> {
     use crate::cuda;
     let call = cuda::LinearCall {
@@ -646,6 +840,7 @@ fn cuda_lut_linear(
         stream,
         device,
         tuning: cuda::Tuning { mt, splits },
+        tiled,
     };
     py.detach(|| cuda::lut_linear(&call)).map_err(cuda_err)
 }
@@ -687,9 +882,12 @@ fn cuda_hadamard(
 }
 
 /// Launch the dequantization of a layer into its rotated-domain weights (`out_features × ld`,
-/// activation dtype), for large batches that go through a library GEMM.
+/// activation dtype), for large batches that go through a library GEMM. `tiled`: the codes are in
+/// the tiled order `higgs_rs.cuda` repacks them into.
 #[cfg(feature = "cuda")]
 #[pyfunction]
+#[pyo3(signature = (codes, scales, grid, out, ld, in_features, out_features, row_bytes, groups, p, n,
+    hadamard_size, group_size, dtype, stream, device, tiled=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_dequantize_rotated(
     py: Python<'_>,
@@ -709,6 +907,7 @@ fn cuda_dequantize_rotated(
     dtype: &str,
     stream: u64,
     device: usize,
+    tiled: bool,
 ) -> PyResult<()> {
     use crate::cuda;
     let shape = cuda::LayerShape {
@@ -723,7 +922,9 @@ fn cuda_dequantize_rotated(
     };
     let act = cuda::ActType::parse(dtype)?;
     py.detach(|| {
-        cuda::dequantize_rotated(&shape, codes, scales, grid, out, ld, act, stream, device)
+        cuda::dequantize_rotated(
+            &shape, codes, scales, grid, out, ld, act, stream, device, tiled,
+        )
     })
     .map_err(cuda_err)
 }
@@ -745,6 +946,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate, m)?)?;
     m.add_function(wrap_pyfunction!(stored_bits, m)?)?;
     m.add_function(wrap_pyfunction!(lut_linear, m)?)?;
+    m.add_class::<CpuLutPlan>()?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     #[cfg(feature = "cuda")]

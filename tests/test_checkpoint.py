@@ -150,3 +150,32 @@ def test_generate_and_demo_run(quantized: Path, tmp_path: Path, capsys: pytest.C
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "HIGGS" in out and (tmp_path / "d" / "config.json").is_file()
+
+
+def test_checkpoint_tensors_are_views_of_the_mapped_file(quantized: Path, tmp_path: Path) -> None:
+    import struct
+
+    from safetensors import safe_open
+
+    from higgs_rs.checkpoint import HiggsCheckpoint
+
+    ckpt = HiggsCheckpoint(quantized)
+    name = next(n for n in ckpt.keys() if n.endswith(".higgs_codes"))
+    with safe_open(str(quantized / "model.safetensors"), framework="pt") as f:
+        expected = f.get_tensor(name)
+    got = ckpt.get(name)
+    assert torch.equal(got, expected) and got.dtype == expected.dtype
+    # Two reads of one tensor share the mapping (no copy per read).
+    assert got.data_ptr() == ckpt.get(name).data_ptr()
+    # A header whose offsets run past the data is refused, naming the file and the tensor.
+    header = {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    raw = json.dumps(header).encode()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((quantized / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(higgs_rs.HiggsFormatError, match="tensor 't'"):
+        HiggsCheckpoint(bad).get("t")
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + raw)
+    with pytest.raises(higgs_rs.HiggsFormatError, match="past the file end"):
+        HiggsCheckpoint(bad)

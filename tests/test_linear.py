@@ -39,7 +39,8 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("rows", "cols", "bits", "p", "hadamard_size", "group_size", "seed"), CASES)
-@pytest.mark.parametrize("batch", [1, 5])
+# Batch 40 takes the batched path (dequantized rotated weights and torch's GEMM).
+@pytest.mark.parametrize("batch", [1, 5, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_dequantize_then_linear(
     rows: int,
@@ -75,8 +76,70 @@ def test_bfloat16_and_float16_activations() -> None:
     for dtype in (torch.bfloat16, torch.float16):
         y = layer(x.to(dtype))
         assert y.dtype == dtype
-        # The input's rounding (2^-8 for bf16) dominates; the product itself runs in f32.
+        # bf16 runs in bf16 precision (input and grid points rounded, like F.linear in bf16); f16
+        # input is rounded, the product runs in f32.
         assert relative_error(y, expected) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+def test_batched_bfloat16_path() -> None:
+    from higgs_rs.torch import CPU_GEMM_MIN_BATCH
+
+    q = higgs_rs.quantize_tensor(weights(48, 576, seed=13), bits=4, p=2)
+    layer = HiggsLinear.from_quantized(q)
+    x = torch.randn(CPU_GEMM_MIN_BATCH + 3, 576, generator=torch.Generator().manual_seed(7))
+    xb = x.to(torch.bfloat16)
+    expected = torch.nn.functional.linear(xb.float(), torch.from_numpy(higgs_rs.dequantize(q)))
+    y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    # Rotated weights and activations are rounded to bf16 (like F.linear in bf16).
+    assert relative_error(y, expected) < 3e-2
+    # A row's LUT product (batch below the threshold) agrees to bf16 precision.
+    assert relative_error(y[:2], layer(xb[:2])) < 2e-2
+
+
+def test_cpu_plan_follows_buffer_changes_and_copies() -> None:
+    import copy
+    import pickle
+
+    q1 = higgs_rs.quantize_tensor(weights(8, 64, seed=14), bits=4, p=2, seed=1)
+    q2 = higgs_rs.quantize_tensor(weights(8, 64, seed=15), bits=2, p=2, seed=2)
+    layer, other = HiggsLinear.from_quantized(q1), HiggsLinear.from_quantized(q2)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    y1, y2 = layer(x), other(x)
+    # Same shapes, other grid and signs: the cached plan must not survive the in-place copy.
+    with torch.no_grad():
+        layer.grid.copy_(torch.from_numpy(higgs_rs.grid_points(2, 256)))
+        layer.signs.copy_(other.signs)
+    assert not torch.equal(layer(x), y1)
+    twin = copy.deepcopy(other)
+    torch.testing.assert_close(twin(x), y2, rtol=0, atol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(other))(x), y2, rtol=0, atol=0)
+
+
+def test_cpu_plan_checks_its_arguments() -> None:
+    q = higgs_rs.quantize_tensor(weights(5, 100, seed=16), bits=4, p=2, hadamard_size=64)
+    grid, signs = higgs_rs.grid_points(2, 256), higgs_rs.random_signs(0, q.padded_cols)
+    plan = _core.CpuLutPlan(q.codes, q.scales, grid, signs, 100, 64, 64)
+    assert plan.kernel_path in ("avx512/planes-sym", "avx2", "scalar")
+    bf16_plan = _core.CpuLutPlan(q.codes, q.scales, grid, signs, 100, 64, 64, bf16_grid=True)
+    assert bf16_plan.kernel_path in ("avx512/planes-bf16-sym", "avx2", "scalar")
+    x = np.ones((2, 100), np.float32)
+    out = np.zeros((2, 5), np.float32)
+    plan.forward(x, q.codes, q.scales, out)
+    expected = _core.lut_linear(x, q.codes, q.scales, grid, signs, 64, 64)
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="float32"):
+        plan.forward(x, q.codes, q.scales, np.zeros((2, 5), np.float64))
+    with pytest.raises(ValueError, match="output holds 5"):
+        plan.forward(x, q.codes, q.scales, out[:1])
+    with pytest.raises(ValueError, match="codes hold"):
+        plan.forward(x, q.codes[:4], q.scales, out)
+    with pytest.raises(ValueError, match="bias holds 4"):
+        plan.forward(x, q.codes, q.scales, out, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="rotated values"):
+        plan.dequantize_rotated(q.codes, q.scales, np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match="codes hold"):
+        _core.CpuLutPlan(q.codes[:, :-1].copy(), q.scales, grid, signs, 100, 64, 64)
 
 
 def test_leading_dimensions_and_empty_batch() -> None:

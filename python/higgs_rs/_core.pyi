@@ -1,5 +1,7 @@
 """Types of the Rust extension module."""
 
+from typing import Literal
+
 import numpy as np
 import numpy.typing as npt
 
@@ -57,6 +59,7 @@ def quantize_tensor(
     seed: int | None = 0,
     is_bf16: bool = False,
     threads: int | None = None,
+    scale_search: Literal["fast", "full", "rms"] = "fast",
 ) -> QuantizedTensor: ...
 def dequantize(tensor: QuantizedTensor, threads: int | None = None) -> npt.NDArray[np.float32]: ...
 def grid_points(p: int, n: int) -> npt.NDArray[np.float32]: ...
@@ -77,6 +80,48 @@ def lut_linear(
 ) -> npt.NDArray[np.float32]:
     """``x @ W.T`` (float32 ``batch × rows``) for HIGGS-packed ``W`` on the CPU, without
     materializing ``W``."""
+
+class CpuLutPlan:
+    """A HIGGS layer prepared once for the CPU kernels (layout, kernel, lookup tables); codes and
+    scales are passed to each call. Arrays are float32, or uint16 holding bfloat16 bits."""
+
+    def __init__(
+        self,
+        codes: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float16],
+        grid: npt.NDArray[np.float32],
+        signs: npt.NDArray[np.float32] | None,
+        cols: int,
+        hadamard_size: int,
+        group_size: int,
+        bf16_grid: bool = False,
+    ) -> None: ...
+    @property
+    def kernel_path(self) -> str: ...
+    @property
+    def rotated_width(self) -> int: ...
+    def forward(
+        self,
+        x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+        codes: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float16],
+        out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+        bias: npt.NDArray[np.float32] | None = None,
+    ) -> None:
+        """``out = x @ W.T (+ bias)``; small products on the calling thread, large on the pool."""
+    def dequantize_rotated(
+        self,
+        codes: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float16],
+        out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    ) -> None:
+        """``out`` (``rows × rotated_width``) = the rotated weights, for a dense GEMM."""
+    def rotate(
+        self,
+        x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+        out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    ) -> None:
+        """``out`` (``batch × rotated_width``) = the rows of ``x`` rotated like the weights."""
 
 # CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated exist only in builds with the
 # `cuda` feature; pointers are device addresses from torch's data_ptr()).
@@ -105,6 +150,7 @@ def cuda_lut_linear(
     device: int,
     mt: int = 0,
     splits: int = 0,
+    tiled: bool = False,
 ) -> int: ...
 def cuda_hadamard(
     x: int,
@@ -135,6 +181,7 @@ def cuda_dequantize_rotated(
     dtype: str,
     stream: int,
     device: int,
+    tiled: bool = False,
 ) -> None: ...
 def allocate(
     costs: list[list[int]],

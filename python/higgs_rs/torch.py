@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import dequantize
@@ -126,6 +127,28 @@ def load(
             state[f"{name}.signs"] = signs[: spec.padded_in_features].to(device)
     model = _finish(model, state, path)
     return model.to(device)
+
+
+# Rows from which the CPU path dequantizes a transient tile of rotated weights and runs torch's
+# GEMM instead of the LUT product. Measured per layer on SmolLM2's shapes (576/1536 wide), one
+# thread: even at about 16 rows in f32 and 32 in bf16, the LUT product faster below, the GEMM
+# (dequantizing costs ~0.5 ns per weight in f32, ~1 ns in bf16) faster above.
+CPU_GEMM_MIN_BATCH = 24
+
+
+def _numpy(tensor: torch.Tensor) -> Any:
+    """A NumPy view of a contiguous CPU tensor; bf16 as uint16 bits (NumPy has no bfloat16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy()
+    return tensor.numpy()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place edit counter of a tensor (-1 for inference tensors, which keep none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
@@ -253,7 +276,15 @@ class HiggsLinear(torch.nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> HiggsLinear:
         """``.to(device)`` moves the buffers, but ``.half()`` / ``.to(dtype)`` must not change them:
-        scales stay f16, grid and signs f32 (the format and the kernels depend on it)."""
+        scales stay f16, grid and signs f32 (the format and the kernels depend on it). Codes the
+        CUDA path holds tiled go back to their stored order first."""
+        # The CPU plans hold the old buffers (and NumPy views of them): drop them with the move.
+        self.__dict__.pop("_cpu_plan_cache", None)
+        self.__dict__.pop("_cpu_plan_cache_bf16", None)
+        if "_higgs_cuda_tiled" in self.__dict__:
+            from .cuda import restore_stored_order
+
+            restore_stored_order(self)
         originals = {name: buf for name, buf in self._buffers.items() if buf is not None}
         super()._apply(fn, recurse)
         for name, original in originals.items():
@@ -262,6 +293,30 @@ class HiggsLinear(torch.nn.Module):
                 # Move the untouched original: converting back would lose precision.
                 self._buffers[name] = original.to(device=moved.device)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` leave out the CPU plan (a Rust object; rebuilt on use)."""
+        state = self.__dict__.copy()
+        state.pop("_cpu_plan_cache", None)
+        state.pop("_cpu_plan_cache_bf16", None)
+        if state.pop("_higgs_cuda_tiled", None) is not None:
+            from .cuda import stored_codes
+
+            codes = stored_codes(self)
+            state.pop("_higgs_cuda_args", None)
+            if codes is not None:
+                state["_buffers"] = {**state["_buffers"], "codes": codes}
+        return state
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        """The codes are saved in their stored order, also while the CUDA path holds them tiled."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "_higgs_cuda_tiled" in self.__dict__:
+            from .cuda import stored_codes
+
+            codes = stored_codes(self)
+            if codes is not None:
+                destination[prefix + "codes"] = codes
 
     def extra_repr(self) -> str:
         return (
@@ -280,20 +335,79 @@ class HiggsLinear(torch.nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+    def _cpu_plan(self, bf16: bool = False) -> tuple[Any, Any, Any]:
+        """The Rust plan (kernel and tables resolved once) and NumPy views of codes and scales,
+        rebuilt when a buffer was replaced (``.to``, ``load_state_dict``) or edited in place.
+        With ``bf16``, the plan for bf16 activations: grid points rounded to bf16 (bf16
+        precision like ``F.linear`` in bf16, and a faster lookup)."""
+        # Per call, so cheap: the buffer objects (replaced by `.to`, `load_state_dict(assign=True)`)
+        # and the in-place edit counters of the two the plan copies (grid, signs).
+        buffers = self._buffers
+        grid, signs = buffers["grid"], buffers["signs"]
+        key = (
+            buffers["codes"],
+            buffers["scales"],
+            grid,
+            signs,
+            _version(grid),
+            None if signs is None else _version(signs),
+        )
+        slot = "_cpu_plan_cache_bf16" if bf16 else "_cpu_plan_cache"
+        cached = self.__dict__.get(slot)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key[:4], strict=False)):
+            if cached[0][4:] == key[4:]:
+                return cached[1]
         from . import _core
 
-        xf = x.detach().to(torch.float32).contiguous()
-        y = _core.lut_linear(
-            xf.numpy(),
-            self.codes.numpy(),
-            self.scales.numpy(),
+        codes, scales = self.codes.numpy(), self.scales.numpy()
+        plan = _core.CpuLutPlan(
+            codes,
+            scales,
             self.grid.numpy(),
             None if self.signs is None else self.signs.numpy(),
+            self.in_features,
             self.hadamard_size,
             self.group_size,
+            bf16_grid=bf16,
         )
-        return torch.from_numpy(y).to(x.dtype)
+        self.__dict__[slot] = (key, (plan, codes, scales))
+        return plan, codes, scales
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The Rust LUT product for small batches; for ``CPU_GEMM_MIN_BATCH`` rows or more, the
+        rotated weights are dequantized into a transient tile and torch's GEMM runs on it (the
+        LUT product pays its table lookups per block of 8 rows, a GEMM reuses each weight
+        across the whole batch). bf16 activations run in bf16 precision (like ``F.linear`` in
+        bf16): converted in Rust, grid points rounded to bf16 for the LUT product, weights and
+        activations bf16 in the GEMM. Other dtypes run in f32."""
+        if x.requires_grad:
+            x = x.detach()
+        batch, wanted = x.shape[0], x.dtype
+        bf16 = wanted == torch.bfloat16
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        plan, codes, scales = self._cpu_plan(bf16=bf16)
+        # Conversions only when needed: even no-op `.to()` / `.contiguous()` calls cost ~1 µs
+        # each, and a decode step makes hundreds of these calls.
+        if not bf16 and wanted != torch.float32:
+            x = x.to(torch.float32)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if batch >= CPU_GEMM_MIN_BATCH:
+            width = plan.rotated_width
+            w_rot = torch.empty(self.out_features, width, dtype=dtype)
+            x_rot = torch.empty(batch, width, dtype=dtype)
+            plan.dequantize_rotated(codes, scales, _numpy(w_rot))
+            plan.rotate(_numpy(x), _numpy(x_rot))
+            out = torch.mm(x_rot, w_rot.t())
+        elif bf16:
+            out_bits = np.empty((batch, self.out_features), np.uint16)
+            plan.forward(x.view(torch.uint16).numpy(), codes, scales, out_bits)
+            return torch.from_numpy(out_bits).view(torch.bfloat16)
+        else:
+            out_np = np.empty((batch, self.out_features), np.float32)
+            plan.forward(x.numpy(), codes, scales, out_np)
+            out = torch.from_numpy(out_np)
+        return out if out.dtype == wanted else out.to(wanted)
 
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         # The fused CUDA path (Hadamard kernel + LUT-GEMM on the codes) lives in higgs_rs.cuda.

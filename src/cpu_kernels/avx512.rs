@@ -6,6 +6,10 @@
 //!   `vpermt2b`, 64 codes per instruction, then put back together into floats with two rounds of
 //!   unpacks. Sub-byte codes are first spread to one byte each with `vpermb` + `vpmultishiftqb`.
 //!   When every grid value is exactly a bf16 (p ≥ 2), only the two high bytes are looked up.
+//!   When the grid is centrally symmetric in code order (n = 256 and point `c + 128` is exactly
+//!   `-point c`, as the shipped p = 2 and p = 4 grids are), the tables hold the first 128 points
+//!   only (one `vpermt2b` per plane instead of two and a blend, and all tables fit in registers);
+//!   the code's top bit is then xor-ed into the sign byte.
 //! - nibbles (p = 1, n = 16, the 4-bit scalar grid): `vpermps` looks a 16-float table up with the
 //!   low 4 bits of each dword index, so zero-extended code bytes index with their low nibble
 //!   directly and with their high nibble after one shift.
@@ -46,8 +50,13 @@ pub(super) fn available() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Front {
     /// Byte-plane lookups; tables of 64 · `table_regs` entries. With `bf16`, every grid value is
-    /// a bf16 (its low 16 bits are zero), so only its two high bytes are looked up.
-    BytePlanes { table_regs: usize, bf16: bool },
+    /// a bf16 (its low 16 bits are zero), so only its two high bytes are looked up. With
+    /// `symmetric`, n = 256 and point c + 128 = −point c: tables of the first 128 points.
+    BytePlanes {
+        table_regs: usize,
+        bf16: bool,
+        symmetric: bool,
+    },
     /// p = 1, n = 16, 4-bit codes.
     Nibbles,
 }
@@ -103,8 +112,12 @@ impl Plan {
         let front = if w.p == 1 && w.n == 16 {
             Front::Nibbles
         } else {
+            let symmetric = w.n == 256
+                && (0..128 * w.p)
+                    .all(|i| w.grid[128 * w.p + i].to_bits() == (-w.grid[i]).to_bits());
             Front::BytePlanes {
-                table_regs: w.n.div_ceil(64),
+                table_regs: if symmetric { 2 } else { w.n.div_ceil(64) },
+                symmetric,
                 // Two planes instead of four (about 1.45× faster for p = 2, n = 256 here); the
                 // p = 1 grids keep four (few instantiations, and n = 16 has its own front end).
                 bf16: w.p >= 2 && w.grid.iter().all(|v| v.to_bits() & 0xFFFF == 0),
@@ -116,13 +129,17 @@ impl Plan {
                 t.copy_from_slice(w.grid);
                 vec![f32s_to_m512i(&t)]
             }
-            Front::BytePlanes { table_regs, bf16 } => {
+            Front::BytePlanes {
+                table_regs, bf16, ..
+            } => {
                 let bytes = if bf16 { 2..4 } else { 0..4 };
                 let mut regs = Vec::with_capacity(bytes.len() * w.p * table_regs);
                 for component in 0..w.p {
                     for byte in bytes.clone() {
                         let mut plane = vec![0u8; 64 * table_regs];
-                        for (c, entry) in plane.iter_mut().enumerate().take(w.n) {
+                        for (c, entry) in
+                            plane.iter_mut().enumerate().take(w.n.min(64 * table_regs))
+                        {
                             *entry = w.grid[c * w.p + component].to_le_bytes()[byte];
                         }
                         regs.extend(plane.chunks_exact(64).map(bytes_to_m512i));
@@ -159,11 +176,18 @@ impl Plan {
         })
     }
 
-    /// The path and its front end: "avx512/planes", "avx512/planes-bf16" or "avx512/nibbles".
+    /// The path and its front end: "avx512/planes", "avx512/planes-bf16" (each with "-sym" for
+    /// symmetric grids) or "avx512/nibbles".
     pub(super) fn name(&self) -> &'static str {
         match self.front {
-            Front::BytePlanes { bf16: false, .. } => "avx512/planes",
-            Front::BytePlanes { bf16: true, .. } => "avx512/planes-bf16",
+            Front::BytePlanes {
+                bf16, symmetric, ..
+            } => match (bf16, symmetric) {
+                (false, false) => "avx512/planes",
+                (true, false) => "avx512/planes-bf16",
+                (false, true) => "avx512/planes-sym",
+                (true, true) => "avx512/planes-bf16-sym",
+            },
             Front::Nibbles => "avx512/nibbles",
         }
     }
@@ -281,21 +305,34 @@ impl Plan {
         }
         match (self.front, self.p) {
             (Front::Nibbles, _) => by_batch!(nibble_kernel,),
-            (Front::BytePlanes { table_regs, bf16 }, p) => match (p, table_regs, bf16) {
-                (1, 1, false) => by_batch!(plane_kernel, 1, 1, false),
-                (1, 2, false) => by_batch!(plane_kernel, 1, 2, false),
-                (1, 4, false) => by_batch!(plane_kernel, 1, 4, false),
-                (2, 1, false) => by_batch!(plane_kernel, 2, 1, false),
-                (2, 2, false) => by_batch!(plane_kernel, 2, 2, false),
-                (2, 4, false) => by_batch!(plane_kernel, 2, 4, false),
-                (4, 4, false) => by_batch!(plane_kernel, 4, 4, false),
-                (2, 1, true) => by_batch!(plane_kernel, 2, 1, true),
-                (2, 2, true) => by_batch!(plane_kernel, 2, 2, true),
-                (2, 4, true) => by_batch!(plane_kernel, 2, 4, true),
-                (4, 4, true) => by_batch!(plane_kernel, 4, 4, true),
-                _ => {
-                    unreachable!("no kernel for p = {p}, {table_regs} table registers, bf16 {bf16}")
-                }
+            (
+                Front::BytePlanes {
+                    table_regs,
+                    bf16,
+                    symmetric,
+                },
+                p,
+            ) => match (p, table_regs, bf16, symmetric) {
+                (1, 1, false, false) => by_batch!(plane_kernel, 1, 1, false, false),
+                (1, 2, false, false) => by_batch!(plane_kernel, 1, 2, false, false),
+                (1, 4, false, false) => by_batch!(plane_kernel, 1, 4, false, false),
+                (2, 1, false, false) => by_batch!(plane_kernel, 2, 1, false, false),
+                (2, 2, false, false) => by_batch!(plane_kernel, 2, 2, false, false),
+                (2, 4, false, false) => by_batch!(plane_kernel, 2, 4, false, false),
+                (4, 4, false, false) => by_batch!(plane_kernel, 4, 4, false, false),
+                (2, 1, true, false) => by_batch!(plane_kernel, 2, 1, true, false),
+                (2, 2, true, false) => by_batch!(plane_kernel, 2, 2, true, false),
+                (2, 4, true, false) => by_batch!(plane_kernel, 2, 4, true, false),
+                (4, 4, true, false) => by_batch!(plane_kernel, 4, 4, true, false),
+                (1, 2, false, true) => by_batch!(plane_kernel, 1, 2, false, true),
+                (2, 2, false, true) => by_batch!(plane_kernel, 2, 2, false, true),
+                (4, 2, false, true) => by_batch!(plane_kernel, 4, 2, false, true),
+                (2, 2, true, true) => by_batch!(plane_kernel, 2, 2, true, true),
+                (4, 2, true, true) => by_batch!(plane_kernel, 4, 2, true, true),
+                _ => unreachable!(
+                    "no kernel for p = {p}, {table_regs} table registers, bf16 {bf16}, \
+                     symmetric {symmetric}"
+                ),
             },
         }
     }
@@ -420,7 +457,7 @@ unsafe fn lookup_plane<const T: usize>(
 /// `4·P·T` registers (`2·P·T` with `BF16`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-unsafe fn plane_front<const P: usize, const T: usize, const BF16: bool>(
+unsafe fn plane_front<const P: usize, const T: usize, const BF16: bool, const SYM: bool>(
     plan: &Plan,
     row: &[u8],
     k: usize,
@@ -429,6 +466,17 @@ unsafe fn plane_front<const P: usize, const T: usize, const BF16: bool>(
     let idx = unsafe { load_codes(plan, row, k) };
     let high = _mm512_movepi8_mask(idx);
     let tables = plan.tables.as_ptr();
+    let sign_bit = _mm512_set1_epi8(0x80u8 as i8);
+    // Symmetric grids: the tables hold points 0..128 (`vpermt2b` ignores index bit 7), and
+    // codes from 128 on are their negations: bit 7 of the code is xor-ed into the sign byte
+    // (ternary-logic 0x78: a ^ (b & c)).
+    let signed = |sign_byte: __m512i| {
+        if SYM {
+            _mm512_ternarylogic_epi32::<0x78>(sign_byte, idx, sign_bit)
+        } else {
+            sign_byte
+        }
+    };
     let mut out = [[_mm512_setzero_ps(); 4]; P];
     if BF16 {
         let zero = _mm512_setzero_si512();
@@ -440,6 +488,7 @@ unsafe fn plane_front<const P: usize, const T: usize, const BF16: bool>(
                     lookup_plane::<T>(tables.add((2 * j + 1) * T), idx, high),
                 )
             };
+            let b3 = signed(b3);
             // bf16 words (codes 16L + 0..7 and 16L + 8..15 in lane L), then each word as the
             // high half of a dword: the same register order as the four-plane path.
             let low = _mm512_unpacklo_epi8(b2, b3);
@@ -460,6 +509,7 @@ unsafe fn plane_front<const P: usize, const T: usize, const BF16: bool>(
             *plane = unsafe { lookup_plane::<T>(tables.add((4 * j + q) * T), idx, high) };
         }
         let [b0, b1, b2, b3] = planes;
+        let b3 = signed(b3);
         let l01 = _mm512_unpacklo_epi8(b0, b1);
         let h01 = _mm512_unpackhi_epi8(b0, b1);
         let l23 = _mm512_unpacklo_epi8(b2, b3);
@@ -492,7 +542,13 @@ unsafe fn chunk_scales(lane_scales: &[f32], k: usize) -> __m128 {
 /// Needs AVX-512F/BW/VL/VBMI and FMA (a `Plan` proves it); `row` is one row's codes,
 /// `lane_scales` holds `4 · chunks`, `x` holds `B · stride`, `out` holds `B`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,fma")]
-unsafe fn plane_kernel<const P: usize, const T: usize, const BF16: bool, const B: usize>(
+unsafe fn plane_kernel<
+    const P: usize,
+    const T: usize,
+    const BF16: bool,
+    const SYM: bool,
+    const B: usize,
+>(
     plan: &Plan,
     row: &[u8],
     lane_scales: &[f32],
@@ -504,7 +560,7 @@ unsafe fn plane_kernel<const P: usize, const T: usize, const BF16: bool, const B
     let mut acc = [_mm512_setzero_ps(); B];
     for k in 0..plan.chunks {
         // SAFETY: chunk k < chunks starts inside the row; tables per `Plan::new`.
-        let f = unsafe { plane_front::<P, T, BF16>(plan, row, k) };
+        let f = unsafe { plane_front::<P, T, BF16, SYM>(plan, row, k) };
         // SAFETY: lane_scales holds 4·chunks (asserted).
         let sv = _mm512_permutexvar_ps(
             per_lane,
