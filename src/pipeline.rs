@@ -24,6 +24,9 @@ use std::time::Instant;
 /// Version of the checkpoint layout written here.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Plain tensors are copied in pieces of this size (see `write_tensor_in_chunks`).
+const COPY_CHUNK_BYTES: usize = 64 << 20;
+
 /// What to quantize and how.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -436,7 +439,13 @@ pub fn run_with(
             })?;
             let bytes = checkpoint.bytes(info);
             match &t.action {
-                Action::Copy => writer.write_tensor(&t.name, bytes)?,
+                // In pieces, releasing each from the map once written: peak memory stays at
+                // a piece, not the largest plain tensor (a 128256×8192 embedding is 2.1 GB).
+                Action::Copy => {
+                    writer.write_tensor_in_chunks(&t.name, bytes, COPY_CHUNK_BYTES, |r| {
+                        checkpoint.release_range(info, r.start, r.len())
+                    })?
+                }
                 Action::Quantize { spec, layout } => {
                     let elem = elem_type(info.dtype).expect("planned tensors are float");
                     let source = Source::Bytes(elem, bytes);

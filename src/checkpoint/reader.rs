@@ -232,11 +232,19 @@ impl Checkpoint {
     /// finished tensors leave this process's resident set. Later reads still see the file's
     /// contents (they fault the pages back in). A hint: failures are ignored.
     pub fn release(&self, info: &TensorInfo) {
+        self.release_range(info, 0, info.len);
+    }
+
+    /// [`release`](Self::release) for `len` bytes of the tensor from `offset` (clamped to it):
+    /// lets a long copy drop what it has already written.
+    pub fn release_range(&self, info: &TensorInfo, offset: usize, len: usize) {
+        let len = len.min(info.len.saturating_sub(offset));
         #[cfg(not(unix))]
-        let _ = info;
+        let _ = (info, len);
         #[cfg(unix)]
         if let Some(file) = self.files.get(info.file) {
-            if info.len > 0 && info.start + info.len <= file.map.len() {
+            let start = info.start + offset;
+            if len > 0 && start + len <= file.map.len() {
                 // SAFETY: the range is inside the mapping (checked above; memmap2 widens it
                 // down to a page boundary, still inside the mapping). The mapping is a shared,
                 // read-only map of a file (`Mmap::map`): MADV_DONTNEED on such a mapping only
@@ -244,11 +252,8 @@ impl Checkpoint {
                 // in, so slices handed out by `bytes` (here or on other threads) keep reading
                 // the file's contents; nothing is written or freed from under them.
                 let _ = unsafe {
-                    file.map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        info.start,
-                        info.len,
-                    )
+                    file.map
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
                 };
             }
         }

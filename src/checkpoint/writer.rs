@@ -174,6 +174,19 @@ impl SafetensorsWriter {
 
     /// Append the data of the next declared tensor, which must be `name`, with exactly its size.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor_in_chunks(name, bytes, bytes.len().max(1), |_| {})
+    }
+
+    /// [`write_tensor`](Self::write_tensor) in pieces of `chunk` bytes, calling `written` with
+    /// each piece's range once it is handed to the file: a copy out of a memory map can release
+    /// the source pages as it goes, so copying a large tensor does not hold it all in memory.
+    pub fn write_tensor_in_chunks(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        chunk: usize,
+        mut written: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<()> {
         let Some(expected) = self.entries.get(self.next) else {
             return Err(HiggsError::invalid(format!(
                 "{}: tensor {name:?} written after all {} declared tensors",
@@ -198,7 +211,11 @@ impl SafetensorsWriter {
                 expected.len
             )));
         }
-        self.write_raw(bytes)?;
+        for start in (0..bytes.len()).step_by(chunk.max(1)) {
+            let end = (start + chunk).min(bytes.len());
+            self.write_raw(&bytes[start..end])?;
+            written(start..end);
+        }
         self.next += 1;
         Ok(())
     }
@@ -412,5 +429,45 @@ mod tests {
         let c = Checkpoint::open(&path).unwrap();
         assert_eq!(c.bytes(c.get("a").unwrap()), [1, 2, 3]);
         assert_eq!(c.bytes(c.get("b\"quoted\"").unwrap()), [9; 8]);
+    }
+
+    #[test]
+    fn chunked_write_is_byte_identical_and_reports_every_piece() {
+        let dir = scratch("chunks");
+        let data: Vec<u8> = (0..8u8).map(|i| i * 17 + 1).collect();
+        let mut files = Vec::new();
+        for chunk in [1usize, 3, 8, 100] {
+            let path = dir.join(format!("m{chunk}.safetensors"));
+            let mut w = SafetensorsWriter::create(&path, entries(), BTreeMap::new()).unwrap();
+            w.write_tensor("a", &[1, 2, 3]).unwrap();
+            let mut pieces = Vec::new();
+            w.write_tensor_in_chunks("b\"quoted\"", &data, chunk, |r| pieces.push(r))
+                .unwrap();
+            w.finish().unwrap();
+            // The pieces tile the tensor in order, none larger than `chunk`.
+            let mut next = 0;
+            for r in &pieces {
+                assert_eq!(r.start, next);
+                assert!(r.len() <= chunk && !r.is_empty());
+                next = r.end;
+            }
+            assert_eq!(next, data.len());
+            let c = Checkpoint::open(&path).unwrap();
+            let info = c.get("b\"quoted\"").unwrap();
+            // Releasing pages (also a range past the end) leaves the contents readable.
+            c.release_range(info, 3, 100);
+            assert_eq!(c.bytes(info), &data[..]);
+            files.push(std::fs::read(&path).unwrap());
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        // A wrong size is refused before anything is written.
+        let path = dir.join("bad.safetensors");
+        let mut w = SafetensorsWriter::create(&path, entries(), BTreeMap::new()).unwrap();
+        w.write_tensor("a", &[1, 2, 3]).unwrap();
+        let err = w
+            .write_tensor_in_chunks("b\"quoted\"", &data[..5], 2, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has 5 bytes but was declared with 8"), "{err}");
     }
 }
