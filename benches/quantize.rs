@@ -14,8 +14,10 @@
 //! time; for the all-cores cases it is the CPU time summed over the threads, so the throughput
 //! shown is per core (multiply by the cores for the ideal wall-clock rate).
 #![forbid(unsafe_code)]
-use criterion::measurement::{Measurement, ValueFormatter, WallTime};
-use criterion::{criterion_group, Criterion, Throughput};
+mod common;
+
+use criterion::measurement::Measurement;
+use criterion::{Criterion, Throughput};
 use half::bf16;
 use higgs_rs::codec::{quantize, quantize_with, ElemType, QuantSpec, ScaleSearch, Source};
 use higgs_rs::rng::SplitMix64;
@@ -94,98 +96,6 @@ fn bench_quantize<M: Measurement>(c: &mut Criterion<M>) {
     group.finish();
 }
 
-/// CPU time of the whole process (all its threads), in nanoseconds.
-struct ThreadCpuTime;
-
-fn thread_cpu_ns() -> u64 {
-    let tasks = std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task (Linux only; unset HIGGS_BENCH_CPU_TIME elsewhere)");
-    tasks
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
-impl Measurement for ThreadCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-    fn start(&self) -> u64 {
-        thread_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        thread_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, value: &u64) -> f64 {
-        *value as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &NanosecondFormatter
-    }
-}
-
-struct NanosecondFormatter;
-
-impl ValueFormatter for NanosecondFormatter {
-    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
-        let (factor, unit) = if typical < 1e3 {
-            (1.0, "ns (cpu)")
-        } else if typical < 1e6 {
-            (1e-3, "µs (cpu)")
-        } else {
-            (1e-6, "ms (cpu)")
-        };
-        values.iter_mut().for_each(|v| *v *= factor);
-        unit
-    }
-    fn scale_throughputs(
-        &self,
-        _typical: f64,
-        throughput: &Throughput,
-        values: &mut [f64],
-    ) -> &'static str {
-        let per_iteration = match throughput {
-            Throughput::Elements(count)
-            | Throughput::Bytes(count)
-            | Throughput::BytesDecimal(count)
-            | Throughput::Bits(count)
-            | Throughput::ElementsAndBytes {
-                elements: count, ..
-            } => *count as f64,
-        };
-        values
-            .iter_mut()
-            .for_each(|v| *v = per_iteration / *v * 1e3); // per ns → M per s
-        "M/s (cpu)"
-    }
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
-    }
-}
-
 fn main() {
-    if std::env::var_os("HIGGS_BENCH_CPU_TIME").is_some() {
-        let mut c = Criterion::default()
-            .with_measurement(ThreadCpuTime)
-            .configure_from_args();
-        bench_quantize(&mut c);
-        c.final_summary();
-    } else {
-        benches();
-        Criterion::default().configure_from_args().final_summary();
-    }
+    common::main_picking_measurement(bench_quantize, bench_quantize);
 }
-
-fn bench_wall(c: &mut Criterion<WallTime>) {
-    bench_quantize(c);
-}
-
-// Not `criterion_main!`: `main` above picks the measurement.
-criterion_group!(benches, bench_wall);
