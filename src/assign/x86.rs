@@ -85,7 +85,6 @@ unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes
     };
     let far = _mm256_set1_ps(line.far);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    let sign = _mm256_set1_epi32(i32::MIN);
     let seven = _mm256_set1_epi32(7);
     let last = _mm256_set1_epi32(distinct as i32 - 1);
     let blocks = codes.len() / 8;
@@ -126,23 +125,7 @@ unsafe fn assign_line_small(line: &LineSearch, points: &[f32], xs: &[f32], codes
                 _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(index_hi, j)),
                 high,
             ));
-            let diff = _mm256_sub_ps(level, x);
-            let d = _mm256_mul_ps(diff, diff);
-            let lower_index =
-                _mm256_cmpgt_epi32(_mm256_xor_si256(best_i, sign), _mm256_xor_si256(i, sign));
-            let better = _mm256_or_ps(
-                _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d),
-                _mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_EQ_OQ>(d, best_d),
-                    _mm256_castsi256_ps(lower_index),
-                ),
-            );
-            best_d = _mm256_blendv_ps(best_d, d, better);
-            best_i = _mm256_castps_si256(_mm256_blendv_ps(
-                _mm256_castsi256_ps(best_i),
-                _mm256_castsi256_ps(i),
-                better,
-            ));
+            (best_d, best_i) = keep_nearer(best_d, best_i, _mm256_sub_ps(level, x), i);
         }
         // SAFETY: `out` holds 8 u32.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), best_i) };
@@ -225,6 +208,28 @@ unsafe fn line_stats(points: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
     }
 }
 
+/// The nearer of two candidates per lane, ties to the lower index (compared unsigned):
+/// `diff` is the new candidate's level minus the input, `i` its index.
+#[target_feature(enable = "avx2")]
+fn keep_nearer(best_d: __m256, best_i: __m256i, diff: __m256, i: __m256i) -> (__m256, __m256i) {
+    let sign = _mm256_set1_epi32(i32::MIN);
+    let d = _mm256_mul_ps(diff, diff);
+    let lower_index = _mm256_cmpgt_epi32(_mm256_xor_si256(best_i, sign), _mm256_xor_si256(i, sign));
+    let better = _mm256_or_ps(
+        _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d),
+        _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_EQ_OQ>(d, best_d),
+            _mm256_castsi256_ps(lower_index),
+        ),
+    );
+    let best_i = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(best_i),
+        _mm256_castsi256_ps(i),
+        better,
+    ));
+    (_mm256_blendv_ps(best_d, d, better), best_i)
+}
+
 #[target_feature(enable = "avx2")]
 unsafe fn assign_line(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut [u32]) {
     let blocks = codes.len() / 8;
@@ -233,7 +238,6 @@ unsafe fn assign_line(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut
     let far = _mm256_set1_ps(line.far);
     let top = _mm256_set1_ps((line.first.len() - 1) as f32);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    let sign = _mm256_set1_epi32(i32::MIN);
     let one = _mm256_set1_epi32(1);
     for b in 0..blocks {
         let x_block = &xs[b * 8..b * 8 + 8];
@@ -262,24 +266,7 @@ unsafe fn assign_line(line: &LineSearch, points: &[f32], xs: &[f32], codes: &mut
         for _ in 0..3 {
             let level = unsafe { _mm256_i32gather_ps::<4>(line.levels.as_ptr(), k) };
             let i = unsafe { _mm256_i32gather_epi32::<4>(line.index.as_ptr().cast(), k) };
-            let diff = _mm256_sub_ps(level, x);
-            let d = _mm256_mul_ps(diff, diff);
-            // better = d < best_d || (d == best_d && i < best_i), i compared unsigned.
-            let lower_index =
-                _mm256_cmpgt_epi32(_mm256_xor_si256(best_i, sign), _mm256_xor_si256(i, sign));
-            let better = _mm256_or_ps(
-                _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d),
-                _mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_EQ_OQ>(d, best_d),
-                    _mm256_castsi256_ps(lower_index),
-                ),
-            );
-            best_d = _mm256_blendv_ps(best_d, d, better);
-            best_i = _mm256_castps_si256(_mm256_blendv_ps(
-                _mm256_castsi256_ps(best_i),
-                _mm256_castsi256_ps(i),
-                better,
-            ));
+            (best_d, best_i) = keep_nearer(best_d, best_i, _mm256_sub_ps(level, x), i);
             k = _mm256_add_epi32(k, one);
         }
         // SAFETY: `out` holds 8 u32.
