@@ -38,6 +38,8 @@ pub struct Options {
     pub skip: Vec<String>,
     /// Largest output shard in bytes (a tensor is never split).
     pub max_shard_bytes: u64,
+    /// How each group's scale is chosen (the format written is the same).
+    pub scale_search: codec::ScaleSearch,
 }
 
 /// What happens to one tensor.
@@ -351,24 +353,7 @@ pub fn run(
     overwrite: bool,
     progress: bool,
 ) -> Result<Summary> {
-    let search = codec::ScaleSearch::default();
-    run_with(
-        checkpoint, source_dir, plan, options, dst, overwrite, progress, search,
-    )
-}
-
-/// [`run`] with the given per-group scale search (the format written is the same).
-#[allow(clippy::too_many_arguments)]
-pub fn run_with(
-    checkpoint: &Checkpoint,
-    source_dir: &Path,
-    plan: &Plan,
-    options: &Options,
-    dst: &Path,
-    overwrite: bool,
-    progress: bool,
-    scale_search: codec::ScaleSearch,
-) -> Result<Summary> {
+    let scale_search = options.scale_search;
     prepare_destination(source_dir, dst, overwrite)?;
     let started = Instant::now();
     let ranges = shard_ranges(plan, options.max_shard_bytes);

@@ -372,6 +372,7 @@ fn quantize_checkpoint<'py>(
             .collect(),
         skip,
         max_shard_bytes,
+        scale_search: search,
     };
     let out = PyDict::new(py);
     let result = run_detached(py, threads, || {
@@ -386,7 +387,7 @@ fn quantize_checkpoint<'py>(
         } else {
             src.parent().map(PathBuf::from).unwrap_or_default()
         };
-        let summary = pipeline::run_with(
+        let summary = pipeline::run(
             &checkpoint,
             &source_dir,
             &plan,
@@ -394,7 +395,6 @@ fn quantize_checkpoint<'py>(
             &dst,
             overwrite,
             progress,
-            search,
         )?;
         Ok((plan, Some(summary)))
     })?;

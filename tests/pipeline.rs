@@ -96,6 +96,7 @@ fn options(max_shard_bytes: u64) -> Options {
         overrides: BTreeMap::new(),
         skip: Vec::new(),
         max_shard_bytes,
+        scale_search: Default::default(),
     }
 }
 
