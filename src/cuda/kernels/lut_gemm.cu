@@ -66,6 +66,8 @@ struct LutParams {
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
 // 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
+// Entries are ENTRY_WORDS apart (32 for lut_mma; lut_gemv pads them to GEMV_ENTRY_BYTES).
+template <int ENTRY_WORDS = 32>
 __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
     const int lane = threadIdx.x & 31;
     for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS) {
@@ -85,7 +87,7 @@ __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
 #pragma unroll 8
         for (int j = 0; j < 32; ++j) {
             const u32 vj = __shfl_sync(0xffffffffu, v, j);
-            if (base + j < LUT_N) lut[(base + j) * 32 + lane] = vj;
+            if (base + j < LUT_N) lut[(base + j) * ENTRY_WORDS + lane] = vj;
         }
     }
 }
@@ -415,31 +417,6 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
 #define GEMV_G 1  // ring slots refilled together (divides GEMV_D)
 #endif
 
-__device__ __forceinline__ void build_lut_wide(const LutParams& P, u32* lut) {
-    const int lane = threadIdx.x & 31;
-    for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS) {
-        const int e = base + lane;
-        u32 v = 0;
-        if (e < LUT_N) {
-            float lo, hi;
-            if (P.p == 2) {
-                lo = P.grid[2 * e];
-                hi = P.grid[2 * e + 1];
-            } else {
-                lo = P.grid[e & ((1 << BITS) - 1)];
-                hi = P.grid[e >> BITS];
-            }
-            v = pack_act2(lo, hi);
-        }
-#pragma unroll 8
-        for (int j = 0; j < 32; ++j) {
-            const u32 vj = __shfl_sync(0xffffffffu, v, j);
-            if (base + j < LUT_N) lut[(base + j) * (GEMV_ENTRY_BYTES / 4) + lane] = vj;
-        }
-    }
-}
-
-// Byte offset of this lane's copy of the entry for pair code i (0..15) of a chunk.
 __device__ __forceinline__ u32 wide_offset(const u32 (&w)[BITS], int i, u32 lane4) {
 #if BITS == 4
     u32 d;
@@ -491,7 +468,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     const int g = lane >> 2;
     const int t = lane & 3;
     const u32 lane4 = (u32)lane * 4;
-    build_lut_wide(P, lut);
+    build_lut<GEMV_ENTRY_BYTES / 4>(P, lut);
     __syncthreads();
     bool waited = false;
 
