@@ -135,6 +135,9 @@ def load(
 # (dequantizing costs ~0.5 ns per weight in f32, ~1 ns in bf16) faster above.
 CPU_GEMM_MIN_BATCH = 24
 
+# Where HiggsLinear caches its CPU plans (f32 and bf16 activations), outside the state dict.
+_CPU_PLAN_SLOTS = ("_cpu_plan_cache", "_cpu_plan_cache_bf16")
+
 
 def _numpy(tensor: torch.Tensor) -> Any:
     """A NumPy view of a contiguous CPU tensor; bf16 as uint16 bits (NumPy has no bfloat16)."""
@@ -279,8 +282,8 @@ class HiggsLinear(torch.nn.Module):
         scales stay f16, grid and signs f32 (the format and the kernels depend on it). Codes the
         CUDA path holds tiled go back to their stored order first."""
         # The CPU plans hold the old buffers (and NumPy views of them): drop them with the move.
-        self.__dict__.pop("_cpu_plan_cache", None)
-        self.__dict__.pop("_cpu_plan_cache_bf16", None)
+        for slot in _CPU_PLAN_SLOTS:
+            self.__dict__.pop(slot, None)
         if "_higgs_cuda_tiled" in self.__dict__:
             from .cuda import restore_stored_order
 
@@ -297,8 +300,8 @@ class HiggsLinear(torch.nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """Pickling and ``copy.deepcopy`` leave out the CPU plan (a Rust object; rebuilt on use)."""
         state = self.__dict__.copy()
-        state.pop("_cpu_plan_cache", None)
-        state.pop("_cpu_plan_cache_bf16", None)
+        for slot in _CPU_PLAN_SLOTS:
+            state.pop(slot, None)
         if state.pop("_higgs_cuda_tiled", None) is not None:
             from .cuda import stored_codes
 
@@ -352,11 +355,14 @@ class HiggsLinear(torch.nn.Module):
             _version(grid),
             None if signs is None else _version(signs),
         )
-        slot = "_cpu_plan_cache_bf16" if bf16 else "_cpu_plan_cache"
+        slot = _CPU_PLAN_SLOTS[bf16]
         cached = self.__dict__.get(slot)
-        if cached is not None and all(a is b for a, b in zip(cached[0], key[:4], strict=False)):
-            if cached[0][4:] == key[4:]:
-                return cached[1]
+        if (
+            cached is not None
+            and all(a is b for a, b in zip(cached[0][:4], key[:4], strict=True))
+            and cached[0][4:] == key[4:]
+        ):
+            return cached[1]
         from . import _core
 
         codes, scales = self.codes.numpy(), self.scales.numpy()
