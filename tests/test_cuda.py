@@ -93,7 +93,8 @@ LAYERS = [
     (130, 1280, 1, 4, 1280, 64),
     (256, 4096, 2, 4, None, 64),
 ]
-BATCHES = [1, 3, 16, 64, 100]
+# Every kernel boundary: lut_gemv (<= 4 at group 64), lut_mma with 1, 2, 4, 8 batch tiles, dense.
+BATCHES = [1, 3, 5, 9, 16, 24, 33, 57, 64, 100]
 if QUICK:
     LAYERS = [LAYERS[0], LAYERS[4], LAYERS[5]]
     BATCHES = [1, 16, 100]
@@ -151,10 +152,11 @@ def test_lut_linear_bf16(shape: tuple) -> None:
 def test_tuning_overrides_compute_the_same(mt: int, splits: int) -> None:
     seed = _seed()
     layer, w_deq = _layer(300, 4096, 2, 4, None, 64, seed)
-    for batch in (1, 9, 40):
+    # 130: two batch chunks of lut_mma (the dense path switched off), the second one partial.
+    for batch in (1, 9, 40, 64, 130):
         x = torch.randn(batch, 4096, device="cuda").half()
         out = torch.full((batch, 300), float("nan"), dtype=torch.float16, device="cuda")
-        y = hcuda.lut_linear(layer, x, out, mt=mt, splits=splits)
+        y = hcuda.lut_linear(layer, x, out, mt=mt, splits=splits, dense_min_batch=1000)
         torch.cuda.synchronize()
         err = _relative_error(y, x.double() @ w_deq.double().t())
         assert err < 1e-3, f"mt {mt} splits {splits} batch {batch} seed {seed}: {err}"

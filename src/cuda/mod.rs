@@ -153,12 +153,15 @@ fn align256(x: usize) -> usize {
     x.next_multiple_of(256)
 }
 
-/// Dynamic shared memory of one LUT-GEMM block: `lut_mma` keeps its table in static shared
-/// memory; `lut_gemv`'s entries are 256 bytes apart (32 copies, then padding).
+/// Dynamic shared memory of one LUT-GEMM block: the table, entries 256 bytes apart (32 copies,
+/// then padding); `lut_mma` then stages its activations (`XS_STAGES` super-steps of `8·nt`
+/// batch columns, 2 bytes per value).
 fn lut_shared_bytes(bits: u32, kernel: LutKernel) -> usize {
+    let table = (1usize << (2 * bits)) * 256;
     match kernel {
-        LutKernel::Gemv { .. } => (1usize << (2 * bits)) * 256,
-        _ => 0,
+        LutKernel::Gemv { .. } => table,
+        LutKernel::Mma { nt, .. } => table + source::XS_STAGES * 8 * nt * KSTEP * 2,
+        LutKernel::Dequantize => 0,
     }
 }
 
@@ -173,8 +176,9 @@ fn gemv_cpb(group_size: usize, batch: usize, tuning: Tuning) -> Option<usize> {
     (batch <= 8 / cpb).then_some(cpb)
 }
 
-/// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call: the kernel variant to use.
-pub fn tile_shape(batch: usize, tuning: Tuning) -> Result<(usize, usize)> {
+/// Row tiles per warp (`mt`) and batch tiles (`nt`) for a call of `batch` rows through a layer
+/// of `rows` outputs: the kernel variant to use.
+pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, usize)> {
     if batch == 0 {
         return Err(HiggsError::invalid("batch must be at least 1"));
     }
@@ -189,7 +193,11 @@ pub fn tile_shape(batch: usize, tuning: Tuning) -> Result<(usize, usize)> {
         17..=32 => 4,
         _ => 8,
     };
+    // Two row tiles per warp (each activation read from shared memory feeds twice the mma, one
+    // block of 8 warps per SM) won on the H100 at batch 5-8 and, for layers of at least 2048
+    // rows (enough row blocks to fill the GPU), at batch 17-64; see benches/GPU_NOTES.md.
     let mt = match tuning.mt {
+        0 if nt == 1 || (nt >= 4 && rows >= 2048) => 2,
         0 => 1,
         m => m,
     };
@@ -207,7 +215,7 @@ pub fn plan_linear(
     blocks_per_sm: usize,
     tuning: Tuning,
 ) -> Result<LinearPlan> {
-    let (mt, nt) = tile_shape(batch, tuning)?;
+    let (mt, nt) = tile_shape(batch, rows, tuning)?;
     let kp = padded.next_multiple_of(KSTEP);
     let total_steps = kp / KSTEP;
     let batch_chunks = batch.div_ceil(MAX_COLS);
@@ -229,8 +237,9 @@ pub fn plan_linear(
     };
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);
+    // Four u32 per row block (split-K arrivals and give-ups, departures; see `lut_gemm.cu`).
     let counters_offset = 0;
-    let x_rot_offset = align256(row_tiles * 4);
+    let x_rot_offset = align256(row_tiles * 16);
     let partials_offset = x_rot_offset + align256(batch * kp * 2);
     let partial_cols = batch.min(MAX_COLS);
     let workspace_bytes = partials_offset
@@ -314,6 +323,7 @@ struct LutParams {
     full_chunks: i32,
     row_pitch: i32,
     step_pitch: i32,
+    spin_reduce: i32,
 }
 
 #[repr(C)]
@@ -427,7 +437,7 @@ fn prepare_variant(shape: &LayerShape, batch: usize, tuning: Tuning) -> LutKerne
     match gemv_cpb(shape.group_size, batch, tuning) {
         Some(cpb) => LutKernel::Gemv { cpb },
         None => {
-            let (mt, nt) = tile_shape(batch, tuning).unwrap_or((1, 1));
+            let (mt, nt) = tile_shape(batch, shape.out_features, tuning).unwrap_or((1, 1));
             LutKernel::Mma { mt, nt }
         }
     }
@@ -443,11 +453,16 @@ fn prepare(
     act: ActType,
     tuning: Tuning,
 ) -> Result<(Kernel, LinearPlan, usize)> {
-    tile_shape(batch, tuning)?;
+    tile_shape(batch, shape.out_features, tuning)?;
     let variant = prepare_variant(shape, batch, tuning);
     let kernel = lut_kernel(dev, bits, act, variant)?;
     let shared = lut_shared_bytes(bits, variant);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
+    // The plan's row blocks follow the kernel: `lut_gemv` has one row tile per warp.
+    let plan_tuning = match variant {
+        LutKernel::Mma { mt, .. } => Tuning { mt, ..tuning },
+        _ => Tuning { mt: 1, ..tuning },
+    };
     let mut plan = plan_linear(
         batch,
         shape.out_features,
@@ -455,7 +470,7 @@ fn prepare(
         bits,
         dev.sm_count,
         resident,
-        tuning,
+        plan_tuning,
     )?;
     plan.shared_bytes = shared;
     Ok((kernel, plan, resident))
@@ -621,10 +636,23 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         full_chunks: (layout.row_bytes / (4 * bits as usize)) as i32,
         row_pitch,
         step_pitch,
+        spin_reduce: 0,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;
     let blocks = items.min(resident * dev.sm_count).max(1);
+    // `lut_mma` with one item per block, all blocks resident together: the split blocks of a row
+    // block wait for each other and share the reduction (`HIGGS_CUDA_SPIN=0`: the last block
+    // reduces alone, as `lut_gemv` does).
+    let params = LutParams {
+        spin_reduce: (items <= blocks
+            && matches!(
+                prepare_variant(shape, call.batch, call.tuning),
+                LutKernel::Mma { .. }
+            )
+            && !device::switched_off("SPIN")) as i32,
+        ..params
+    };
     dev.launch_with(
         &kernel,
         (blocks as u32, 1, 1),
@@ -760,8 +788,23 @@ mod tests {
         assert_eq!(gemv_cpb(1024, 8, auto), Some(1));
         assert_eq!(gemv_cpb(96, 1, auto), None);
         assert_eq!(gemv_cpb(64, 1, Tuning { mt: 2, splits: 0 }), None);
+        assert_eq!(tile_shape(64, 4096, auto).unwrap(), (2, 8));
+        assert_eq!(tile_shape(64, 1024, auto).unwrap(), (1, 8));
+        assert_eq!(tile_shape(16, 14336, auto).unwrap(), (1, 2));
+        assert_eq!(tile_shape(8, 100, auto).unwrap(), (2, 1));
+        assert_eq!(
+            tile_shape(8, 100, Tuning { mt: 1, splits: 0 }).unwrap(),
+            (1, 1)
+        );
         assert_eq!(lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }), 65536);
-        assert_eq!(lut_shared_bytes(4, LutKernel::Mma { mt: 1, nt: 1 }), 0);
+        assert_eq!(
+            lut_shared_bytes(4, LutKernel::Mma { mt: 1, nt: 1 }),
+            65536 + source::XS_STAGES * 8 * 256
+        );
+        assert_eq!(
+            lut_shared_bytes(2, LutKernel::Mma { mt: 1, nt: 8 }),
+            4096 + source::XS_STAGES * 64 * 256
+        );
     }
 
     #[test]
@@ -784,7 +827,7 @@ mod tests {
                     && p.nt * 8 * p.batch_chunks >= batch.min(MAX_COLS)
             );
             assert!(
-                p.x_rot_offset >= p.row_tiles * 4
+                p.x_rot_offset >= p.row_tiles * 16
                     && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2
             );
             assert!(

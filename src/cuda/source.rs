@@ -83,10 +83,16 @@ fn extra_defines() -> &'static str {
     })
 }
 
+/// Shared-memory stages of activations in `lut_mma` (the launch sizes its dynamic shared memory
+/// from this; `XS_STAGES` in `lut_gemm.cu`).
+pub const XS_STAGES: usize = 3;
+
 /// A LUT-GEMM module for `bits` per weight (2, 3 or 4).
 pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel) -> String {
     let select = match kernel {
-        LutKernel::Mma { mt, nt } => format!("#define LUT_MT {mt}\n#define LUT_NT {nt}\n"),
+        LutKernel::Mma { mt, nt } => {
+            format!("#define LUT_MT {mt}\n#define LUT_NT {nt}\n#define XS_STAGES {XS_STAGES}\n")
+        }
         LutKernel::Gemv { cpb } => format!("#define LUT_GEMV 1\n#define GEMV_CPB {cpb}\n"),
         LutKernel::Dequantize => "#define LUT_DEQUANT 1\n".to_string(),
     };
@@ -398,7 +404,9 @@ mod tests {
         assert!(src.contains("paley_fast(float (&v)[28])"));
         assert!(!src.contains("void paley_slow"));
         let src = lut_gemm(3, ActType::F16, LutKernel::Mma { mt: 2, nt: 8 });
-        assert!(src.starts_with("#define BITS 3\n#define LUT_MT 2\n#define LUT_NT 8\n"));
+        assert!(src.starts_with(
+            "#define BITS 3\n#define LUT_MT 2\n#define LUT_NT 8\n#define XS_STAGES 3\n"
+        ));
         assert!(!src.contains("#define ACT_BF16"));
         assert!(lut_gemm(2, ActType::Bf16, LutKernel::Dequantize).contains("#define LUT_DEQUANT 1"));
     }

@@ -2,13 +2,14 @@
 // point times the row's group scale, looked up from packed codes, and x_rot is the activation
 // rotated like the weights were (hadamard.cu). Needs common.cuh first.
 //
-// Defines: BITS (2, 3, 4: bits per weight), ACT_BF16 (bfloat16 instead of float16).
+// Defines: BITS (2, 3, 4: bits per weight), ACT_BF16 (bfloat16 instead of float16); for timing
+// experiments (HIGGS_CUDA_DEFINES): LUT_MIN_BLOCKS, MMA_D (lut_mma), GEMV_D, GEMV_G, ... (lut_gemv).
 //
 // Every pair of consecutive weights (k, k+1) of a row is one "pair code" of 2*BITS bits: a p = 2
 // code, or two p = 1 codes (LSB-first, so the lower code is the lower k). A shared table maps a
 // pair code to the two values as one packed half2/bfloat162: for p = 2 the grid point, for p = 1
-// (grid[c0], grid[c1]). The table is replicated 32 times (entry e of copy c at word 32e + c, lane
-// c reads copy c) so lookups never conflict on shared-memory banks.
+// (grid[c0], grid[c1]). The table is replicated 32 times (entry e of copy c at byte 256e + 4c,
+// lane c reads copy c) so lookups never conflict on shared-memory banks.
 //
 // Tensor cores (mma.m16n8k16): A = 16 weight rows x 16 k, B = 16 k x 8 batch columns. The k order
 // inside an mma is free as long as A and B agree, so each lane owns 32 consecutive k of its
@@ -21,12 +22,14 @@
 //
 // Work split: a block (8 warps) owns 8*16*MT rows (16*MT per warp) and a range of super-steps
 // (split-K); blocks are persistent (one wave) and loop over (row block, split, batch chunk)
-// items. Each warp keeps the codes of the next D super-steps in flight in a ring of registers;
-// the activations are read through L1 (the block's warps walk the same super-steps). With
-// several splits, blocks write f32 partials and the last block of a row block (a counter per row
-// block, reset by that block) sums them in split order: deterministic, no atomics on data, no
-// memset between calls. Launched as a programmatic dependent of the Hadamard kernel (sm_90): the
-// table and the first codes load while that kernel runs.
+// items. Each warp keeps the codes of the next D super-steps in flight in a ring of registers.
+// lut_mma stages the activations of each super-step once per block in shared memory (cp.async
+// ring, one barrier per super-step); lut_gemv reads them through L1. With several splits, blocks
+// write f32 partials that are summed in split order: by the split blocks of a row block together
+// once all have arrived (lut_mma when the grid is one wave, see spin_reduce), else by the last
+// block to arrive (a counter per row block, reset after use): deterministic, no atomics on data,
+// no memset between calls. Launched as a programmatic dependent of the Hadamard kernel (sm_90):
+// the table and the first codes load while that kernel runs.
 
 #define WARPS 8
 #define THREADS (WARPS * 32)
@@ -42,7 +45,7 @@ struct LutParams {
     const u16* scales;           // rows x groups, float16
     const float* grid;           // n x p, float32
     float* partials;             // splits x partial_cols x rows (split mode only)
-    u32* counters;               // one per row tile, zero between launches (split mode only)
+    u32* counters;               // four per row tile, zero between launches (split mode only)
     int batch;
     int rows;
     int kp;
@@ -62,11 +65,12 @@ struct LutParams {
     int full_chunks;             // whole 32-value chunks of codes in a row: row_bytes / (4 * BITS)
     int row_pitch;               // bytes between rows inside a 16-row tile (see code_row)
     int step_pitch;              // bytes between a row's 128-k super-steps
+    int spin_reduce;             // lut_mma: every block holds one item, all resident (see below)
 };
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
 // 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
-// Entries are ENTRY_WORDS apart (32 for lut_mma; lut_gemv pads them to GEMV_ENTRY_BYTES).
+// Entries are ENTRY_WORDS apart (WIDE_ENTRY_BYTES / 4 = 64: 32 copies, then padding).
 template <int ENTRY_WORDS = 32>
 __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
     const int lane = threadIdx.x & 31;
@@ -184,238 +188,10 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, const unsigned ch
     s = load_cached_u16(scales + group_of(P, kl));
 }
 
-// Byte offset in the table of this lane's copy of the entry for pair code number i (0..15) of a
-// chunk: code * 128 + lane * 4. `i` is a compile-time constant after unrolling, so this is a
-// shift and a mask-or.
-__device__ __forceinline__ u32 lut_offset(const u32 (&w)[BITS], int i, u32 lane4) {
-    const int offset = i * PAIR_BITS;
-    const int word = offset >> 5;
-    const int shift = offset & 31;
-    u32 v;
-    if (shift + PAIR_BITS <= 32 || word + 1 >= BITS) {
-        v = shift >= 7 ? w[word] >> (shift - 7) : w[word] << (7 - shift);
-    } else {
-        v = ((w[word] >> shift) | (w[word + 1] << (32 - shift))) << 7;
-    }
-    return (v & ((u32)(LUT_N - 1) << 7)) | lane4;
-}
-
-__device__ __forceinline__ u32 dequant_pair(const u32* lut, u32 lane4, const u32 (&w)[BITS], int i, u32 s2) {
-    return mul_act2(*(const u32*)((const char*)lut + lut_offset(w, i, lane4)), s2);
-}
-
-template <int MT, int NT>
-__device__ __forceinline__ void lut_mma_body(const LutParams& P) {
-    constexpr int RT = 16 * MT;        // rows per warp
-    constexpr int RB = WARPS * RT;     // rows per block
-    constexpr int CT = 8 * NT;         // batch columns per item
-    // Super-steps whose codes are in flight per warp (a ring of registers, indexed at compile
-    // time): enough bytes in flight to cover DRAM latency.
-    constexpr int D = NT <= 2 ? 3 : 2;
-    // Activation slices loaded at once: all four of a super-step when few batch tiles.
-    constexpr int BU = NT <= 2 ? 4 : 1;
-    // The table in static shared memory: its address is a constant, so a lookup is one LDS with an
-    // immediate offset.
-    __shared__ u32 lut[LUT_N * 32];
-    __shared__ int is_last_block;
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const u32 lane4 = (u32)lane * 4;
-    build_lut(P, lut);
-    __syncthreads();
-    bool waited = false;
-
-    // Persistent blocks over work items (row block, split, batch chunk), row block fastest. Each
-    // warp owns RT rows and walks the item's super-steps in the same order as its neighbours, so
-    // the activation slices it reads are mostly L1 hits after the first warp's.
-    const int items = P.row_tiles * P.splits * P.batch_chunks;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const int tile = item % P.row_tiles;
-        const int split = (item / P.row_tiles) % P.splits;
-        const int chunk = item / (P.row_tiles * P.splits);
-        const int row0 = tile * RB + warp * RT;
-        const int col0 = chunk * MAX_COLS;
-        const int step_begin = split * P.steps_per_split;
-        const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
-                                                                            : P.total_steps;
-
-        float acc[MT][NT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-
-        // Activation row of this lane's first batch column; tile nt is 8 rows further (columns
-        // past the batch are not read: B stays zero there).
-        const u16* xbase = P.x_rot + (u64)(col0 + g) * P.kp + 32 * t;
-        const int xtile = 8 * P.kp;
-
-        // This lane's rows: code and scale pointers (null past the last row), chunk t of a step.
-        const unsigned char* crow[MT][2];
-        const u16* srow[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = row0 + mt * 16 + g + 8 * h;
-                crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
-                srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
-            }
-
-        u32 ring[D][MT][2][BITS];
-        u32 sring[D][MT][2];
-#pragma unroll
-        for (int d = 0; d < D; ++d) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    if (step_begin + d < step_end) {
-                        load_chunk(P, crow[mt][h], srow[mt][h], (step_begin + d) * 4 + t, ring[d][mt][h],
-                                   sring[d][mt][h]);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
-                        sring[d][mt][h] = 0;
-                    }
-                }
-        }
-        if (!waited) {
-            // Programmatic launch: the codes above do not depend on the kernel before this one;
-            // the activations below do.
-            wait_for_previous_grid();
-            waited = true;
-        }
-        for (int step0 = step_begin; step0 < step_end; step0 += D) {
-#pragma unroll
-            for (int d = 0; d < D; ++d) {
-                const int step = step0 + d;
-                if (step >= step_end) break;
-                const int k0 = step * KSTEP;
-                u32 s2[MT][2];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) s2[mt][h] = scale_pair((u16)sring[d][mt][h]);
-#pragma unroll
-                for (int u0 = 0; u0 < 4; u0 += BU) {
-                    U4 bq[BU][NT];
-#pragma unroll
-                    for (int du = 0; du < BU; ++du)
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt) {
-                            if (col0 + nt * 8 + g < P.batch) {
-                                bq[du][nt] = load_cached_v4(xbase + (u64)(nt * xtile + k0 + 8 * (u0 + du)));
-                            } else {
-                                bq[du][nt].x = bq[du][nt].y = bq[du][nt].z = bq[du][nt].w = 0;
-                            }
-                        }
-#pragma unroll
-                    for (int du = 0; du < BU; ++du)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            const int s = 2 * (u0 + du) + h;
-#pragma unroll
-                            for (int mt = 0; mt < MT; ++mt) {
-                                const u32 a0 = dequant_pair(lut, lane4, ring[d][mt][0], 2 * s, s2[mt][0]);
-                                const u32 a1 = dequant_pair(lut, lane4, ring[d][mt][1], 2 * s, s2[mt][1]);
-                                const u32 a2 = dequant_pair(lut, lane4, ring[d][mt][0], 2 * s + 1, s2[mt][0]);
-                                const u32 a3 = dequant_pair(lut, lane4, ring[d][mt][1], 2 * s + 1, s2[mt][1]);
-#pragma unroll
-                                for (int nt = 0; nt < NT; ++nt) {
-                                    const u32 b0 = h ? bq[du][nt].z : bq[du][nt].x;
-                                    const u32 b1 = h ? bq[du][nt].w : bq[du][nt].y;
-                                    mma_16816(acc[mt][nt], a0, a1, a2, a3, b0, b1);
-                                }
-                            }
-                        }
-                }
-                // Refill this ring slot with the super-step D ahead.
-                const int ahead = step + D;
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-                        if (ahead < step_end)
-                            load_chunk(P, crow[mt][h], srow[mt][h], ahead * 4 + t, ring[d][mt][h], sring[d][mt][h]);
-            }
-        }
-
-        // Each warp's accumulators are complete for its rows over this split's k range.
-        const bool split_mode = P.splits > 1;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = row0 + mt * 16 + g + 8 * (i >> 1);
-                    const int b = col0 + nt * 8 + 2 * t + (i & 1);
-                    if (r < P.rows && b < P.batch) {
-                        if (split_mode) {
-                            P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = acc[mt][nt][i];
-                        } else {
-                            P.out[(u64)b * P.rows + r] = f32_to_act(acc[mt][nt][i]);
-                        }
-                    }
-                }
-        if (split_mode) {
-            // The last block to finish this row block adds the splits up, in split order.
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) {
-                const u32 before = atomicAdd(&P.counters[tile], 1u);
-                is_last_block = before == (u32)(P.splits - 1);
-            }
-            __syncthreads();
-            if (is_last_block) {
-                __threadfence();
-                const int rb0 = tile * RB;
-                for (int e = tid; e < RB * CT; e += THREADS) {
-                    const int r = rb0 + e % RB;
-                    const int b = col0 + e / RB;
-                    if (r < P.rows && b < P.batch) {
-                        float sum = 0.f;
-                        for (int sp = 0; sp < P.splits; ++sp)
-                            sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
-                        P.out[(u64)b * P.rows + r] = f32_to_act(sum);
-                    }
-                }
-                if (tid == 0) P.counters[tile] = 0;
-            }
-            // `is_last_block` is rewritten by the next item.
-            __syncthreads();
-        }
-    }
-    if (!waited) wait_for_previous_grid();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Small batches (GEMV): `lut_gemv`. The same mma tiling and chunk ownership as `lut_mma`, with two
-// changes that halve the instructions per pair code:
-// - No scale multiply per pair. The batch has at most 8 / CPB rows, so the mma's 8 B columns are
-//   spent on (batch item, scale group) pairs instead: column n = b * CPB + h holds activation b
-//   masked to the chunks of super-step group slot h (CPB = 128 / group_size slots, 1 to 4, per
-//   128-k super-step). After a super-step's 8 mma the accumulator column n holds the unscaled dot
-//   product of that group; it is multiplied by its row's scale once, in f32.
-// - The table's entries are 256 bytes apart (32 copies, then padding), so a lane's byte offset
-//   code * 256 + lane * 4 is one PRMT of the code byte and the lane offset (4-bit codes).
-#ifdef LUT_GEMV
-#define GEMV_ENTRY_BYTES 256
-#ifndef GEMV_D
-#define GEMV_D 4  // super-steps of codes in flight per warp
-#endif
-#ifndef GEMV_MIN_BLOCKS
-#define GEMV_MIN_BLOCKS 2
-#endif
-#ifndef GEMV_G
-#define GEMV_G 1  // ring slots refilled together (divides GEMV_D)
-#endif
+// Table entries 256 bytes apart (32 copies, then padding), so a lane's byte offset code * 256 +
+// lane * 4 is one PRMT of the code byte and the lane offset (4-bit codes). Used by `lut_mma` and
+// `lut_gemv` (both keep the table in dynamic shared memory, LUT_N * WIDE_ENTRY_BYTES bytes).
+#define WIDE_ENTRY_BYTES 256
 
 __device__ __forceinline__ u32 wide_offset(const u32 (&w)[BITS], int i, u32 lane4) {
 #if BITS == 4
@@ -440,6 +216,432 @@ __device__ __forceinline__ u32 wide_offset(const u32 (&w)[BITS], int i, u32 lane
 __device__ __forceinline__ u32 wide_lookup(const u32* lut, const u32 (&w)[BITS], int i, u32 lane4) {
     return *(const u32*)((const char*)lut + wide_offset(w, i, lane4));
 }
+
+// Activations of `lut_mma`: the item's CT batch columns of XS_STAGES super-steps in a ring of
+// shared-memory stages (after the table), filled by cp.async (one 16-byte piece per copy)
+// XS_STAGES - 1 super-steps ahead and read by all 8 warps (before: each warp re-read them
+// through L1). Column n of a stage is 256 bytes (128 k); its 16-byte piece j sits at piece
+// j ^ ((j >> 3) & 1) ^ ((n & 1) << 1), so a quarter-warp's 16-byte reads (columns g, g + 1;
+// pieces 4t + u) hit 8 distinct bank quads.
+#ifndef XS_STAGES
+#define XS_STAGES 3
+#endif
+#define XS_COL_BYTES (2 * KSTEP)
+
+struct __align__(16) SharedV4 {
+    u32 x, y, z, w;
+};
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+// 16 bytes global -> shared, zero-filled when src_bytes is 0 (columns past the batch).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Where this thread's copies of a stage go and come from: thread tid copies piece j = tid % 16 of
+// columns n0 + 16 i (n0 = tid / 16), i < PER = CT * 16 / THREADS (or just column n0 when CT = 8).
+template <int CT>
+struct Stager {
+    static constexpr int PER = CT * 16 >= THREADS ? CT * 16 / THREADS : 1;
+    const unsigned char* src;  // piece j of column n0, super-step 0
+    u64 col_stride;            // bytes between columns n and n + 16
+    u32 dst;                   // shared address of piece j of column n0 in stage 0
+    int live;                  // columns n0 + 16 i < batch for i < live
+    bool active;               // this thread copies anything (CT = 8: half of the threads)
+
+    __device__ __forceinline__ Stager(const LutParams& P, u32 stage0, int col0) {
+        const int tid = threadIdx.x;
+        const int n0 = tid >> 4;
+        const int j = tid & 15;
+        active = n0 < CT;
+        const int left = P.batch - col0 - n0;
+        live = left <= 0 ? 0 : (left + 15) / 16;
+        src = (const unsigned char*)(P.x_rot + (u64)(col0 + (live > 0 ? n0 : 0)) * P.kp) + 16 * j;
+        col_stride = (u64)16 * P.kp * 2;
+        dst = stage0 + (u32)(n0 * XS_COL_BYTES + ((j ^ ((j >> 3) & 1) ^ ((n0 & 1) << 1)) << 4));
+    }
+
+    // Copies of super-step `step` (nothing past step_end) into stage `slot`; always commits one
+    // group, so the wait counts stay uniform.
+    __device__ __forceinline__ void issue(int slot, int step, int step_end) const {
+        if (step < step_end && active) {
+            const unsigned char* s = src + (u64)step * XS_COL_BYTES;
+            const u32 d = dst + (u32)(slot * CT * XS_COL_BYTES);
+#pragma unroll
+            for (int i = 0; i < PER; ++i)
+                cp_async16(d + i * 16 * XS_COL_BYTES, i < live ? s + i * col_stride : src, i < live ? 16u : 0u);
+        }
+        cp_async_commit();
+    }
+};
+
+// Partial sums written by other blocks: 16 bytes, bypassing L1.
+__device__ __forceinline__ void load_coherent_f32x4(const float* p, float (&v)[4]) {
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                 : "l"(p)
+                 : "memory");
+}
+
+// Rows r..r+3 of batch column b: the sum of the splits' partials in split order, as activations.
+__device__ __forceinline__ void reduce_splits4(const LutParams& P, int b, int r) {
+    const float* p = P.partials + (u64)b * P.rows + r;
+    const u64 stride = (u64)P.partial_cols * P.rows;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    int sp = 0;
+    for (; sp + 8 <= P.splits; sp += 8) {
+        float v[8][4];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) load_coherent_f32x4(p + (sp + k) * stride, v[k]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) sum[q] += v[k][q];
+    }
+    for (; sp < P.splits; ++sp) {
+        float v[4];
+        load_coherent_f32x4(p + sp * stride, v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) sum[q] += v[q];
+    }
+    const u32 lo = pack_act2(sum[0], sum[1]);
+    const u32 hi = pack_act2(sum[2], sum[3]);
+    asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(P.out + (u64)b * P.rows + r), "r"(lo), "r"(hi) : "memory");
+}
+
+// Row r of batch column b: the sum of the splits' partials in split order, as an activation.
+__device__ __forceinline__ void reduce_splits1(const LutParams& P, int b, int r) {
+    float sum = 0.f;
+    for (int sp = 0; sp < P.splits; ++sp)
+        sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
+    P.out[(u64)b * P.rows + r] = f32_to_act(sum);
+}
+
+__device__ __forceinline__ u32 load_acquire_u32(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Share `sh` (of P.splits) of row block `tile`'s outputs, columns col0..: each output the sum of
+// the splits' partials in split order. The shares interleave in units of THREADS outputs (four
+// rows each when rows % 4 == 0).
+template <int RB, int CT>
+__device__ __forceinline__ void reduce_share(const LutParams& P, int tile, int sh, int col0) {
+    const int rb0 = tile * RB;
+    if ((P.rows & 3) == 0) {
+        for (int e = sh * THREADS + (int)threadIdx.x; e < (RB / 4) * CT; e += P.splits * THREADS) {
+            const int r = rb0 + 4 * (e % (RB / 4));
+            const int b = col0 + e / (RB / 4);
+            if (r < P.rows && b < P.batch) reduce_splits4(P, b, r);
+        }
+    } else {
+        for (int e = sh * THREADS + (int)threadIdx.x; e < RB * CT; e += P.splits * THREADS) {
+            const int r = rb0 + e % RB;
+            const int b = col0 + e / RB;
+            if (r < P.rows && b < P.batch) reduce_splits1(P, b, r);
+        }
+    }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void lut_mma_body(const LutParams& P) {
+    constexpr int RT = 16 * MT;        // rows per warp
+    constexpr int RB = WARPS * RT;     // rows per block
+    constexpr int CT = 8 * NT;         // batch columns per item
+    constexpr int S = XS_STAGES;
+    constexpr int STAGE_BYTES = CT * XS_COL_BYTES;
+    // Super-steps whose codes are in flight per warp (a ring of registers, indexed at compile
+    // time): enough bytes in flight to cover DRAM latency.
+#ifdef MMA_D
+    constexpr int D = MMA_D;
+#else
+    constexpr int D = 3;
+#endif
+    // Dynamic shared memory: the table (LUT_N * WIDE_ENTRY_BYTES), then S activation stages.
+    extern __shared__ __align__(16) u32 lut[];
+    unsigned char* const xs = (unsigned char*)lut + LUT_N * WIDE_ENTRY_BYTES;
+    __shared__ int is_last_block;
+    __shared__ u32 claimed_shares;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const u32 lane4 = (u32)lane * 4;
+    build_lut<WIDE_ENTRY_BYTES / 4>(P, lut);
+    __syncthreads();
+    bool waited = false;
+    // This lane's B pieces in a stage: column g of each n-tile, pieces 4t + u (swizzled).
+    const int swz = (t >> 1) ^ ((g & 1) << 1);
+    int xoff[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) xoff[u] = g * XS_COL_BYTES + ((4 * t + (u ^ swz)) << 4);
+    // Whole rows of aligned, full chunks and power-of-two groups (every Llama layer): codes and
+    // scales are loaded without the bounds and byte-path checks of load_chunk.
+    const bool plain = P.vector_codes && P.group_shift >= 0 && P.padded == P.kp &&
+                       P.full_chunks * 32 == P.padded;
+
+    // Persistent blocks over work items (row block, split, batch chunk), row block fastest. All
+    // warps of a block walk the item's super-steps together (one barrier per super-step).
+    const int items = P.row_tiles * P.splits * P.batch_chunks;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item % P.row_tiles;
+        const int split = (item / P.row_tiles) % P.splits;
+        const int chunk = item / (P.row_tiles * P.splits);
+        const int row0 = tile * RB + warp * RT;
+        const int col0 = chunk * MAX_COLS;
+        const int step_begin = split * P.steps_per_split;
+        const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
+                                                                            : P.total_steps;
+
+        float acc[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+        // This lane's rows: code and scale pointers, chunk t of a step. load_chunk takes a null
+        // code pointer past the last row; the plain path reads the last row instead (its results
+        // are never stored).
+        const unsigned char* crow[MT][2];
+        const u16* srow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = row0 + mt * 16 + g + 8 * h;
+                const int rc = r < P.rows ? r : P.rows - 1;
+                crow[mt][h] = r < P.rows || plain ? code_row(P, rc) : (const unsigned char*)0;
+                srow[mt][h] = P.scales + (u64)rc * P.groups;
+            }
+        u32 ring[D][MT][2][BITS];
+        u32 sring[D][MT][2];
+        // Codes and scale of chunk (step * 4 + t) of each of this lane's rows into ring slot d.
+        auto fetch = [&](int d, int step) {
+            if (plain) {
+                const int gi = (step * KSTEP + 32 * t) >> P.group_shift;
+                const int group = gi < P.groups ? gi : P.groups - 1;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const unsigned char* src = crow[mt][h] + step * P.step_pitch + t * (4 * BITS);
+#if BITS == 4
+                        const U4 v = load_stream_v4(src);
+                        ring[d][mt][h][0] = v.x;
+                        ring[d][mt][h][1] = v.y;
+                        ring[d][mt][h][2] = v.z;
+                        ring[d][mt][h][3] = v.w;
+#elif BITS == 2
+                        load_stream_v2(src, ring[d][mt][h][0], ring[d][mt][h][1]);
+#else
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = load_stream_u32(src + 4 * i);
+#endif
+                        sring[d][mt][h] = load_cached_u16(srow[mt][h] + group);
+                    }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        load_chunk(P, crow[mt][h], srow[mt][h], step * 4 + t, ring[d][mt][h], sring[d][mt][h]);
+            }
+        };
+
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            if (step_begin + d < step_end) {
+                fetch(d, step_begin + d);
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
+                        sring[d][mt][h] = 0;
+                    }
+            }
+        }
+        if (!waited) {
+            // Programmatic launch: the codes above do not depend on the kernel before this one;
+            // the activations below do.
+            wait_for_previous_grid();
+            waited = true;
+        }
+        const Stager<CT> stager(P, shared_address(xs), col0);
+        // Every warp is done with the previous item's stages before they are refilled.
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) stager.issue(i, step_begin + i, step_end);
+        int slot = 0;
+        for (int step0 = step_begin; step0 < step_end; step0 += D) {
+#pragma unroll
+            for (int d = 0; d < D; ++d) {
+                const int step = step0 + d;
+                if (step >= step_end) break;
+                // This step's stage has landed (this thread's copies), and every thread's (barrier);
+                // the barrier also frees the stage read last step, which is refilled now.
+                cp_async_wait<S - 2>();
+                __syncthreads();
+                stager.issue(slot == 0 ? S - 1 : slot - 1, step + S - 1, step_end);
+                const unsigned char* stage = xs + slot * STAGE_BYTES;
+                slot = slot + 1 == S ? 0 : slot + 1;
+                u32 s2[MT][2];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) s2[mt][h] = scale_pair((u16)sring[d][mt][h]);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    // Mma steps s = 2u, 2u + 1: the A fragments of both, then per n-tile one
+                    // 16-byte B read (both steps' halves) and two mma.
+                    u32 a[2][MT][4];
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            const int s = 2 * u + h;
+                            a[h][mt][0] = mul_act2(wide_lookup(lut, ring[d][mt][0], 2 * s, lane4), s2[mt][0]);
+                            a[h][mt][1] = mul_act2(wide_lookup(lut, ring[d][mt][1], 2 * s, lane4), s2[mt][1]);
+                            a[h][mt][2] = mul_act2(wide_lookup(lut, ring[d][mt][0], 2 * s + 1, lane4), s2[mt][0]);
+                            a[h][mt][3] = mul_act2(wide_lookup(lut, ring[d][mt][1], 2 * s + 1, lane4), s2[mt][1]);
+                        }
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const SharedV4 bq = *(const SharedV4*)(stage + nt * 8 * XS_COL_BYTES + xoff[u]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_16816(acc[mt][nt], a[0][mt][0], a[0][mt][1], a[0][mt][2], a[0][mt][3], bq.x, bq.y);
+                            mma_16816(acc[mt][nt], a[1][mt][0], a[1][mt][1], a[1][mt][2], a[1][mt][3], bq.z, bq.w);
+                        }
+                    }
+                }
+                // Refill this ring slot with the super-step D ahead.
+                if (step + D < step_end) fetch(d, step + D);
+            }
+        }
+        // Only empty groups (super-steps past the item) can be pending here.
+        cp_async_wait<0>();
+
+        // Each warp's accumulators are complete for its rows over this split's k range.
+        const bool split_mode = P.splits > 1;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = row0 + mt * 16 + g + 8 * (i >> 1);
+                    const int b = col0 + nt * 8 + 2 * t + (i & 1);
+                    if (r < P.rows && b < P.batch) {
+                        if (split_mode) {
+                            P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = acc[mt][nt][i];
+                        } else {
+                            P.out[(u64)b * P.rows + r] = f32_to_act(acc[mt][nt][i]);
+                        }
+                    }
+                }
+        if (split_mode) {
+            __threadfence();
+            __syncthreads();
+            if (P.spin_reduce) {
+                // One item per block and the whole grid meant to be resident at once (one wave):
+                // the split blocks of this row block each add up their share of the outputs once
+                // all have arrived (each output in split order: deterministic), so no single SM
+                // reads all the partials. state[0] of the row block counts arrivals (low 16 bits)
+                // and holds a mask of the blocks that gave up waiting (high 16 bits: the grid was
+                // not all resident after all); the last block to arrive sums its own share and
+                // those of the blocks that gave up before it arrived. state[1] counts departures;
+                // the last to depart zeroes both.
+                u32* const state = P.counters + 4 * tile;
+                if (tid == 0) {
+                    const u32 before = atomicAdd(&state[0], 1u);
+                    u32 shares = 1u << split;
+                    if ((before & 0xffffu) == (u32)(P.splits - 1)) {
+                        shares |= before >> 16;
+                    } else {
+                        bool all = false;
+                        for (int i = 0; !all && i < (1 << 14); ++i) {
+                            __nanosleep(64);
+                            all = (load_acquire_u32(&state[0]) & 0xffffu) >= (u32)P.splits;
+                        }
+                        // Giving up is recorded atomically: if the last block arrived meanwhile,
+                        // this block still sums its share (the last one did not count it).
+                        if (!all && (atomicOr(&state[0], (1u << split) << 16) & 0xffffu) < (u32)P.splits)
+                            shares = 0;
+                    }
+                    claimed_shares = shares;
+                }
+                __syncthreads();
+                const u32 shares = claimed_shares;
+                if (shares) {
+                    __threadfence();
+                    for (int sh = 0; sh < P.splits; ++sh)
+                        if (shares & (1u << sh)) reduce_share<RB, CT>(P, tile, sh, col0);
+                }
+                __syncthreads();
+                if (tid == 0 && atomicAdd(&state[1], 1u) == (u32)(P.splits - 1)) {
+                    state[0] = 0;
+                    state[1] = 0;
+                }
+            } else {
+                // The last block to finish this row block adds the splits up, in split order.
+                if (tid == 0) {
+                    const u32 before = atomicAdd(&P.counters[4 * tile], 1u);
+                    is_last_block = before == (u32)(P.splits - 1);
+                }
+                __syncthreads();
+                if (is_last_block) {
+                    __threadfence();
+                    for (int sh = 0; sh < P.splits; ++sh) reduce_share<RB, CT>(P, tile, sh, col0);
+                    if (tid == 0) P.counters[4 * tile] = 0;
+                }
+            }
+            // `is_last_block` is rewritten by the next item.
+            __syncthreads();
+        }
+    }
+    if (!waited) wait_for_previous_grid();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small batches (GEMV): `lut_gemv`. The same mma tiling and chunk ownership as `lut_mma`, with two
+// changes that halve the instructions per pair code:
+// - No scale multiply per pair. The batch has at most 8 / CPB rows, so the mma's 8 B columns are
+//   spent on (batch item, scale group) pairs instead: column n = b * CPB + h holds activation b
+//   masked to the chunks of super-step group slot h (CPB = 128 / group_size slots, 1 to 4, per
+//   128-k super-step). After a super-step's 8 mma the accumulator column n holds the unscaled dot
+//   product of that group; it is multiplied by its row's scale once, in f32.
+// - The table's entries are 256 bytes apart (32 copies, then padding), so a lane's byte offset
+//   code * 256 + lane * 4 is one PRMT of the code byte and the lane offset (4-bit codes).
+#ifdef LUT_GEMV
+#define GEMV_ENTRY_BYTES WIDE_ENTRY_BYTES
+#ifndef GEMV_D
+#define GEMV_D 4  // super-steps of codes in flight per warp
+#endif
+#ifndef GEMV_MIN_BLOCKS
+#define GEMV_MIN_BLOCKS 2
+#endif
+#ifndef GEMV_G
+#define GEMV_G 1  // ring slots refilled together (divides GEMV_D)
+#endif
 
 // The two f16 scales of a row for this lane's accumulator columns j = 0, 1 at super-step `step`
 // (low half: column 2t, high half: column 2t + 1).
@@ -629,7 +831,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
             __threadfence();
             __syncthreads();
             if (tid == 0) {
-                const u32 before = atomicAdd(&P.counters[tile], 1u);
+                const u32 before = atomicAdd(&P.counters[4 * tile], 1u);
                 is_last_block = before == (u32)(P.splits - 1);
             }
             __syncthreads();
@@ -647,7 +849,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         P.out[(u64)b * P.rows + r] = f32_to_act(sum);
                     }
                 }
-                if (tid == 0) P.counters[tile] = 0;
+                if (tid == 0) P.counters[4 * tile] = 0;
             }
             __syncthreads();
         }
@@ -663,7 +865,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(
 
 // One instantiation per module (compiled on first use): LUT_MT row tiles x LUT_NT batch tiles.
 // Few batch tiles: cap registers so three (batch <= 8) or two blocks fit per multiprocessor.
+#ifndef LUT_MIN_BLOCKS
 #define LUT_MIN_BLOCKS (LUT_MT > 1 ? 1 : LUT_NT == 1 ? 3 : LUT_NT <= 4 ? 2 : 1)
+#endif
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     lut_mma_body<LUT_MT, LUT_NT>(P);
