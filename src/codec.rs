@@ -19,7 +19,7 @@
 //! Dequantization reverses it: grid point × scale, `hadamard::inverse`, signs, crop.
 #![forbid(unsafe_code)]
 
-use crate::assign::{Assigner, SCAN_MAX_FACTORS};
+use crate::assign::{AssignStats, Assigner, SCAN_MAX_FACTORS};
 use crate::grid::Grid;
 use crate::{hadamard, HiggsError, Result};
 use half::{bf16, f16};
@@ -317,6 +317,10 @@ struct SearchScratch {
     scaled: Vec<f32>,
     codes: Vec<u32>,
     best_codes: Vec<u32>,
+    /// The group scaled by each of [`FAST_MULTIPLIERS`]' scales, one after another, and their
+    /// codes (see [`score_scales`]).
+    batch_scaled: Vec<f32>,
+    batch_codes: Vec<u32>,
 }
 
 impl SearchScratch {
@@ -325,6 +329,8 @@ impl SearchScratch {
             scaled: vec![0.0; group_size],
             codes: vec![0; group_size.div_ceil(p)],
             best_codes: vec![0; group_size.div_ceil(p)],
+            batch_scaled: Vec::new(),
+            batch_codes: Vec::new(),
         }
     }
 }
@@ -379,7 +385,65 @@ fn score_scale(
     let inv = 1.0 / sf;
     scaled.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
     let stats = assigner.assign_stats(scaled, &mut scratch.codes[..tuples]);
-    let sd = sf as f64;
+    let (error, refit, refit_bound) = scale_score(s, stats);
+    if error < best.error {
+        *best = Best {
+            error,
+            scale: s,
+            refit,
+        };
+        std::mem::swap(&mut scratch.codes, &mut scratch.best_codes);
+    }
+    (error, refit, refit_bound)
+}
+
+/// [`score_scale`] for several scales in order (the same results and the same updates of
+/// `best`), with one assignment call for all of them: the searches of many tuples then
+/// overlap their table loads.
+fn score_scales(
+    assigner: &Assigner,
+    x: &[f32],
+    scales: &[f16],
+    scratch: &mut SearchScratch,
+    best: &mut Best,
+    out: &mut [(f64, f16, f64)],
+) {
+    let tuples = x.len() / assigner.grid.p;
+    let usable_scales = scales.iter().filter(|&&s| usable(s)).count();
+    scratch.batch_scaled.resize(usable_scales * x.len(), 0.0);
+    scratch.batch_codes.resize(usable_scales * tuples, 0);
+    let mut slots = scratch.batch_scaled.chunks_exact_mut(x.len());
+    for &s in scales.iter().filter(|&&s| usable(s)) {
+        let inv = 1.0 / s.to_f32();
+        let slot = slots.next().expect("one slot per usable scale");
+        slot.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
+    }
+    assigner.assign(&scratch.batch_scaled, &mut scratch.batch_codes);
+    let mut k = 0;
+    for (&s, o) in scales.iter().zip(out.iter_mut()) {
+        if !usable(s) {
+            *o = (f64::INFINITY, s, f64::INFINITY);
+            continue;
+        }
+        let scaled = &scratch.batch_scaled[k * x.len()..(k + 1) * x.len()];
+        let codes = &scratch.batch_codes[k * tuples..(k + 1) * tuples];
+        k += 1;
+        *o = scale_score(s, assigner.stats(scaled, codes));
+        if o.0 < best.error {
+            *best = Best {
+                error: o.0,
+                scale: s,
+                refit: o.1,
+            };
+            scratch.best_codes[..tuples].copy_from_slice(codes);
+        }
+    }
+}
+
+/// (error, least-squares refit, error bound of the refit) of scale `s` from the sums of the
+/// scaled group's assignment (see [`score_scale`]).
+fn scale_score(s: f16, stats: AssignStats) -> (f64, f16, f64) {
+    let sd = s.to_f32() as f64;
     let error = stats.error as f64 * sd * sd;
     // In x's units Σx·q = s·dot and Σ‖q‖² = norm.
     let (dot, norm) = (stats.dot as f64, stats.norm as f64);
@@ -393,14 +457,6 @@ fn score_scale(
     // Σ‖x − r·q‖² = Σ‖x − s·q‖² + 2(s − r)·Σ(x − s·q)·q + (s − r)²·Σ‖q‖².
     let delta = sd - refit.to_f64();
     let refit_bound = error + 2.0 * delta * sd * (dot - norm) + delta * delta * norm;
-    if error < best.error {
-        *best = Best {
-            error,
-            scale: s,
-            refit,
-        };
-        std::mem::swap(&mut scratch.codes, &mut scratch.best_codes);
-    }
     (error, refit, refit_bound)
 }
 
@@ -514,9 +570,18 @@ fn choose_scale(
                 // Each start scored exactly; its refit by the bound from the start's codes, and
                 // the refit with the lowest bound scored exactly, then refit rounds.
                 let mut bound_best = (f64::INFINITY, rms16);
-                for m in FAST_MULTIPLIERS {
-                    let (_, refit, bound) =
-                        score_scale(assigner, x, f16::from_f64(rms * m), scratch, &mut best);
+                let starts = FAST_MULTIPLIERS.map(|m| f16::from_f64(rms * m));
+                let mut scores = [(0.0, f16::ZERO, 0.0); FAST_MULTIPLIERS.len()];
+                if assigner.grid.p >= 3 {
+                    // Cell searches wait on table loads: one call for all starts.
+                    score_scales(assigner, x, &starts, scratch, &mut best, &mut scores);
+                } else {
+                    // p = 1 has a fused assign-and-sum path per call.
+                    for (&s, o) in starts.iter().zip(scores.iter_mut()) {
+                        *o = score_scale(assigner, x, s, scratch, &mut best);
+                    }
+                }
+                for (_, refit, bound) in scores {
                     if bound < bound_best.0 {
                         bound_best = (bound, refit);
                     }
@@ -1046,6 +1111,46 @@ mod tests {
                     .sum::<f64>()
             })
             .sum()
+    }
+
+    #[test]
+    fn batched_scoring_matches_one_scale_at_a_time() {
+        let mut rng = SplitMix64::new(31);
+        for (p, n, g) in [(4usize, 8192usize, 64usize), (3, 4096, 48), (4, 256, 32)] {
+            let assigner = Assigner::for_grid(p, n).unwrap();
+            let mut batch = SearchScratch::new(g, p);
+            let mut single = SearchScratch::new(g, p);
+            for trial in 0..100 {
+                let mut x = vec![0f32; g];
+                rng.fill_gaussian(&mut x);
+                x[trial % g] *= 1.0 + (trial % 7) as f32;
+                let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / g as f64).sqrt();
+                let mut scales = FAST_MULTIPLIERS.map(|m| f16::from_f64(rms * m));
+                if trial % 10 == 0 {
+                    scales[2] = f16::ZERO; // unusable: skipped, as one at a time
+                }
+                let fresh = || Best {
+                    error: f64::INFINITY,
+                    scale: f16::ONE,
+                    refit: f16::ONE,
+                };
+                let (mut best_b, mut best_s) = (fresh(), fresh());
+                let mut scores = [(0.0, f16::ZERO, 0.0); FAST_MULTIPLIERS.len()];
+                score_scales(&assigner, &x, &scales, &mut batch, &mut best_b, &mut scores);
+                for (&s, &got) in scales.iter().zip(&scores) {
+                    let want = score_scale(&assigner, &x, s, &mut single, &mut best_s);
+                    assert_eq!(
+                        (got.0.to_bits(), got.1, got.2.to_bits()),
+                        (want.0.to_bits(), want.1, want.2.to_bits()),
+                        "p {p} n {n} trial {trial} scale {s}"
+                    );
+                }
+                assert_eq!(best_b.error.to_bits(), best_s.error.to_bits());
+                assert_eq!((best_b.scale, best_b.refit), (best_s.scale, best_s.refit));
+                let tuples = g / p;
+                assert_eq!(batch.best_codes[..tuples], single.best_codes[..tuples]);
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 #![allow(unsafe_code)]
 
 use super::{
-    brute_force_nearest, AssignStats, CellSearch, LineSearch, LANES, QUAD_OVERFLOW, QUAD_WORDS,
+    add_terms, brute_force_nearest, fold_stats, AssignStats, CellSearch, LineSearch, LANES,
+    QUAD_OVERFLOW, QUAD_WORDS,
 };
 use crate::grid::Grid;
 use std::arch::x86_64::*;
@@ -526,17 +527,25 @@ unsafe fn assign_pairs_stats(
 #[target_feature(enable = "avx2")]
 unsafe fn assign<const P: usize>(search: &CellSearch, grid: &Grid, xs: &[f32], codes: &mut [u32]) {
     const { assert!(LANES == 8) };
-    const BLOCK: usize = 8;
-    // Blocks of tuples: first every cell and a prefetch of its list, then the searches, so the
-    // list loads of a block overlap instead of each waiting for the last.
+    const BLOCK: usize = 16;
+    // Blocks of tuples: first every cell and a prefetch of its list's offsets, then the
+    // offsets and a prefetch of each list, then the searches, so the table loads of a block
+    // overlap instead of each waiting for the last. (A prefetch is only a hint and never
+    // faults, whatever the address.)
     for (xb, cb) in xs.chunks(BLOCK * P).zip(codes.chunks_mut(BLOCK)) {
-        let mut lists = [(0usize, 0usize); BLOCK];
+        let mut cells = [None; BLOCK];
         for (t, x) in xb.chunks_exact(P).enumerate() {
-            if let Some(cell) = search.cell_of::<P>(x) {
+            cells[t] = search.cell_of::<P>(x);
+            if let Some(cell) = cells[t] {
+                let at = search.chunk_offsets.as_ptr().wrapping_add(cell);
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+            }
+        }
+        let mut lists = [(0usize, 0usize); BLOCK];
+        for (list, &cell) in lists.iter_mut().zip(&cells) {
+            if let Some(cell) = cell {
                 let first = search.chunk_offsets[cell] as usize;
-                let end = search.chunk_offsets[cell + 1] as usize;
-                lists[t] = (first, end);
-                // A prefetch is only a hint and never faults, whatever the address.
+                *list = (first, search.chunk_offsets[cell + 1] as usize);
                 let at = search.indices.as_ptr().wrapping_add(first * LANES);
                 _mm_prefetch::<_MM_HINT_T0>(at.cast());
             }
@@ -574,6 +583,20 @@ unsafe fn chunk_distances(points4: &[f32], idx: &[u32], point: &[__m256; 4]) -> 
     let base = points4.as_ptr();
     // SAFETY: per the contract, idx[l]·4 + 3 < points4.len() for l < 8.
     let load = |l: usize| unsafe { _mm_loadu_ps(base.add(*idx.get_unchecked(l) as usize * 4)) };
+    let axes = transpose8(load);
+    let mut d = _mm256_setzero_ps();
+    for (g, x) in axes.iter().zip(point) {
+        let diff = _mm256_sub_ps(*g, *x);
+        d = _mm256_add_ps(d, _mm256_mul_ps(diff, diff));
+    }
+    d
+}
+
+/// 8 vectors of 4 floats (`load(l)` for l < 8) to one register per coordinate, lane l from
+/// vector l.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8(load: impl Fn(usize) -> __m128) -> [__m256; 4] {
     let a0 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(0)), load(4));
     let a1 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(1)), load(5));
     let a2 = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(load(2)), load(6));
@@ -582,18 +605,75 @@ unsafe fn chunk_distances(points4: &[f32], idx: &[u32], point: &[__m256; 4]) -> 
     let t1 = _mm256_unpacklo_ps(a2, a3);
     let t2 = _mm256_unpackhi_ps(a0, a1);
     let t3 = _mm256_unpackhi_ps(a2, a3);
-    let axes = [
+    [
         _mm256_shuffle_ps::<0b01_00_01_00>(t0, t1),
         _mm256_shuffle_ps::<0b11_10_11_10>(t0, t1),
         _mm256_shuffle_ps::<0b01_00_01_00>(t2, t3),
         _mm256_shuffle_ps::<0b11_10_11_10>(t2, t3),
-    ];
-    let mut d = _mm256_setzero_ps();
-    for (g, x) in axes.iter().zip(point) {
-        let diff = _mm256_sub_ps(*g, *x);
-        d = _mm256_add_ps(d, _mm256_mul_ps(diff, diff));
+    ]
+}
+
+/// p = 4 with AVX2: the sums of [`super::Assigner::assign_stats`] for given codes, 8 tuples per
+/// register (tuple t in lane t mod 8, as the scalar reference accumulates them), with the
+/// reference's arithmetic lane by lane. None when AVX2 is missing or the lengths or codes do
+/// not fit.
+pub fn stats_p4_avx2(points4: &[f32], xs: &[f32], codes: &[u32]) -> Option<AssignStats> {
+    let n = points4.len() / 4;
+    let fits = xs.len() == 4 * codes.len() && codes.iter().all(|&c| (c as usize) < n);
+    if !avx2_available() || !fits {
+        return None;
     }
-    d
+    // SAFETY: AVX2 is available, `xs` holds 4 floats per code and every code is below
+    // points4.len() / 4 (checked above).
+    Some(unsafe { stats_p4(points4, xs, codes) })
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn stats_p4(points4: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
+    let zero = _mm256_setzero_ps();
+    let (mut err, mut dot, mut norm) = (zero, zero, zero);
+    let blocks = codes.len() / 8;
+    for b in 0..blocks {
+        // SAFETY: codes b·8 + l (l < 8) exist and are below points4.len() / 4; tuple b·8 + l
+        // is xs[(b·8 + l)·4 ..][..4] (b < blocks, xs.len() = 4·codes.len()).
+        let (g, x) = unsafe {
+            (
+                transpose8(|l| {
+                    let c = *codes.get_unchecked(b * 8 + l) as usize;
+                    _mm_loadu_ps(points4.as_ptr().add(c * 4))
+                }),
+                transpose8(|l| _mm_loadu_ps(xs.as_ptr().add((b * 8 + l) * 4))),
+            )
+        };
+        // Per tuple, coordinates in order from 0, multiply then add; then into its lane.
+        let (mut e, mut d, mut q) = (zero, zero, zero);
+        for axis in 0..4 {
+            let diff = _mm256_sub_ps(x[axis], g[axis]);
+            e = _mm256_add_ps(e, _mm256_mul_ps(diff, diff));
+            d = _mm256_add_ps(d, _mm256_mul_ps(x[axis], g[axis]));
+            q = _mm256_add_ps(q, _mm256_mul_ps(g[axis], g[axis]));
+        }
+        err = _mm256_add_ps(err, e);
+        dot = _mm256_add_ps(dot, d);
+        norm = _mm256_add_ps(norm, q);
+    }
+    let mut acc = [[0f32; 8]; 3];
+    // SAFETY: each row is 8 f32.
+    unsafe {
+        _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
+        _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
+        _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
+    }
+    for t in blocks * 8..codes.len() {
+        let c = codes[t] as usize;
+        add_terms(
+            &mut acc,
+            t % 8,
+            &xs[t * 4..t * 4 + 4],
+            &points4[c * 4..c * 4 + 4],
+        );
+    }
+    fold_stats(&acc)
 }
 
 /// The minimum of the 8 lanes, in every lane.
