@@ -12,8 +12,9 @@
 //!
 //! `smollm2_<rows>x<cols>`: the layer shapes of SmolLM2-135M (small: the calls run on the calling
 //! thread), with the shipped grid (symmetric: the half-table front end) and the same grid rounded
-//! to bf16 (what bf16 activations use), batch 1 to 32, and the batched path's dequantization of
-//! the rotated weights. Throughput in weights × batch rows per second.
+//! to bf16 (what bf16 activations use), batch 1 to 32, bf16 activations and outputs on the bf16
+//! grid (`*_bf16io`, what `HiggsLinear` runs in bf16), and the batched path's dequantization of
+//! the rotated weights (f32 and bf16 tiles). Throughput in weights × batch rows per second.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use higgs_rs::codec::QuantSpec;
@@ -230,11 +231,37 @@ fn bench_small_layers(c: &mut Criterion) {
                     })
                 });
             }
+            if name == "bf16grid" {
+                // bf16 activations and outputs, as `HiggsLinear` runs them (`vdpbf16ps` where
+                // the CPU has AVX-512 BF16).
+                for batch in [1usize, 8] {
+                    group.throughput(Throughput::Elements((rows * cols * batch) as u64));
+                    let x: Vec<half::bf16> = gaussian(batch * cols, 2)
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v))
+                        .collect();
+                    let mut y = vec![half::bf16::ZERO; batch * rows];
+                    group.bench_function(format!("lut_{name}_bf16io/batch{batch}"), |b| {
+                        b.iter(|| {
+                            let x = Activations::Bf16(black_box(&x));
+                            plan.run(w.codes, w.scales, x, batch, Outputs::Bf16(&mut y), None)
+                                .unwrap()
+                        })
+                    });
+                }
+            }
             group.throughput(Throughput::Elements((rows * cols) as u64));
             let mut w_rot = vec![0f32; rows * plan.rotated_width()];
             group.bench_function(format!("dequantize_rotated_{name}"), |b| {
                 b.iter(|| {
                     plan.dequantize_rotated(w.codes, w.scales, Outputs::F32(&mut w_rot))
+                        .unwrap()
+                })
+            });
+            let mut w_bf16 = vec![half::bf16::ZERO; rows * plan.rotated_width()];
+            group.bench_function(format!("dequantize_rotated_{name}_to_bf16"), |b| {
+                b.iter(|| {
+                    plan.dequantize_rotated(w.codes, w.scales, Outputs::Bf16(&mut w_bf16))
                         .unwrap()
                 })
             });

@@ -152,6 +152,29 @@ def test_leading_dimensions_and_empty_batch() -> None:
     assert layer(torch.zeros(0, 64)).shape == (0, 10)
 
 
+def test_leading_dimensions_on_every_path() -> None:
+    """3-D, 1-D and strided inputs, f32 and bf16, LUT and batched paths, with a bias: the same
+    rows as the 2-D call."""
+    q = higgs_rs.quantize_tensor(weights(10, 64, seed=17), bits=4, p=2)
+    bias = torch.randn(10, generator=torch.Generator().manual_seed(18))
+    layer = HiggsLinear.from_quantized(q, bias=bias)
+    generator = torch.Generator().manual_seed(19)
+    for dtype in (torch.float32, torch.bfloat16):
+        for lead in ((2, 3), (2, 20)):  # 6 rows: LUT product; 40: the batched path
+            x = torch.randn(*lead, 64, generator=generator).to(dtype)
+            y = layer(x)
+            assert y.shape == (*lead, 10)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.reshape(-1, 10), layer(x.reshape(-1, 64)), rtol=0, atol=0)
+        one = torch.randn(64, generator=generator).to(dtype)
+        assert layer(one).shape == (10,)
+        torch.testing.assert_close(layer(one), layer(one[None])[0], rtol=0, atol=0)
+        strided = torch.randn(64, 6, generator=generator).to(dtype).t()
+        torch.testing.assert_close(layer(strided), layer(strided.contiguous()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.zeros(2, 128))
+
+
 def test_state_dict_round_trips_into_a_fresh_layer() -> None:
     rows, cols = 13, 100
     q = higgs_rs.quantize_tensor(

@@ -328,15 +328,16 @@ class HiggsLinear(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.codes.is_cuda:
-            y = self._forward_cuda(x2)
-        else:
-            y = self._forward_cpu(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        # Buffers and the bias through the dicts: `self.codes` goes through nn.Module.__getattr__
+        # (~1 µs a lookup), and a decode step makes hundreds of these calls.
+        if self._buffers["codes"].is_cuda:
+            shape = x.shape
+            y = self._forward_cuda(x.reshape(-1, self.in_features))
+            bias = self._parameters.get("bias", self.__dict__.get("bias"))
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
+        return self._forward_cpu(x)
 
     def _cpu_plan(self, bf16: bool = False) -> tuple[Any, Any, Any]:
         """The Rust plan (kernel and tables resolved once) and NumPy views of codes and scales,
@@ -346,38 +347,44 @@ class HiggsLinear(torch.nn.Module):
         # Per call, so cheap: the buffer objects (replaced by `.to`, `load_state_dict(assign=True)`)
         # and the in-place edit counters of the two the plan copies (grid, signs).
         buffers = self._buffers
+        codes_t, scales_t = buffers["codes"], buffers["scales"]
         grid, signs = buffers["grid"], buffers["signs"]
-        key = (
-            buffers["codes"],
-            buffers["scales"],
-            grid,
-            signs,
-            _version(grid),
-            None if signs is None else _version(signs),
-        )
         slot = _CPU_PLAN_SLOTS[bf16]
         cached = self.__dict__.get(slot)
         if (
             cached is not None
-            and all(a is b for a, b in zip(cached[0][:4], key[:4], strict=True))
-            and cached[0][4:] == key[4:]
+            and cached[0] is codes_t
+            and cached[1] is scales_t
+            and cached[2] is grid
+            and cached[3] is signs
+            and cached[4] == _version(grid)
+            and cached[5] == (None if signs is None else _version(signs))
         ):
-            return cached[1]
+            return cached[6]
         from . import _core
 
-        codes, scales = self.codes.numpy(), self.scales.numpy()
+        codes, scales = codes_t.numpy(), scales_t.numpy()
         plan = _core.CpuLutPlan(
             codes,
             scales,
-            self.grid.numpy(),
-            None if self.signs is None else self.signs.numpy(),
+            grid.numpy(),
+            None if signs is None else signs.numpy(),
             self.in_features,
             self.hadamard_size,
             self.group_size,
             bf16_grid=bf16,
         )
-        self.__dict__[slot] = (key, (plan, codes, scales))
-        return plan, codes, scales
+        result = (plan, codes, scales)
+        self.__dict__[slot] = (
+            codes_t,
+            scales_t,
+            grid,
+            signs,
+            _version(grid),
+            None if signs is None else _version(signs),
+            result,
+        )
+        return result
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """The Rust LUT product for small batches; for ``CPU_GEMM_MIN_BATCH`` rows or more, the
@@ -385,35 +392,49 @@ class HiggsLinear(torch.nn.Module):
         LUT product pays its table lookups per block of 8 rows, a GEMM reuses each weight
         across the whole batch). bf16 activations run in bf16 precision (like ``F.linear`` in
         bf16): converted in Rust, grid points rounded to bf16 for the LUT product, weights and
-        activations bf16 in the GEMM. Other dtypes run in f32."""
+        activations bf16 in the GEMM. Other dtypes run in f32. ``x`` may have leading
+        dimensions."""
         if x.requires_grad:
             x = x.detach()
-        batch, wanted = x.shape[0], x.dtype
+        shape, wanted = x.shape, x.dtype
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(
+                f"HiggsLinear({self.in_features} → {self.out_features}) got input of shape {tuple(shape)}"
+            )
+        out_shape = (*shape[:-1], self.out_features)
         bf16 = wanted == torch.bfloat16
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        plan, codes, scales = self._cpu_plan(bf16=bf16)
-        # Conversions only when needed: even no-op `.to()` / `.contiguous()` calls cost ~1 µs
-        # each, and a decode step makes hundreds of these calls.
+        plan, codes, scales = self._cpu_plan(bf16)
+        # Conversions only when needed: even no-op `.to()` / `.contiguous()` / `.reshape()`
+        # calls cost ~1 µs each, and a decode step makes hundreds of these calls.
         if not bf16 and wanted != torch.float32:
             x = x.to(torch.float32)
         if not x.is_contiguous():
             x = x.contiguous()
+        batch = x.numel() // self.in_features
         if batch >= CPU_GEMM_MIN_BATCH:
+            dtype = torch.bfloat16 if bf16 else torch.float32
             width = plan.rotated_width
             w_rot = torch.empty(self.out_features, width, dtype=dtype)
             x_rot = torch.empty(batch, width, dtype=dtype)
             plan.dequantize_rotated(codes, scales, _numpy(w_rot))
-            plan.rotate(_numpy(x), _numpy(x_rot))
-            out = torch.mm(x_rot, w_rot.t())
-        elif bf16:
-            out_bits = np.empty((batch, self.out_features), np.uint16)
-            plan.forward(x.view(torch.uint16).numpy(), codes, scales, out_bits)
-            return torch.from_numpy(out_bits).view(torch.bfloat16)
+            plan.rotate(_numpy(x.view(batch, self.in_features)), _numpy(x_rot))
+            out = torch.mm(x_rot, w_rot.t()).view(out_shape)
         else:
-            out_np = np.empty((batch, self.out_features), np.float32)
-            plan.forward(x.numpy(), codes, scales, out_np)
+            # Leading dimensions folded on the NumPy side (a NumPy reshape costs a third of a
+            # torch view).
+            x_np = _numpy(x).reshape(batch, self.in_features)
+            out_np = np.empty(out_shape, np.uint16 if bf16 else np.float32)
+            plan.forward(x_np, codes, scales, out_np.reshape(batch, self.out_features))
             out = torch.from_numpy(out_np)
-        return out if out.dtype == wanted else out.to(wanted)
+            if bf16:
+                out = out.view(torch.bfloat16)
+        if out.dtype != wanted:
+            out = out.to(wanted)
+        # A Parameter, or None (then a plain attribute: nn.Module keeps it in __dict__).
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))
+        if bias is not None:
+            out = out + bias.to(wanted)
+        return out
 
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         # The fused CUDA path (Hadamard kernel + LUT-GEMM on the codes) lives in higgs_rs.cuda.
