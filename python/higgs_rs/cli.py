@@ -121,11 +121,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _load_any(model_dir: str | Path, device: str) -> object:
+    import torch
+
     from .torch import is_higgs_checkpoint, load, load_plain
 
     if is_higgs_checkpoint(model_dir):
         return load(model_dir, device=device)
-    return load_plain(model_dir).to(device)
+    # The checkpoint's own precision on the CPU (as `load` runs quantized ones), fp16 on a GPU.
+    dtype = torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+    return load_plain(model_dir, dtype=dtype).to(device)
 
 
 def _generate_text(model: object, tokenizer: object, prompt: str, max_new_tokens: int) -> str:
@@ -157,6 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Prepare SmolLM2-135M, quantize it, compare size, perplexity and a sample."""
+    import torch
     from transformers import AutoTokenizer
 
     from . import models
@@ -192,7 +197,11 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"   bf16: {ppl_source:.2f}   HIGGS {summary['bits_per_weight']:.2f} bits: {ppl_quant:.2f}")
 
     print(f"== 4. generate ({args.max_new_tokens} tokens, greedy): {args.prompt!r}")
-    for name, model in (("bf16", load_plain(src)), ("HIGGS (LUT kernels on the codes)", load(dst))):
+    # Both in bf16 on the CPU (`load`'s default): the quantized model against the one it came from.
+    for name, model in (
+        ("bf16", load_plain(src, dtype=torch.bfloat16)),
+        ("HIGGS (LUT kernels on the codes)", load(dst)),
+    ):
         start = time.perf_counter()
         text = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
         rate = args.max_new_tokens / (time.perf_counter() - start)

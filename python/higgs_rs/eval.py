@@ -83,7 +83,7 @@ def evaluate_dir(
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if is_higgs_checkpoint(model_dir):
-        model = load(model_dir) if lut_kernels else load_dequantized(model_dir)
+        model = load(model_dir, dtype=torch.float32) if lut_kernels else load_dequantized(model_dir)
     else:
         model = load_plain(model_dir)
     tokens = tokenize_windows(tokenizer, load_text(text), seq_len, windows)
