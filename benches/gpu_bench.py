@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import higgs_rs
+import higgs_rs.cuda as higgs_cuda
 from higgs_rs import cuda as hcuda
 from higgs_rs.torch import HiggsLinear
 
@@ -86,7 +87,8 @@ def random_layer(out_f: int, in_f: int, seed: int = 0) -> HiggsLinear:
         scales = torch.randn(out_f, in_f // 64, device=DEVICE, generator=gen).abs() * 0.01 + 0.01
         layer.scales.copy_(scales.half())
         layer.grid.copy_(torch.from_numpy(higgs_rs.grid_points(2, 256)))
-        layer.signs.copy_(torch.from_numpy(higgs_rs.random_signs(seed, in_f)))
+        # One sign seed per checkpoint (as `quantize_model` writes): q/k/v and gate/up rotate alike.
+        layer.signs.copy_(torch.from_numpy(higgs_rs.random_signs(0, in_f)))
     return layer
 
 
@@ -288,15 +290,19 @@ def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float
         return steps / (time.perf_counter() - start)
 
 
-def bench_decode(quick: bool, results: dict, layers: int, vocab: int) -> list[dict]:
+def bench_decode(quick: bool, results: dict, layers: int, vocab: int, fused_too: bool = True) -> list[dict]:
     max_len, steps = (256, 100) if not quick else (128, 30)
     rows = []
-    for fused in (False, True):
+    for fused in (False, True) if fused_too else (False,):
         with torch.device(DEVICE):
             model = TinyLlama(layers, vocab, max_len, fused).half().eval()
-        for label in ("fp16", "higgs 4-bit"):
-            if label != "fp16":
+        # "unshared": every projection runs its own Hadamard kernel (HIGGS_CUDA_SHARE_ROT=0);
+        # otherwise q/k/v and gate/up share one rotation of their input.
+        for label in ("fp16", "higgs 4-bit", "higgs 4-bit unshared"):
+            if label == "higgs 4-bit":
                 quantize_blocks(model)
+            sharing = higgs_cuda._SHARE_ROTATION
+            higgs_cuda._SHARE_ROTATION = sharing and not label.endswith("unshared")
             for graph in (False, True):
                 try:
                     tps = decode_tokens_per_second(model, steps, graph)
@@ -308,6 +314,7 @@ def bench_decode(quick: bool, results: dict, layers: int, vocab: int) -> list[di
                        "mode": "cuda graph" if graph else "eager", "tokens_per_s": tps}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            higgs_cuda._SHARE_ROTATION = sharing
         del model
         torch.cuda.empty_cache()
     return rows
@@ -320,6 +327,7 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--decode-layers", type=int, default=4, help="decode test layers (0: none)")
     parser.add_argument("--vocab", type=int, default=32000, help="decode test vocabulary (fp16 lm_head)")
+    parser.add_argument("--no-fused", action="store_true", help="decode: skip the fused qkv/gate-up model")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     props = torch.cuda.get_device_properties(DEVICE)
@@ -334,7 +342,9 @@ def main() -> None:
     timer = Timer()
     results["layers"] = bench_layers(timer, copy_gbs, args.quick, results, batches)
     results["decode"] = (
-        bench_decode(args.quick, results, args.decode_layers, args.vocab) if args.decode_layers else []
+        bench_decode(args.quick, results, args.decode_layers, args.vocab, not args.no_fused)
+        if args.decode_layers
+        else []
     )
     if args.out:
         with open(args.out, "w") as f:

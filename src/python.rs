@@ -782,12 +782,16 @@ fn cuda_err(err: HiggsError) -> PyErr {
 /// Launch `out = x @ W.T` for a HIGGS layer on the GPU (the activation Hadamard kernel, then the
 /// LUT-GEMM) on the raw CUDA stream `stream`, without synchronizing. All tensors are given as
 /// device addresses (`tensor.data_ptr()`); `signs` may be 0. Returns 0 when launched, or the
-/// workspace bytes needed (nothing launched) when `workspace_bytes` is too small; the workspace
-/// must be zero-filled when first allocated. `mt`/`splits` override the launch heuristics.
+/// workspace bytes needed (nothing launched) when `workspace_bytes` is too small. `counters` is a
+/// zero-filled buffer of `counters_bytes` (at least 16 per 128 output rows, rounded up to 256;
+/// calls leave it zero). `rotated`: the workspace already holds this call's rotated activations
+/// (the previous call on the stream rotated the same input the same way): skip the Hadamard
+/// kernel. `mt`/`splits` override the launch heuristics.
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
-    row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false))]
+    row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false,
+    counters=0, counters_bytes=0, rotated=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_lut_linear(
     py: Python<'_>,
@@ -814,6 +818,9 @@ fn cuda_lut_linear(
     mt: usize,
     splits: usize,
     tiled: bool,
+    counters: u64,
+    counters_bytes: usize,
+    rotated: bool,
 ) -> PyResult<usize> {
     use crate::cuda;
     let call = cuda::LinearCall {
@@ -836,6 +843,9 @@ fn cuda_lut_linear(
         signs,
         workspace,
         workspace_bytes,
+        counters,
+        counters_bytes,
+        rotated,
         act: cuda::ActType::parse(dtype)?,
         stream,
         device,

@@ -263,6 +263,135 @@ def test_cuda_graph_replay() -> None:
         assert _relative_error(static_y, fresh.double() @ w_deq.double().t()) < 1e-3, f"seed {seed}"
 
 
+def _layers_sharing_signs(
+    shapes: list[tuple[int, int, int | None]], seed: int
+) -> list[tuple[HiggsLinear, torch.Tensor]]:
+    """Layers (out, in, hadamard size) quantized with one sign seed and, where the padded widths
+    agree, one signs tensor on the GPU (as a loaded checkpoint has)."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    signs_by_width: dict[int, torch.Tensor] = {}
+    for out_f, in_f, h in shapes:
+        w = (rng.standard_normal((out_f, in_f)) * 0.02).astype(np.float32)
+        q = higgs_rs.quantize_tensor(w, bits=4, p=2, hadamard_size=h, group_size=64, seed=seed % 1000)
+        layer = HiggsLinear.from_quantized(q).to("cuda")
+        shared = signs_by_width.setdefault(layer.padded_in_features, layer.signs)
+        assert torch.equal(shared, layer.signs)
+        layer._buffers["signs"] = shared
+        layers.append((layer, torch.from_numpy(higgs_rs.dequantize(q)).cuda()))
+    return layers
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor, what: str) -> None:
+    assert torch.isfinite(y).all(), what
+    ref = x.reshape(-1, x.shape[-1]).double() @ w_deq.double().t()
+    err = _relative_error(y.reshape(-1, y.shape[-1]), ref)
+    assert err < 1e-3, f"{what}: relative error {err}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, 5, 16, 40])
+def test_shared_rotation_matches_unshared(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = _seed()
+    qkv = _layers_sharing_signs([(512, 1536, None), (256, 1536, None), (256, 1536, None)], seed)
+    x = torch.randn(1, batch, 1536, device="cuda").half()
+    before = hcuda.shared_rotations
+    shared = [layer(x) for layer, _ in qkv]
+    torch.cuda.synchronize()
+    assert hcuda.shared_rotations - before == 2, f"seed {seed}: k and v must reuse q's rotation"
+    monkeypatch.setattr(hcuda, "_SHARE_ROTATION", False)
+    before = hcuda.shared_rotations
+    unshared = [layer(x) for layer, _ in qkv]
+    torch.cuda.synchronize()
+    assert hcuda.shared_rotations == before
+    for (_, w_deq), a, b in zip(qkv, shared, unshared, strict=True):
+        assert torch.equal(a, b), f"seed {seed}: sharing changed the result"
+        _check(a, x, w_deq, f"batch {batch} seed {seed}")
+
+
+@needs_gpu
+def test_in_place_edit_and_new_tensor_rotate_again() -> None:
+    seed = _seed()
+    (q, wq), (k, wk), (v, wv) = _layers_sharing_signs(
+        [(512, 1536, None), (256, 1536, None), (256, 1536, None)], seed
+    )
+    x = torch.randn(2, 1536, device="cuda").half()
+    q(x)
+    before = hcuda.shared_rotations
+    x.mul_(-2.0)  # version bump: the cached rotation is stale
+    _check(k(x), x, wk, f"after an in-place edit, seed {seed}")
+    assert hcuda.shared_rotations == before
+    # A new tensor with equal values (the old one is released first, so the allocator may hand
+    # out the same address): rotated again, never matched by address.
+    values = x.clone()
+    del x
+    y = torch.empty(2, 1536, device="cuda", dtype=torch.float16).copy_(values)
+    _check(v(y), y, wv, f"new tensor, seed {seed}")
+    assert hcuda.shared_rotations == before
+    # A second view of the same tensor with the same geometry (what `forward`'s reshape makes).
+    _check(q(y.view(2, 1536)), y, wq, f"view, seed {seed}")
+    assert hcuda.shared_rotations == before + 1
+    # Another row range of the same tensor: a different view geometry, rotated again.
+    _check(k(y[1:]), y[1:], wk, f"row slice, seed {seed}")
+    assert hcuda.shared_rotations == before + 1
+
+
+@needs_gpu
+def test_different_rotations_do_not_share() -> None:
+    seed = _seed()
+    layers = _layers_sharing_signs(
+        [(256, 1536, None), (256, 1536, 512), (128, 1536, 256), (128, 1600, None)], seed
+    )
+    x = torch.randn(3, 1536, device="cuda").half()
+    before = hcuda.shared_rotations
+    for layer, w_deq in layers[:3]:
+        _check(layer(x), x, w_deq, f"hadamard {layer.hadamard_size}, seed {seed}")
+    assert hcuda.shared_rotations == before, "different Hadamard sizes must not share"
+    wide, w_wide = layers[3]
+    xw = torch.randn(3, 1600, device="cuda").half()
+    _check(wide(xw), xw, w_wide, f"width 1600, seed {seed}")
+    # Another batch of the same tensor's rows is another view: rotated again.
+    _check(layers[0][0](x[:2]), x[:2], layers[0][1], f"batch 2, seed {seed}")
+    assert hcuda.shared_rotations == before
+
+
+@needs_gpu
+def test_cuda_graph_replay_of_shared_rotations() -> None:
+    seed = _seed()
+    qkv = _layers_sharing_signs([(512, 1536, None), (256, 1536, None), (256, 1536, None)], seed)
+    static_x = torch.randn(1, 1, 1536, device="cuda").half()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for layer, _ in qkv:
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    before = hcuda.shared_rotations
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [layer(static_x) for layer, _ in qkv]
+    assert hcuda.shared_rotations - before == 2, f"seed {seed}: the capture must share"
+    # A second graph captured on the same input (no write in between) rotates again: the first
+    # graph's rotation is not part of it.
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        out2 = qkv[1][0](static_x)
+    assert hcuda.shared_rotations - before == 2, f"seed {seed}: a new capture must rotate"
+    for _ in range(3):
+        fresh = torch.randn(1, 1, 1536, device="cuda").half()
+        static_x.copy_(fresh)
+        for o in (*outs, out2):
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (_, w_deq), o in zip(qkv, outs, strict=True):
+            _check(o, fresh, w_deq, f"graph replay, seed {seed}")
+        static_x.mul_(0.5)
+        graph2.replay()
+        torch.cuda.synchronize()
+        _check(out2, static_x, qkv[1][1], f"second graph, seed {seed}")
+
+
 @needs_gpu
 def test_bad_inputs_are_named() -> None:
     layer, _ = _layer(64, 256, 2, 4, None, 64, 1)

@@ -151,6 +151,9 @@ def cuda_lut_linear(
     mt: int = 0,
     splits: int = 0,
     tiled: bool = False,
+    counters: int = 0,
+    counters_bytes: int = 0,
+    rotated: bool = False,
 ) -> int: ...
 def cuda_hadamard(
     x: int,

@@ -13,6 +13,16 @@ contiguous bytes) when the shape allows it (rows a multiple of 16, padded width 
 The repacked tensor replaces the ``codes`` buffer (no second copy is kept); ``state_dict()``,
 pickling and moves (``.to``, ``.cpu``) put the codes back in their stored order, so checkpoints
 never see the tiled order. ``HIGGS_CUDA_TILE=0`` keeps the stored order (for comparisons).
+
+Layers that read the same input share its rotation: q/k/v (and gate/up) of a decoder layer are
+called one after another on one tensor, and all layers of a checkpoint share one signs tensor. The
+rotated activations start the per-stream workspace; the last rotation written there is remembered
+(a strong reference to the input, its in-place version counter, and the rotation: signs, widths,
+Hadamard size, dtype, batch), and a call on the same input view with the same version and rotation
+launches only the LUT-GEMM (signs compare by value: a checkpoint's layers hold equal signs in
+separate tensors). Inside a CUDA graph capture only rotations of the same capture are
+reused (the graph replays the launches as recorded). Inference tensors (no version counter) are
+always rotated. ``HIGGS_CUDA_SHARE_ROT=0`` rotates in every call (for comparisons).
 """
 
 from __future__ import annotations
@@ -34,6 +44,23 @@ DENSE_MIN_BATCH = 65
 
 _nvrtc_tried = False
 _workspaces: dict[tuple[int, int], Any] = {}
+#: Split-K counters per (device, stream): zero-filled once, the kernels leave them zero.
+_counters: dict[tuple[int, int], Any] = {}
+#: Per (device, stream): the rotation the workspace holds (see ``_rotation_entry``).
+_rotations: dict[tuple[int, int], tuple[Any, ...]] = {}
+#: ``HIGGS_CUDA_SHARE_ROT=0``: run the Hadamard kernel in every call.
+_SHARE_ROTATION = os.environ.get("HIGGS_CUDA_SHARE_ROT", "") != "0"
+#: Calls (or graph-captured calls) that reused the previous call's rotation: for tests and benches.
+shared_rotations = 0
+#: Sign vectors seen (their float32 bytes) -> a small id: layers loaded from one checkpoint hold
+#: equal signs in separate tensors, and rotate alike.
+_signs_ids: dict[bytes, int] = {}
+#: Key in a layer's ``__dict__``: (signs tensor, its version, its id in ``_signs_ids``).
+_SIGNS_MARK = "_higgs_cuda_signs_id"
+#: Streams a CUDA graph was captured on (see ``_rotation_entry``).
+_captured_streams: set[tuple[int, int]] = set()
+#: ``cuStreamGetCaptureInfo`` through ctypes (None: not looked up yet, False: unavailable).
+_capture_info: Any = None
 #: ``HIGGS_CUDA_TILE=0``: leave the codes in their stored order on the GPU.
 _TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
 #: Key in a layer's ``__dict__``: (weak reference to the codes tensor, its version) when that
@@ -123,8 +150,9 @@ def _check_buffers(layer: Any, x: torch.Tensor) -> None:
 
 
 def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
-    """A zero-initialized scratch buffer per (device, stream), grown on demand and reused: calls on
-    one stream run in order, and the kernels leave its counters at zero."""
+    """A scratch buffer per (device, stream) for the rotated activations and split-K partials,
+    grown on demand (a new buffer: no rotation to reuse) and reused: calls on one stream run in
+    order."""
     import torch
 
     key = (device.index or 0, stream)
@@ -134,6 +162,106 @@ def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
         ws = torch.zeros(size, dtype=torch.uint8, device=device)
         _workspaces[key] = ws
     return ws
+
+
+def _split_k_counters(device: torch.device, stream: int, out_features: int) -> torch.Tensor:
+    """The zero-filled split-K counters of a stream: 16 bytes per 128 output rows bound what any
+    call needs (one block of 8 warps covers at least 128 rows)."""
+    import torch
+
+    key = (device.index or 0, stream)
+    counters = _counters.get(key)
+    need = -(-out_features // 128) * 16
+    if counters is None or counters.numel() < need:
+        counters = torch.zeros(max(need, 1 << 16), dtype=torch.uint8, device=device)
+        _counters[key] = counters
+    return counters
+
+
+def _capture_id(stream: int) -> int | None:
+    """The id of the CUDA graph capture running on ``stream`` (driver API), or None."""
+    global _capture_info
+    if _capture_info is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuStreamGetCaptureInfo
+            fn.restype = ctypes.c_int
+            _capture_info = fn
+        except (OSError, AttributeError):
+            _capture_info = False
+    if not _capture_info:
+        return None
+    status = ctypes.c_int(0)
+    capture_id = ctypes.c_uint64(0)
+    # The first three parameters are the same in every version of this entry point; the later
+    # (optional) outputs are passed as NULL.
+    rc = _capture_info(
+        ctypes.c_void_p(stream), ctypes.byref(status), ctypes.byref(capture_id), None, None, None, None
+    )
+    return capture_id.value if rc == 0 and status.value == 1 else None
+
+
+def _stream_capturing() -> bool:
+    return sys.modules["torch"]._C._cuda_isCurrentStreamCapturing()
+
+
+def _signs_id(layer: Any) -> Any:
+    """What identifies the layer's signs across layers: their values (read once per signs tensor
+    and version), or their address where they cannot be read now (inside a graph capture) or
+    their in-place edits go unseen (inference tensors)."""
+
+    signs = layer._buffers.get("signs")
+    if signs is None:
+        return None
+    cached = layer.__dict__.get(_SIGNS_MARK)
+    version = _tensor_version(signs)
+    if cached is not None and cached[0] is signs and cached[1] == version:
+        return cached[2]
+    if signs.is_inference() or _stream_capturing():
+        return ("address", signs.data_ptr(), signs.numel())
+    ident = _signs_ids.setdefault(signs.detach().cpu().numpy().tobytes(), len(_signs_ids))
+    layer.__dict__[_SIGNS_MARK] = (signs, version, ident)
+    return ident
+
+
+def _rotation_entry(
+    layer: Any, x: torch.Tensor, dtype: str, key: tuple[int, int]
+) -> tuple[Any, ...] | None:
+    """What identifies the rotation of ``x`` by ``layer``: (the input's root tensor, data address,
+    shape, strides, version, signs id, widths, Hadamard size, dtype, capture id), or None
+    where it cannot be shared. ``forward`` reshapes its input (a new view per call), so the input
+    is identified by its root tensor (views share the version counter) and the view's geometry."""
+    try:
+        version = x._version
+    except RuntimeError:  # inference tensors keep no version counter: in-place edits go unseen
+        return None
+    capture = None
+    if _stream_capturing():
+        # A graph captured on this stream may be replayed at any time, rewriting the workspace
+        # behind the back of eager calls: those do not share rotations on this stream any more.
+        _captured_streams.add(key)
+        capture = _capture_id(key[1])
+        if capture is None:
+            return None
+    elif key in _captured_streams:
+        return None
+    base = x._base
+    return (
+        x if base is None else base,
+        x.data_ptr(),
+        x.shape,
+        x.stride(),
+        version,
+        _signs_id(layer),
+        layer.in_features,
+        layer.padded_in_features,
+        layer.hadamard_size,
+        dtype,
+        capture,
+    )
+
+
+def _same_rotation(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return a[0] is b[0] and a[1:] == b[1:]
 
 
 def _current_stream(device: torch.device) -> int:
@@ -269,6 +397,7 @@ def lut_linear(
     _require_kernels()
     dtype = _dtype_name(x.dtype)
     args = _layer_args(layer, x)
+    x_in = x
     x = x.contiguous()
     batch = x.shape[0]
     if out is None:
@@ -295,8 +424,21 @@ def lut_linear(
         )
         torch.matmul(x_rot, w_rot.t(), out=out)
         return out
-    ws = _workspaces.get((device, stream))
+    global shared_rotations
+    key = (device, stream)
+    counters = _split_k_counters(x.device, stream, layer.out_features)
+    rotation = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION else None
+    previous = _rotations.pop(key, None)
+    ws = _workspaces.get(key)
     for _ in range(2):
+        # The workspace holds this rotation when the last call on the stream wrote it into this
+        # very buffer (a regrown workspace holds none).
+        rotated = (
+            rotation is not None
+            and previous is not None
+            and previous[0] is ws
+            and _same_rotation(previous[1], rotation)
+        )
         need = _core.cuda_lut_linear(
             x.data_ptr(),
             out.data_ptr(),
@@ -312,8 +454,15 @@ def lut_linear(
             mt=mt,
             splits=splits,
             tiled=args[-1],
+            counters=counters.data_ptr(),
+            counters_bytes=counters.numel(),
+            rotated=rotated,
         )
         if need == 0:
+            shared_rotations += rotated
+            if rotation is not None:
+                # Holds the input (its root tensor) alive: its address cannot be reused meanwhile.
+                _rotations[key] = (ws, rotation, x_in)
             return out
         ws = _workspace(x.device, stream, need)
     raise RuntimeError(f"the CUDA workspace could not be sized ({need} bytes asked)")

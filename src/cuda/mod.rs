@@ -140,7 +140,10 @@ pub struct LinearPlan {
     pub batch_chunks: usize,
     /// Width of the rotated activations (padded_cols rounded up to a super-step).
     pub kp: usize,
-    pub counters_offset: usize,
+    /// Bytes of the split-K counters (their own buffer, see [`LinearCall::counters`]).
+    pub counters_bytes: usize,
+    /// Always 0: the rotated activations start the workspace, so a later call through another
+    /// layer with the same rotation can reuse them ([`LinearCall::rotated`]).
     pub x_rot_offset: usize,
     pub partials_offset: usize,
     /// Batch columns per split in the partials (`min(batch, 64)`).
@@ -238,8 +241,8 @@ pub fn plan_linear(
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);
     // Four u32 per row block (split-K arrivals and give-ups, departures; see `lut_gemm.cu`).
-    let counters_offset = 0;
-    let x_rot_offset = align256(row_tiles * 16);
+    let counters_bytes = align256(row_tiles * 16);
+    let x_rot_offset = 0;
     let partials_offset = x_rot_offset + align256(batch * kp * 2);
     let partial_cols = batch.min(MAX_COLS);
     let workspace_bytes = partials_offset
@@ -257,7 +260,7 @@ pub fn plan_linear(
         total_steps,
         batch_chunks,
         kp,
-        counters_offset,
+        counters_bytes,
         x_rot_offset,
         partials_offset,
         partial_cols,
@@ -281,10 +284,19 @@ pub struct LinearCall {
     pub scales: u64,
     pub grid: u64,
     pub signs: u64,
-    /// Scratch memory: counters that must be zero before the first call (calls leave them zero),
-    /// then the rotated activations and split-K partials.
+    /// Scratch memory: the rotated activations (from offset 0), then the split-K partials.
     pub workspace: u64,
     pub workspace_bytes: usize,
+    /// Split-K counters, a buffer of their own so the rotated activations sit at the same place
+    /// for every layer: zero before the first call (calls leave them zero), at least
+    /// `16 · ceil(out_features / 128)` bytes (rounded up to 256).
+    pub counters: u64,
+    pub counters_bytes: usize,
+    /// The workspace already holds this call's rotated activations: written by the previous call
+    /// on this stream, with the same activations, signs, `in_features`, `hadamard_size`, padded
+    /// width, dtype and batch (and no call with another rotation in between). The Hadamard kernel
+    /// is skipped and the LUT-GEMM launched normally (no programmatic dependency).
+    pub rotated: bool,
     pub act: ActType,
     pub stream: u64,
     pub device: usize,
@@ -568,7 +580,13 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
     if call.workspace_bytes < plan.workspace_bytes {
         return Ok(plan.workspace_bytes);
     }
-    require_pointers(&[("workspace", call.workspace)])?;
+    require_pointers(&[("workspace", call.workspace), ("counters", call.counters)])?;
+    if call.counters_bytes < plan.counters_bytes {
+        return Err(HiggsError::invalid(format!(
+            "the split-K counters buffer holds {} bytes; this call needs {}",
+            call.counters_bytes, plan.counters_bytes
+        )));
+    }
     if !call.workspace.is_multiple_of(256) {
         return Err(HiggsError::invalid(
             "the workspace must be 256-byte aligned",
@@ -593,18 +611,20 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
     }
     let (row_pitch, step_pitch) = tiled_pitches(shape, bits, call.tiled)?;
     let x_rot = call.workspace + plan.x_rot_offset as u64;
-    hadamard_rotate(
-        call.x,
-        x_rot,
-        call.signs,
-        call.batch,
-        shape.in_features,
-        shape.hadamard_size,
-        plan.kp,
-        call.act,
-        call.stream,
-        call.device,
-    )?;
+    if !call.rotated {
+        hadamard_rotate(
+            call.x,
+            x_rot,
+            call.signs,
+            call.batch,
+            shape.in_features,
+            shape.hadamard_size,
+            plan.kp,
+            call.act,
+            call.stream,
+            call.device,
+        )?;
+    }
     let params = LutParams {
         x_rot,
         out: call.out,
@@ -612,7 +632,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         scales: call.scales,
         grid: call.grid,
         partials: call.workspace + plan.partials_offset as u64,
-        counters: call.workspace + plan.counters_offset as u64,
+        counters: call.counters,
         batch: call.batch as i32,
         rows: shape.out_features as i32,
         kp: plan.kp as i32,
@@ -660,7 +680,9 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         plan.shared_bytes,
         call.stream,
         &params,
-        true,
+        // The kernel waits (`griddepcontrol.wait`) for the Hadamard kernel launched just before
+        // it; without one there is nothing to overlap.
+        !call.rotated,
     )?;
     Ok(0)
 }
@@ -826,10 +848,10 @@ mod tests {
                 p.batch_chunks * MAX_COLS >= batch
                     && p.nt * 8 * p.batch_chunks >= batch.min(MAX_COLS)
             );
-            assert!(
-                p.x_rot_offset >= p.row_tiles * 16
-                    && p.partials_offset >= p.x_rot_offset + batch * p.kp * 2
-            );
+            assert!(p.counters_bytes >= p.row_tiles * 16);
+            // Python sizes the counters buffer by this bound.
+            assert!(p.counters_bytes <= (rows.div_ceil(128) * 16).next_multiple_of(256));
+            assert!(p.x_rot_offset == 0 && p.partials_offset >= batch * p.kp * 2);
             assert!(
                 p.workspace_bytes
                     >= p.partials_offset
