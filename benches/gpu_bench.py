@@ -110,7 +110,62 @@ def higgs_kernels_op(out_f: int, in_f: int) -> Callable[[torch.Tensor], torch.Te
         return f"higgs-kernels failed: {e!r}"
 
 
-def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict, batches: list[int]) -> list[dict]:
+def graph_us(timer: Timer, fn: Callable[[], Any]) -> float:
+    """`fn` captured in a CUDA graph (no CPU launch gaps), timed by replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer(graph.replay, reps=50)
+
+
+def dequantize_alone_us(timer: Timer, layer: HiggsLinear) -> float:
+    """The dense path's dequantize kernel alone (rotated f16 weights, out_features × padded)."""
+    x = torch.zeros(1, layer.in_features, device=DEVICE, dtype=torch.float16)
+    args = hcuda._layer_args(layer, x)
+    padded = layer.padded_in_features
+    w_rot = torch.empty(layer.out_features, padded, dtype=torch.float16, device=DEVICE)
+    stream = torch.cuda.current_stream().cuda_stream
+    return timer(
+        lambda: higgs_rs._core.cuda_dequantize_rotated(
+            *args[:3], w_rot.data_ptr(), padded, layer.in_features, layer.out_features, *args[4:-1],
+            "f16", stream, DEVICE.index or 0, tiled=args[-1],
+        ),
+        reps=30,
+    )
+
+
+def slab_dense_op(layer: HiggsLinear, x: torch.Tensor, slab: int) -> Callable[[], torch.Tensor]:
+    """The dense path with the weights dequantized `slab` rows at a time into one reused (L2-sized)
+    buffer, each slab multiplied at once into its columns of y (batch × out_features)."""
+    args = hcuda._layer_args(layer, x)
+    padded = layer.padded_in_features
+    codes, scales, grid, row_bytes, groups = args[0], args[1], args[2], args[4], args[5]
+    w_slab = torch.empty(slab, padded, dtype=x.dtype, device=DEVICE)
+    out = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype, device=DEVICE)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def run() -> torch.Tensor:
+        x_rot = hcuda.hadamard(x, layer.hadamard_size, layer.signs, width=padded)
+        for r0 in range(0, layer.out_features, slab):
+            rows = min(slab, layer.out_features - r0)
+            higgs_rs._core.cuda_dequantize_rotated(
+                codes + r0 * row_bytes, scales + 2 * r0 * groups, grid, w_slab.data_ptr(), padded,
+                layer.in_features, rows, *args[4:-1], "f16", stream, DEVICE.index or 0, tiled=args[-1],
+            )
+            torch.mm(x_rot, w_slab[:rows].t(), out=out[:, r0:r0 + rows])
+        return out
+
+    return run
+
+
+def bench_layers(
+    timer: Timer, copy_gbs: float, quick: bool, results: dict, batches: list[int], slabs: list[int]
+) -> list[dict]:
     rows = []
     for out_f, in_f in SHAPES:
         w16 = torch.randn(out_f, in_f, device=DEVICE, dtype=torch.float16) * 0.02
@@ -118,6 +173,7 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict, batc
         quant_bytes = layer.codes.numel() + layer.scales.numel() * 2
         floor_us = quant_bytes / (copy_gbs * 1e9) * 1e6
         hk = higgs_kernels_op(out_f, in_f) if not quick else "skipped (--quick)"
+        dequant_us = dequantize_alone_us(timer, layer)
         for batch in batches:
             x = torch.randn(batch, in_f, device=DEVICE, dtype=torch.float16)
             out = torch.empty(batch, out_f, device=DEVICE, dtype=torch.float16)
@@ -142,6 +198,25 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict, batc
             dense_us = timer(
                 lambda x=x, lay=layer, o=out: hcuda.lut_linear(lay, x, o, dense_min_batch=1), reps=30
             )
+            slab_us = {}
+            for size in slabs:
+                if out_f <= size:
+                    continue
+                op = slab_dense_op(layer, x, size)
+                y_slab = op().float()
+                y_ref = hcuda.lut_linear(layer, x, dense_min_batch=1).float()
+                slab_err = float((y_slab - y_ref).norm() / y_ref.norm())
+                assert slab_err < 1e-2, f"slab path differs: {slab_err}"
+                slab_us[f"eager_{size}"] = timer(op, reps=30)
+                slab_us[f"graph_{size}"] = graph_us(timer, op)
+            # Both large-batch paths in graphs: the fused LUT-GEMM (batch chunks of 64) and the
+            # dense path (Hadamard + dequantize + cuBLAS), to place DENSE_MIN_BATCH.
+            mma_graph = graph_us(
+                timer, lambda x=x, lay=layer, o=out: hcuda.lut_linear(lay, x, o, dense_min_batch=1 << 30)
+            )
+            dense_graph = graph_us(
+                timer, lambda x=x, lay=layer, o=out: hcuda.lut_linear(lay, x, o, dense_min_batch=1)
+            )
             row = {
                 "shape": f"{out_f}x{in_f}",
                 "batch": batch,
@@ -155,6 +230,10 @@ def bench_layers(timer: Timer, copy_gbs: float, quick: bool, results: dict, batc
                 "fp16_graph_us": fp16_graph,
                 "hadamard_only_us": hadamard_us,
                 "dense_path_us": dense_us,
+                "dequantize_us": dequant_us,
+                "slab_dense_us": slab_us,
+                "mma_graph_us": mma_graph,
+                "dense_graph_us": dense_graph,
             }
             if callable(hk):
                 try:
@@ -327,6 +406,8 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--decode-layers", type=int, default=4, help="decode test layers (0: none)")
     parser.add_argument("--vocab", type=int, default=32000, help="decode test vocabulary (fp16 lm_head)")
+    parser.add_argument("--slabs", default="",
+                        help="also time the dense path dequantizing this many rows at once (e.g. 2048,4096)")
     parser.add_argument("--no-fused", action="store_true", help="decode: skip the fused qkv/gate-up model")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -340,7 +421,9 @@ def main() -> None:
     results["copy_gbs"] = copy_gbs
     print(f"{props.name}: device copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
     timer = Timer()
-    results["layers"] = bench_layers(timer, copy_gbs, args.quick, results, batches)
+    results["layers"] = bench_layers(
+        timer, copy_gbs, args.quick, results, batches, [int(v) for v in args.slabs.split(",") if v]
+    )
     results["decode"] = (
         bench_decode(args.quick, results, args.decode_layers, args.vocab, not args.no_fused)
         if args.decode_layers
@@ -350,14 +433,21 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     print("\n| shape | batch | floor µs | fp16 µs | ours µs | ours GB/s | × fp16 | graph: fp16 / ours µs "
-          "| Hadamard alone µs | dense path µs | higgs-kernels µs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| Hadamard alone µs | dense path µs | dequantize alone µs | higgs-kernels µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["layers"]:
         hk = r.get("higgs_kernels_us", float("nan"))
         print(f"| {r['shape']} | {r['batch']} | {r['floor_us']:.1f} | {r['fp16_us']:.1f} | "
               f"{r['ours_us']:.1f} | {r['ours_gbs']:.0f} | {r['speedup_vs_fp16']:.2f} | "
               f"{r['fp16_graph_us']:.1f} / {r['ours_graph_us']:.1f} | {r['hadamard_only_us']:.1f} | "
-              f"{r['dense_path_us']:.1f} | {hk:.0f} |")
+              f"{r['dense_path_us']:.1f} | {r['dequantize_us']:.1f} | {hk:.0f} |")
+    print("\n| shape | batch | graph: fp16 µs | fused LUT-GEMM µs | dense path µs | dequantize alone µs "
+          "| slab dense µs |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results["layers"]:
+        slabs = " ".join(f"{k} {v:.1f}" for k, v in r["slab_dense_us"].items())
+        print(f"| {r['shape']} | {r['batch']} | {r['fp16_graph_us']:.1f} | {r['mma_graph_us']:.1f} | "
+              f"{r['dense_graph_us']:.1f} | {r['dequantize_us']:.1f} | {slabs} |")
     for r in results["decode"]:
         print(f"decode {r['weights']:>12} {r['mode']:>10}: {r['tokens_per_s']:.1f} tokens/s ({r['model']})")
     for n in results.get("notes", []):

@@ -456,3 +456,53 @@ def test_load_on_cuda_and_generate(tmp_path: Path) -> None:
     chosen = ref_logits.gather(1, out[0, 5:, None])[:, 0]
     gap = ref_logits.max(dim=1).values - chosen
     assert (gap < 0.15).all(), f"seed {seed}: generated {out[0, 5:].tolist()}, logit gaps {gap.tolist()}"
+
+
+def _dequantize_rotated(layer: HiggsLinear, dtype: torch.dtype, ld: int, offset: int) -> torch.Tensor:
+    """The dense path's rotated weights written at element `offset` of a NaN-poisoned buffer with
+    row stride `ld` (returned as the whole `out_features × ld` view)."""
+    x = torch.zeros(1, layer.in_features, dtype=dtype, device="cuda")
+    args = hcuda._layer_args(layer, x)
+    buf = torch.full((offset + layer.out_features * ld,), float("nan"), dtype=dtype, device="cuda")
+    w_rot = buf[offset:].view(layer.out_features, ld)
+    higgs_rs._core.cuda_dequantize_rotated(
+        *args[:3], w_rot.data_ptr(), ld, layer.in_features, layer.out_features, *args[4:-1],
+        hcuda._dtype_name(dtype), torch.cuda.current_stream().cuda_stream, 0, tiled=args[-1],
+    )
+    torch.cuda.synchronize()
+    return w_rot
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (37, 14, 2, 4, 2, 32),  # padded 14: 8-value units, then 3 pairs per row
+        (19, 10, 2, 2, 2, 32),  # padded 10: one pair per row after the units
+        (45, 100, 1, 3, 12, 32),  # padded 108, 3-bit p = 1
+        (48, 1536, 2, 3, None, 128),  # tiled 3-bit
+        (32, 256, 1, 2, 128, 32),  # tiled 2-bit p = 1
+        (130, 1280, 1, 4, 1280, 64),
+    ],
+    ids=lambda s: "x".join(str(v) for v in s),
+)
+def test_dense_dequantize_odd_widths_and_unaligned_outputs(shape: tuple) -> None:
+    """The dequantize kernel's 16-byte path (aligned rows), its pair tail (padded % 8 != 0) and its
+    pair path (rows not 16-byte aligned) write the same values and nothing past the padded width;
+    the dense path matches float64 in f16 and bf16."""
+    seed = _seed()
+    layer, w_deq = _layer(*shape, seed)
+    padded = layer.padded_in_features
+    x = torch.randn(70, layer.in_features, generator=torch.Generator().manual_seed(seed))
+    for dtype, tol in ((torch.float16, 1e-3), (torch.bfloat16, 1e-2)):
+        layer(x[:1].to("cuda", dtype))  # first use: codes may be tiled
+        y = hcuda.lut_linear(layer, x.to("cuda", dtype), dense_min_batch=1)
+        assert torch.isfinite(y).all(), f"{shape} {dtype} seed {seed}"
+        err = _relative_error(y, x.double().cuda() @ w_deq.double().t())
+        assert err < tol, f"{shape} {dtype} seed {seed}: dense path relative error {err}"
+        ld_vec = -(-(padded + 8) // 8) * 8
+        vector = _dequantize_rotated(layer, dtype, ld_vec, 0)
+        pairs = _dequantize_rotated(layer, dtype, padded + 2, 2)
+        assert torch.isfinite(vector[:, :padded]).all(), f"{shape} {dtype}: unwritten rotated weights"
+        assert torch.equal(vector[:, :padded], pairs[:, :padded]), f"{shape} {dtype} seed {seed}"
+        assert vector[:, padded:].isnan().all() and pairs[:, padded:].isnan().all(), "wrote past the width"

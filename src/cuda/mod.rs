@@ -365,6 +365,9 @@ struct DequantParams {
     ld: i32,
     row_pitch: i32,
     step_pitch: i32,
+    vector_out: i32,
+    vector_codes: i32,
+    group_shift: i32,
 }
 
 /// Whether a layer's codes can be repacked into the tiled order the LUT-GEMM reads best: whole
@@ -737,9 +740,40 @@ pub fn dequantize_rotated(
         ld: ld as i32,
         row_pitch,
         step_pitch,
+        vector_out: 0,
+        vector_codes: 0,
+        group_shift: if shape.group_size.is_power_of_two() {
+            shape.group_size.trailing_zeros() as i32
+        } else {
+            -1
+        },
     };
-    let pairs = shape.out_features * layout.padded_cols / 2;
-    let blocks = pairs.div_ceil(256).min(dev.sm_count * 16) as u32;
+    // 16-byte stores of 8 values when every row starts 16-byte aligned (the kernel's unit index
+    // is 32-bit); 4-byte (4 bits) or 2-byte (2 bits) code loads when every unit's bytes are aligned.
+    // `HIGGS_CUDA_DEQUANT16=0`: pairs only (for comparisons).
+    let units = shape.out_features * (layout.padded_cols / 8);
+    let vector_out = out.is_multiple_of(16)
+        && ld.is_multiple_of(8)
+        && units < i32::MAX as usize
+        && !device::switched_off("DEQUANT16");
+    let code_align = match bits {
+        4 => 4,
+        2 => 2,
+        _ => 1,
+    };
+    let params = DequantParams {
+        vector_out: vector_out as i32,
+        vector_codes: (codes.is_multiple_of(code_align)
+            && layout.row_bytes.is_multiple_of(code_align as usize)) as i32,
+        ..params
+    };
+    // Up to 8 blocks of 256 threads per multiprocessor (one wave), each thread 4 units in flight.
+    let work = if vector_out {
+        units.div_ceil(4)
+    } else {
+        shape.out_features * layout.padded_cols / 2
+    };
+    let blocks = work.div_ceil(256).clamp(1, dev.sm_count * 8) as u32;
     dev.launch(&kernel, (blocks, 1, 1), 256, 0, stream, &params)
 }
 

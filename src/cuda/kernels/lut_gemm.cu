@@ -875,8 +875,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(co
 #endif
 
 // The rotated-domain weights W_rot (rows x ld, activation dtype; columns [padded, ld) untouched)
-// for large batches, where one dequantization feeds a library GEMM. One thread per pair code.
+// for large batches, where one dequantization feeds a library GEMM. Bandwidth-bound: a thread
+// decodes 8 consecutive values of a row (BITS code bytes, 4 pair codes) into one 16-byte store,
+// so a warp reads 32*BITS contiguous code bytes and writes 512 contiguous output bytes; each
+// thread keeps DQ_UNROLL such units in flight. Rows whose padded width is not a multiple of 8
+// end in 1-3 pairs written one pair (4 bytes) at a time; an output that is not 16-byte aligned
+// row by row (vector_out = 0) takes the pair path for everything.
 #ifdef LUT_DEQUANT
+#ifndef DQ_UNROLL
+#define DQ_UNROLL 4
+#endif
 struct DequantParams {
     const unsigned char* codes;
     const u16* scales;
@@ -891,15 +899,33 @@ struct DequantParams {
     int ld;
     int row_pitch;   // as LutParams (canonical or tiled codes)
     int step_pitch;
+    int vector_out;  // out 16-byte aligned, ld a multiple of 8, rows * padded / 8 < 2^31
+    int vector_codes;  // every unit's BITS code bytes aligned for one 4-byte (BITS 4) / 2-byte (BITS 2) load
+    int group_shift;   // log2(group_size) when a power of two, else -1
 };
 
-// Byte `byte` of row r's codes in either layout (see code_row).
-__device__ __forceinline__ u32 dequant_code_byte(const DequantParams& P, int r, int byte) {
+// Offset of byte `byte` of row r's codes in either layout (see code_row).
+__device__ __forceinline__ u64 dequant_code_offset(const DequantParams& P, int r, int byte) {
     constexpr int CB = 4 * BITS;
     const int c = byte / CB;
-    const u64 at = (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch) +
-                   (u64)((c >> 2) * P.step_pitch + (c & 3) * CB + byte % CB);
-    return P.codes[at];
+    return (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch) +
+           (u64)((c >> 2) * P.step_pitch + (c & 3) * CB + byte % CB);
+}
+
+__device__ __forceinline__ u32 dequant_code_byte(const DequantParams& P, int r, int byte) {
+    return P.codes[dequant_code_offset(P, r, byte)];
+}
+
+// One pair (k, k+1) of row r: a 4-byte store.
+__device__ __forceinline__ void dequant_pair(const DequantParams& P, const u32* lut, int r, int pair) {
+    const int bit = pair * PAIR_BITS;
+    const int byte = bit >> 3;
+    u32 v = dequant_code_byte(P, r, byte);
+    if (byte + 1 < P.row_bytes) v |= dequant_code_byte(P, r, byte + 1) << 8;
+    const u32 code = (v >> (bit & 7)) & (LUT_N - 1);
+    const int k = 2 * pair;
+    const u32 s2 = scale_pair(P.scales[(u64)r * P.groups + k / P.group_size]);
+    *(u32*)(P.out + (u64)r * P.ld + k) = mul_act2(lut[code], s2);
 }
 
 extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const DequantParams P) {
@@ -917,19 +943,73 @@ extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const Dequa
     }
     __syncthreads();
     const int pairs = P.padded >> 1;
-    const long long total = (long long)P.rows * pairs;
-    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < total;
-         q += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(q / pairs);
-        const int pair = (int)(q % pairs);
-        const int bit = pair * PAIR_BITS;
-        const int byte = bit >> 3;
-        u32 v = dequant_code_byte(P, r, byte);
-        if (byte + 1 < P.row_bytes) v |= dequant_code_byte(P, r, byte + 1) << 8;
-        const u32 code = (v >> (bit & 7)) & (LUT_N - 1);
-        const int k = 2 * pair;
-        const u32 s2 = scale_pair(P.scales[(u64)r * P.groups + k / P.group_size]);
-        *(u32*)(P.out + (u64)r * P.ld + k) = mul_act2(lut[code], s2);
+    const long long threads = (long long)gridDim.x * blockDim.x;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (!P.vector_out) {
+        const long long total = (long long)P.rows * pairs;
+        for (long long q = tid; q < total; q += threads) dequant_pair(P, lut, (int)(q / pairs), (int)(q % pairs));
+        return;
+    }
+    // Whole 8-value units: unit u of row r covers k = 8u .. 8u + 7 (code bytes BITS*u ..).
+    const unsigned units = (unsigned)(P.padded >> 3);
+    const unsigned total = (unsigned)P.rows * units;
+    const unsigned stride = (unsigned)threads;
+    for (unsigned q0 = (unsigned)tid; q0 < total; q0 += DQ_UNROLL * stride) {
+        u32 w[DQ_UNROLL], s[DQ_UNROLL];
+        int row[DQ_UNROLL], k[DQ_UNROLL];
+#pragma unroll
+        for (int j = 0; j < DQ_UNROLL; ++j) {
+            const unsigned q = q0 + j * stride;
+            w[j] = 0;
+            s[j] = 0;
+            row[j] = -1;
+            k[j] = 0;
+            if (q < total) {
+                const int r = (int)(q / units);
+                const int u = (int)(q - (unsigned)r * units);
+                row[j] = r;
+                k[j] = 8 * u;
+                const unsigned char* src = P.codes + dequant_code_offset(P, r, BITS * u);
+#if BITS == 4
+                if (P.vector_codes) {
+                    w[j] = __ldg((const u32*)src);
+                } else {
+                    w[j] = (u32)src[0] | ((u32)src[1] << 8) | ((u32)src[2] << 16) | ((u32)src[3] << 24);
+                }
+#elif BITS == 2
+                if (P.vector_codes) {
+                    w[j] = __ldg((const unsigned short*)src);
+                } else {
+                    w[j] = (u32)src[0] | ((u32)src[1] << 8);
+                }
+#else
+                // A unit's 3 bytes stay inside one chunk (12 bytes, 4 units) in both layouts.
+                w[j] = (u32)src[0] | ((u32)src[1] << 8) | ((u32)src[2] << 16);
+#endif
+                const int g = P.group_shift >= 0 ? (k[j] >> P.group_shift) : k[j] / P.group_size;
+                s[j] = __ldg(P.scales + (u64)r * P.groups + g);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DQ_UNROLL; ++j) {
+            if (row[j] < 0) continue;
+            const u32 s2 = scale_pair((u16)s[j]);
+            const u32 v0 = mul_act2(lut[w[j] & (LUT_N - 1)], s2);
+            const u32 v1 = mul_act2(lut[(w[j] >> PAIR_BITS) & (LUT_N - 1)], s2);
+            const u32 v2 = mul_act2(lut[(w[j] >> (2 * PAIR_BITS)) & (LUT_N - 1)], s2);
+            const u32 v3 = mul_act2(lut[(w[j] >> (3 * PAIR_BITS)) & (LUT_N - 1)], s2);
+            // U4 is only 4-byte aligned to the compiler: the 16-byte store is spelled out.
+            asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(P.out + (u64)row[j] * P.ld + k[j]),
+                         "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                         : "memory");
+        }
+    }
+    // The last 1-3 pairs of each row when the padded width is not a multiple of 8.
+    const int tail = (P.padded & 7) >> 1;
+    if (tail) {
+        const long long total_tail = (long long)P.rows * tail;
+        for (long long q = tid; q < total_tail; q += threads)
+            dequant_pair(P, lut, (int)(q / tail), (int)(4 * units + q % tail));
     }
 }
 #endif
