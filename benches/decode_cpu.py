@@ -16,9 +16,9 @@ with ``--threads 2`` fill both). On a machine shared with other work, 2-thread n
 with the neighbours' load (torch's OpenMP threads wait for a descheduled peer at every
 parallel region); 1-thread numbers are the steadier comparison, so report both.
 
-Rows: ``higgs4`` (``higgs_rs.load``, f32 activations: the default), ``higgs4-bf16``
-(``higgs_rs.load(..., dtype=torch.bfloat16)``: bf16 activations and plain weights, bf16-precision
-LUT), ``bf16`` and ``f32`` (the original model in transformers).
+Rows: ``higgs4`` (``higgs_rs.load(..., dtype=torch.float32)``: f32 activations), ``higgs4-bf16``
+(``higgs_rs.load(..., dtype=torch.bfloat16)``, the CPU default: bf16 activations and plain
+weights, bf16-precision LUT), ``bf16`` and ``f32`` (the original model in transformers).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 kind, path = sys.argv[1], sys.argv[2]
 if kind == "higgs4":
-    model = higgs_rs.load(path)
+    model = higgs_rs.load(path, dtype=torch.float32)
 elif kind == "higgs4-bf16":
     model = higgs_rs.load(path, dtype=torch.bfloat16)
 elif kind == "bf16":
@@ -123,7 +123,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(bf16_dir))
 
     loaders = {
-        "higgs4": lambda: higgs_rs.load(higgs_dir),
+        "higgs4": lambda: higgs_rs.load(higgs_dir, dtype=torch.float32),
         "higgs4-bf16": lambda: higgs_rs.load(higgs_dir, dtype=torch.bfloat16),
         "bf16": lambda: load_plain(bf16_dir, dtype=torch.bfloat16),
         "f32": lambda: load_plain(bf16_dir, dtype=torch.float32),
