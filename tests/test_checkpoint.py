@@ -179,3 +179,23 @@ def test_checkpoint_tensors_are_views_of_the_mapped_file(quantized: Path, tmp_pa
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + raw)
     with pytest.raises(higgs_rs.HiggsFormatError, match="past the file end"):
         HiggsCheckpoint(bad)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
+def test_load_defaults_to_the_checkpoint_dtype_on_cpu(tmp_path: Path, stored: torch.dtype) -> None:
+    """``load`` on the CPU keeps a float32 checkpoint in float32 and runs bf16 (and fp16, slow on
+    CPUs) checkpoints in bfloat16; an explicit ``dtype`` wins."""
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    src, dst = tmp_path / "tiny", tmp_path / "tiny-higgs4"
+    transformers.LlamaForCausalLM(config).to(stored).save_pretrained(src, safe_serialization=True)
+    higgs_rs.quantize_checkpoint(src, dst, bits=4, p=2, progress=False)
+    want = torch.float32 if stored == torch.float32 else torch.bfloat16
+    model = higgs_rs.load(dst)
+    assert model.model.embed_tokens.weight.dtype == want
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == want
+    assert higgs_rs.load(dst, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32

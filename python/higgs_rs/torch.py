@@ -24,6 +24,14 @@ def _config_without_quantization(ckpt: HiggsCheckpoint) -> Any:
     return AutoConfig.for_model(model_type, **config_dict)
 
 
+def _default_dtype(ckpt: HiggsCheckpoint, device: torch.device) -> torch.dtype:
+    """float16 on CUDA; on the CPU float32 for a float32 checkpoint, else bfloat16."""
+    if device.type == "cuda":
+        return torch.float16
+    stored = ckpt.config.get("dtype", ckpt.config.get("torch_dtype"))
+    return torch.float32 if stored == "float32" else torch.bfloat16
+
+
 def _empty_model(ckpt: HiggsCheckpoint, dtype: torch.dtype) -> torch.nn.Module:
     """The model's modules on the meta device: no full-precision weights are ever allocated."""
     from transformers import AutoModelForCausalLM
@@ -86,13 +94,14 @@ def load(
 
     The model is built on the meta device and only the checkpoint's tensors are materialized, so
     full-precision weights of the quantized layers never exist in memory. ``dtype`` is the
-    activation and plain-weight dtype (default: bfloat16 on CPU, like transformers' ``dtype="auto"`` for
-    a bf16 checkpoint, and the fastest CPU path; float16 on CUDA; float32 for exact comparisons).
+    activation and plain-weight dtype (default: float16 on CUDA; on the CPU the checkpoint's own
+    dtype, as transformers' ``dtype="auto"``, except that float16 becomes bfloat16 (the fast CPU
+    path); float32 for exact comparisons).
     """
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     ckpt = HiggsCheckpoint(path)
+    if dtype is None:
+        dtype = _default_dtype(ckpt, device)
     model = _empty_model(ckpt, dtype)
     modules_config = ckpt.quantization_config["modules"]
     for name, spec in ckpt.modules.items():
