@@ -187,26 +187,26 @@ unsafe fn line_stats(points: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
         dot = _mm256_add_ps(dot, _mm256_mul_ps(x, q));
         norm = _mm256_add_ps(norm, _mm256_mul_ps(q, q));
     }
+    let mut acc = lane_sums(err, dot, norm);
+    for t in blocks * 8..codes.len() {
+        let c = codes[t] as usize;
+        add_terms(&mut acc, t % 8, &xs[t..t + 1], &points[c..c + 1]);
+    }
+    fold_stats(&acc)
+}
+
+/// The three 8-lane sums as arrays, lane l into accumulator l: the scalar tail adds on, then
+/// [`fold_stats`].
+#[target_feature(enable = "avx2")]
+fn lane_sums(err: __m256, dot: __m256, norm: __m256) -> [[f32; 8]; 3] {
     let mut acc = [[0f32; 8]; 3];
-    // SAFETY: each row is 8 f32.
+    // SAFETY: each array is 8 f32.
     unsafe {
         _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
         _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
         _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
     }
-    for t in blocks * 8..codes.len() {
-        let (x, q) = (xs[t], points[codes[t] as usize]);
-        let d = x - q;
-        acc[0][t % 8] += d * d;
-        acc[1][t % 8] += x * q;
-        acc[2][t % 8] += q * q;
-    }
-    let fold = |a: &[f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-    AssignStats {
-        error: fold(&acc[0]),
-        dot: fold(&acc[1]),
-        norm: fold(&acc[2]),
-    }
+    acc
 }
 
 /// The nearer of two candidates per lane, ties to the lower index (compared unsigned):
@@ -495,13 +495,7 @@ unsafe fn assign_pairs_stats(
             _mm256_add_ps(_mm256_mul_ps(gx, gx), _mm256_mul_ps(gy, gy)),
         );
     }
-    let mut acc = [[0f32; 8]; 3];
-    // SAFETY: each array is 8 f32.
-    unsafe {
-        _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
-        _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
-        _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
-    }
+    let mut acc = lane_sums(err, dot, norm);
     let done = blocks * 8;
     search.assign_scalar_p::<2>(grid, &xs[done * 2..], &mut codes[done..]);
     for (t, (x, &c)) in xs[done * 2..]
@@ -509,19 +503,10 @@ unsafe fn assign_pairs_stats(
         .zip(&codes[done..])
         .enumerate()
     {
-        let g = grid.point(c as usize);
-        let (d0, d1) = (x[0] - g[0], x[1] - g[1]);
         // Tuple done + t goes to accumulator t mod 8 (done is a multiple of 8).
-        acc[0][t % 8] += d0 * d0 + d1 * d1;
-        acc[1][t % 8] += x[0] * g[0] + x[1] * g[1];
-        acc[2][t % 8] += g[0] * g[0] + g[1] * g[1];
+        add_terms(&mut acc, t % 8, x, grid.point(c as usize));
     }
-    let reduce = |a: &[f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-    AssignStats {
-        error: reduce(&acc[0]),
-        dot: reduce(&acc[1]),
-        norm: reduce(&acc[2]),
-    }
+    fold_stats(&acc)
 }
 
 #[target_feature(enable = "avx2")]
@@ -657,13 +642,7 @@ unsafe fn stats_p4(points4: &[f32], xs: &[f32], codes: &[u32]) -> AssignStats {
         dot = _mm256_add_ps(dot, d);
         norm = _mm256_add_ps(norm, q);
     }
-    let mut acc = [[0f32; 8]; 3];
-    // SAFETY: each row is 8 f32.
-    unsafe {
-        _mm256_storeu_ps(acc[0].as_mut_ptr(), err);
-        _mm256_storeu_ps(acc[1].as_mut_ptr(), dot);
-        _mm256_storeu_ps(acc[2].as_mut_ptr(), norm);
-    }
+    let mut acc = lane_sums(err, dot, norm);
     for t in blocks * 8..codes.len() {
         let c = codes[t] as usize;
         add_terms(
