@@ -36,6 +36,7 @@ __all__ = [
     "cuda_available",
     "cuda_status",
     "dequantize",
+    "generate",
     "grid_points",
     "grid_size",
     "is_supported_hadamard_order",
@@ -135,9 +136,14 @@ _TORCH_API = ("HiggsLinear", "load", "load_dequantized", "patch")
 
 
 def __getattr__(name: str) -> Any:
-    """The PyTorch API (``load``, ``patch``, ``HiggsLinear``) imports torch only when first used."""
+    """The PyTorch API (``load``, ``patch``, ``HiggsLinear``, ``generate``) imports torch only when
+    first used."""
     if name in _TORCH_API:
         from . import torch as torch_api
 
         return getattr(torch_api, name)
+    if name == "generate":
+        from .generation import generate
+
+        return generate
     raise AttributeError(f"module 'higgs_rs' has no attribute {name!r}")

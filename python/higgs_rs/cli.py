@@ -132,17 +132,30 @@ def _load_any(model_dir: str | Path, device: str) -> object:
     return load_plain(model_dir, dtype=dtype).to(device)
 
 
-def _generate_text(model: object, tokenizer: object, prompt: str, max_new_tokens: int) -> str:
+def _generate_text(
+    model: object, tokenizer: object, prompt: str, max_new_tokens: int, cuda_graph: bool = True
+) -> str:
     import torch
 
+    from .generation import generate
+
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)  # type: ignore[operator,attr-defined]
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[attr-defined]
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    if inputs["input_ids"].is_cuda:
+        # One CUDA graph replay per token: eager decoding is bound by the CPU's launch cost.
+        out = generate(
+            model,
+            inputs["input_ids"],
+            max_new_tokens,
+            attention_mask=inputs["attention_mask"],  # type: ignore[arg-type]
+            eos_token_id=eos,
+            cuda_graph=cuda_graph,
         )
+    else:
+        with torch.no_grad():
+            out = model.generate(  # type: ignore[attr-defined]
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos
+            )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
 
 
@@ -152,7 +165,9 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     model = _load_any(args.model, args.device)
     start = time.perf_counter()
-    text = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
+    text = _generate_text(
+        model, tokenizer, args.prompt, args.max_new_tokens, cuda_graph=not args.no_cuda_graph
+    )
     seconds = time.perf_counter() - start
     print(f"{args.prompt}{text}")
     print(f"({args.max_new_tokens} new tokens in {seconds:.1f} s)", file=sys.stderr)
@@ -289,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (cuda: one CUDA graph replay per token)")
+    gen.add_argument("--no-cuda-graph", action="store_true", help="on cuda, decode eagerly (slower)")
     gen.set_defaults(run=_generate)
 
     check = sub.add_parser("selfcheck", help="quantize a Gaussian matrix: error, speed, SIMD path")

@@ -1,0 +1,127 @@
+"""End-to-end generation on the GPU through transformers: a Llama-3-8B-shaped
+``LlamaForCausalLM`` (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocabulary 32000, random
+weights) in fp16 against the same model with every decoder projection a 4-bit ``HiggsLinear``
+(random codes, as in ``gpu_bench.py``: speed does not depend on the values).
+
+    python3 benches/gpu_generate.py [--layers 32] [--new-tokens 128] [--out results.json]
+
+Per model: transformers' own ``model.generate`` (eager, dynamic cache: what a user runs by
+default), and ``higgs_rs.generate`` eager and with its CUDA-graph step. Decode tokens/s =
+(new tokens − 1) / (time of the whole call − time of a one-token call), so prefill is excluded
+and the graph's warm-up and capture are included. Greedy, batch 1, a 16-token prompt, no EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+import higgs_rs
+from higgs_rs.generation import generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import random_layer  # noqa: E402
+
+DEVICE = torch.device("cuda")
+
+
+def llama_8b_shaped(layers: int) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    with torch.device(DEVICE):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def quantize_projections(model: torch.nn.Module) -> None:
+    for i, layer in enumerate(model.model.layers):
+        for j, parent in enumerate((layer.self_attn, layer.mlp)):
+            for k, (name, old) in enumerate(list(parent.named_children())):
+                if isinstance(old, torch.nn.Linear):
+                    setattr(
+                        parent, name, random_layer(old.out_features, old.in_features, seed=64 * i + 8 * j + k)
+                    )
+        torch.cuda.empty_cache()
+
+
+def seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_rate(run: Callable[[int], object], new_tokens: int, repeats: int) -> float:
+    run(new_tokens)  # warm-up: kernels compiled, allocator primed
+    full = seconds(lambda: run(new_tokens), repeats)
+    prefill = seconds(lambda: run(1), repeats)
+    return (new_tokens - 1) / (full - prefill)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    model = llama_8b_shaped(args.layers)
+    prompt = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    modes: dict[str, Callable[[int], object]] = {
+        "transformers generate (eager)": lambda n: model.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False
+        ),
+        "higgs_rs.generate eager": lambda n: generate(model, prompt, n, cuda_graph=False),
+        "higgs_rs.generate CUDA graph": lambda n: generate(model, prompt, n),
+    }
+    rows = []
+    for weights in ("fp16", "HIGGS 4-bit"):
+        if weights != "fp16":
+            quantize_projections(model)
+        for mode, run in modes.items():
+            with torch.no_grad():
+                rate = decode_rate(run, args.new_tokens, args.repeats)
+            row = {"weights": weights, "mode": mode, "decode_tokens_per_s": rate}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["weights"], r["mode"]): r["decode_tokens_per_s"] for r in rows}
+    print(
+        f"\nLlama-3-8B-shaped, {args.layers} layers, {torch.cuda.get_device_name()}, "
+        f"higgs_rs {higgs_rs.__version__}; decode tokens/s (× fp16 in the same mode)"
+    )
+    print("| mode | fp16 | HIGGS 4-bit | × |\n|---|---|---|---|")
+    for mode in modes:
+        fp16, ours = by[("fp16", mode)], by[("HIGGS 4-bit", mode)]
+        print(f"| {mode} | {fp16:.1f} | {ours:.1f} | {ours / fp16:.2f} |")
+    best = by[("HIGGS 4-bit", "higgs_rs.generate CUDA graph")]
+    default = by[("fp16", "transformers generate (eager)")]
+    print(f"HIGGS with the CUDA graph vs fp16 transformers generate: {best / default:.2f}×")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
