@@ -74,7 +74,9 @@ def seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def decode_rate(run: Callable[[int], object], new_tokens: int, repeats: int) -> float:
-    run(new_tokens)  # warm-up: kernels compiled, allocator primed
+    start = time.perf_counter()
+    run(new_tokens)  # warm-up: kernels compiled (and torch.compile's code), allocator primed
+    print(f"  (first call {time.perf_counter() - start:.1f} s)", flush=True)
     full = seconds(lambda: run(new_tokens), repeats)
     prefill = seconds(lambda: run(1), repeats)
     return (new_tokens - 1) / (full - prefill)
@@ -96,10 +98,13 @@ def main() -> None:
         ),
         "higgs_rs.generate eager": lambda n: generate(model, prompt, n, cuda_graph=False),
         "higgs_rs.generate CUDA graph": lambda n: generate(model, prompt, n),
+        "higgs_rs.generate CUDA graph + torch.compile": lambda n: generate(model, prompt, n, compile=True),
     }
     rows = []
     for weights in ("fp16", "HIGGS 4-bit"):
         if weights != "fp16":
+            model.__dict__.pop("_higgs_rs_compiled", None)
+            torch._dynamo.reset()
             quantize_projections(model)
         for mode, run in modes.items():
             with torch.no_grad():

@@ -12,6 +12,7 @@ except one end-of-sequence check every ``eos_check_every`` tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,7 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
     eos_check_every: int = 16,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens after ``input_ids`` (batch × prompt length).
@@ -76,6 +78,10 @@ def generate(
         do_sample, temperature, top_k, seed: sampling instead of greedy decoding.
         cuda_graph: replay the one-token step from a CUDA graph (default: on a CUDA device).
             ``False`` runs the same static-cache loop eagerly (on any device).
+        compile: run the one-token step through ``torch.compile`` (kept on the model for later
+            calls): TorchInductor fuses the small ops between the linear layers (norms, rotary
+            embedding, residuals); ``HiggsLinear`` calls stay as they are (graph breaks). The first
+            call compiles (tens of seconds for an 8B-shaped model).
         eos_check_every: tokens between the end-of-sequence checks (each reads one flag back).
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -102,9 +108,12 @@ def generate(
     # Plain tensors, not inference tensors, even under torch.inference_mode: the mask, positions
     # and cache are updated in place between steps, and CUDA HiggsLinear layers share one
     # activation rotation between q/k/v (gate/up) only for tensors with a version counter.
-    with torch.inference_mode(False), torch.no_grad():
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", 32)
+    limits = _compile_limits(layers) if compile else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.no_grad(), limits:
         return _generate(
             model,
+            _compiled(model) if compile else model,
             input_ids,
             max_new_tokens,
             attention_mask,
@@ -121,6 +130,7 @@ def generate(
 
 def _generate(
     model: torch.nn.Module,
+    step_model: torch.nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None,
@@ -150,11 +160,13 @@ def _generate(
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
     takes_slots = "cache_position" in params
 
-    def forward(ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, run: torch.nn.Module = model
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {cache_kwarg: cache}
         if takes_slots:
             kwargs["cache_position"] = slots
-        out = model(
+        out = run(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs
         )
         return out.logits[:, -1]
@@ -173,11 +185,11 @@ def _generate(
     slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
     step: Callable[[], torch.Tensor]
     if use_graph and max_new_tokens > 1:
-        step = _captured_step(lambda: forward(token_in, position, slot), cache)
+        step = _captured_step(lambda: forward(token_in, position, slot, step_model), cache)
     else:
 
         def step() -> torch.Tensor:
-            return forward(token_in, position, slot)
+            return forward(token_in, position, slot, step_model)
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -198,6 +210,31 @@ def _generate(
         slot += 1
         produced += 1
     return torch.cat([input_ids, new_tokens[:, :produced]], dim=1)
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)`` for one-token steps, made once per model (kept in the model's
+    ``__dict__``, not registered as a submodule). Each ``HiggsLinear`` runs as it does eagerly
+    (a graph break: its Rust/CUDA call is not traceable)."""
+    from .torch import HiggsLinear
+
+    compiled = model.__dict__.get("_higgs_rs_compiled")
+    if compiled is None:
+        for module in model.modules():
+            if isinstance(module, HiggsLinear):
+                module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
+        compiled = torch.compile(model, dynamic=False)
+        model.__dict__["_higgs_rs_compiled"] = compiled
+    return compiled
+
+
+def _compile_limits(layers: int) -> Any:
+    """Dynamo specializes the code after each graph break on the layer index (one compiled
+    version per decoder layer): allow that many, or the layers past the default 8 run eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    limit = max(dynamo_config.recompile_limit, 2 * layers + 8)
+    return dynamo_config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 16 * limit))
 
 
 def _static_cache(model: torch.nn.Module, batch: int, max_len: int, device: torch.device) -> Any:
