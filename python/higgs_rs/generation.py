@@ -214,15 +214,10 @@ def _generate(
 
 def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model)`` for one-token steps, made once per model (kept in the model's
-    ``__dict__``, not registered as a submodule). Each ``HiggsLinear`` runs as it does eagerly
-    (a graph break: its Rust/CUDA call is not traceable)."""
-    from .torch import HiggsLinear
-
+    ``__dict__``, not registered as a submodule). ``HiggsLinear.forward`` is never traced: each
+    call is a graph break and runs as it does eagerly."""
     compiled = model.__dict__.get("_higgs_rs_compiled")
     if compiled is None:
-        for module in model.modules():
-            if isinstance(module, HiggsLinear):
-                module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
         compiled = torch.compile(model, dynamic=False)
         model.__dict__["_higgs_rs_compiled"] = compiled
     return compiled

@@ -337,6 +337,9 @@ class HiggsLinear(torch.nn.Module):
             f"hadamard_size={self.hadamard_size}, group_size={self.group_size}, bias={self.bias is not None}"
         )
 
+    # Never traced by torch.compile (its Rust/CUDA calls are opaque to dynamo): a graph break,
+    # run as in eager mode, instead of a trace that specializes on every shape (~0.5 µs a call).
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Buffers and the bias through the dicts: `self.codes` goes through nn.Module.__getattr__
         # (~1 µs a lookup), and a decode step makes hundreds of these calls.
