@@ -9,7 +9,7 @@ mod common;
 
 use criterion::measurement::Measurement;
 use criterion::{Criterion, Throughput};
-use higgs_rs::assign::Assigner;
+use higgs_rs::assign::{AssignStats, Assigner};
 use higgs_rs::rng::SplitMix64;
 use std::hint::black_box;
 
@@ -29,6 +29,20 @@ fn bench_assign<M: Measurement>(c: &mut Criterion<M>) {
         group.bench_function(format!("p{p}_n{n}_scalar"), |b| {
             b.iter(|| assigner.assign_scalar(black_box(&xs), black_box(&mut codes)))
         });
+        // What the quantizer calls per row: codes and per-group sums, groups of 64.
+        let mut stats = vec![AssignStats::default(); weights.div_ceil(64)];
+        if 64 % p == 0 {
+            group.bench_function(format!("p{p}_n{n}_stats_g64"), |b| {
+                b.iter(|| {
+                    assigner.assign_stats_groups(
+                        black_box(&xs),
+                        64,
+                        black_box(&mut codes),
+                        black_box(&mut stats),
+                    )
+                })
+            });
+        }
     }
     group.finish();
 }

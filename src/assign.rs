@@ -70,6 +70,19 @@ mod simd {
     ) -> Option<super::AssignStats> {
         None
     }
+    pub fn assign_pairs_groups_avx512(
+        _: &super::CellSearch,
+        _: &super::Grid,
+        _: &[f32],
+        _: usize,
+        _: &mut [u32],
+        _: &mut [super::AssignStats],
+    ) -> Option<()> {
+        None
+    }
+    pub fn with_avx512<W: super::WideWork>(work: W) -> Result<W::Output, W> {
+        Err(work)
+    }
     pub fn scan_pairs_avx512(
         _: &[[f32; 2]],
         _: usize,
@@ -86,6 +99,24 @@ use crate::Result;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Work that [`with_wide_simd`] runs; `run` should be `#[inline(always)]` (and so should the
+/// functions it calls that are worth vectorizing) so that it is compiled into the wide path.
+pub trait WideWork {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for the widest SIMD registers the CPU has (AVX-512 on x86-64 when
+/// present, through run-time detection), so its plain Rust loops vectorize wider; the same
+/// results, as Rust never reassociates or contracts float arithmetic. Without such a path,
+/// `work` runs as compiled.
+pub fn with_wide_simd<W: WideWork>(work: W) -> W::Output {
+    match simd::with_avx512(work) {
+        Ok(output) => output,
+        Err(work) => work.run(),
+    }
+}
 
 /// Candidates per chunk of a cell's list (one AVX2 register of f32).
 const LANES: usize = 8;
@@ -109,7 +140,7 @@ const UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 
 /// Sums over the tuples of one [`Assigner::assign_stats`] call, x the inputs and q their
 /// nearest points: what a scale search needs to score a scale and refit it by least squares.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AssignStats {
     /// Σ‖x − q‖².
     pub error: f32,
@@ -310,6 +341,11 @@ impl Assigner {
         Some(())
     }
 
+    /// Whether [`Assigner::scan_pairs`] is available (p = 2).
+    pub fn scans_pairs(&self) -> bool {
+        self.pair_table.is_some()
+    }
+
     /// Built once per (p, n) and cached.
     pub fn for_grid(p: usize, n: usize) -> Result<Arc<Assigner>> {
         type Slot = Arc<OnceLock<Arc<Assigner>>>;
@@ -391,6 +427,56 @@ impl Assigner {
         }
         self.assign(xs, codes);
         self.stats(xs, codes)
+    }
+
+    /// [`Assigner::assign_stats`] for each group of `group_len` consecutive values of `xs` (a
+    /// multiple of p; the last group may be shorter): the codes of all of `xs`, and group j's
+    /// sums in `out[j]`, bit-identical to one `assign_stats` call per group. One call for a
+    /// whole row of groups lets the p = 2 AVX-512 path skip the per-call set-up.
+    ///
+    /// # Panics
+    /// If `xs.len() != codes.len() * p`, `group_len` is not a positive multiple of p, or
+    /// `out.len()` is not the number of groups (caller bugs, not bad data).
+    pub fn assign_stats_groups(
+        &self,
+        xs: &[f32],
+        group_len: usize,
+        codes: &mut [u32],
+        out: &mut [AssignStats],
+    ) {
+        let p = self.grid.p;
+        assert!(
+            xs.len() == codes.len() * p
+                && group_len > 0
+                && group_len.is_multiple_of(p)
+                && out.len() == xs.len().div_ceil(group_len),
+            "assign_stats_groups: {} values, {} codes of {p}, groups of {group_len}, {} outputs",
+            xs.len(),
+            codes.len(),
+            out.len()
+        );
+        if let Search::Cells(cells) = &self.search {
+            if p == 2
+                && simd::assign_pairs_groups_avx512(
+                    cells,
+                    &self.grid,
+                    xs,
+                    group_len / 2,
+                    codes,
+                    out,
+                )
+                .is_some()
+            {
+                return;
+            }
+        }
+        for ((x, c), o) in xs
+            .chunks(group_len)
+            .zip(codes.chunks_mut(group_len / p))
+            .zip(out.iter_mut())
+        {
+            *o = self.assign_stats(x, c);
+        }
     }
 
     /// [`Assigner::stats_of`], with SIMD where there is a path for it (p = 4; bit-identical).
@@ -1191,6 +1277,78 @@ mod tests {
                     (stats.error as f64 - exact).abs() <= 1e-5 * exact.max(1e-30),
                     "{stats:?} vs {exact}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_stats_match_one_call_per_group() {
+        for (p, n) in [(2usize, 256usize), (2, 64), (2, 16), (1, 16), (4, 8192)] {
+            let assigner = Assigner::for_grid(p, n).unwrap();
+            let mut rng = SplitMix64::new(13 + n as u64);
+            for (group_len, groups) in [(64usize, 9usize), (32, 5), (36, 4), (16, 3), (128, 2)] {
+                if !group_len.is_multiple_of(p) {
+                    continue;
+                }
+                // Gaussian, uniform over the box (every cell, the long lists included), wide
+                // and far inputs; finite, with squares that fit f32 (the sums are f32).
+                let mut xs = hard_inputs(p, groups * group_len / p + 3, group_len as u64);
+                xs.retain(|v| v.abs() < 1e6);
+                for (i, v) in xs.iter_mut().enumerate() {
+                    if i % 5 == 1 {
+                        *v = (rng.next_f64() * 8.0 - 4.0) as f32;
+                    }
+                }
+                if p == 2 {
+                    // The centres of the cells whose lists are longer than 4, first.
+                    let Search::Cells(cells) = &assigner.search else {
+                        panic!("p = 2")
+                    };
+                    let m = cells.cells_per_axis;
+                    let width = 2.0 * cells.half_width / m as f32;
+                    let centre = |k: usize| -cells.half_width + (k as f32 + 0.5) * width;
+                    let long: Vec<f32> = (0..m * m)
+                        .filter(|&c| cells.quads[c * QUAD_WORDS + 8] & QUAD_OVERFLOW != 0)
+                        .flat_map(|c| [centre(c % m), centre(c / m)])
+                        .collect();
+                    assert!(n != 256 || !long.is_empty());
+                    let keep = long.len().min(xs.len() / 2);
+                    xs[..keep].copy_from_slice(&long[..keep]);
+                }
+                // A shorter last group.
+                let len = ((groups - 1) * group_len + group_len / 2) / p * p;
+                let xs = &xs[..len];
+                let tuples = len / p;
+                let mut codes = vec![0u32; tuples];
+                let mut stats = vec![
+                    AssignStats {
+                        error: 0.0,
+                        dot: 0.0,
+                        norm: 0.0
+                    };
+                    groups
+                ];
+                assigner.assign_stats_groups(xs, group_len, &mut codes, &mut stats);
+                let mut want = vec![0u32; tuples];
+                assigner.assign_scalar(xs, &mut want);
+                assert_eq!(codes, want, "p {p} n {n} g {group_len}");
+                for (j, (x, c)) in xs
+                    .chunks(group_len)
+                    .zip(want.chunks(group_len / p))
+                    .enumerate()
+                {
+                    let reference = assigner.stats_of(x, c);
+                    let got = stats[j];
+                    assert_eq!(
+                        (got.error.to_bits(), got.dot.to_bits(), got.norm.to_bits()),
+                        (
+                            reference.error.to_bits(),
+                            reference.dot.to_bits(),
+                            reference.norm.to_bits()
+                        ),
+                        "p {p} n {n} g {group_len} group {j}: {got:?} vs {reference:?}"
+                    );
+                }
             }
         }
     }

@@ -164,6 +164,7 @@ impl Source<'_> {
     }
 
     /// Elements [start, start + out.len()) as f32.
+    #[inline(always)]
     fn read(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();
         match self {
@@ -235,6 +236,10 @@ struct Prepared {
     assigner: Arc<Assigner>,
     signs: Option<Vec<f32>>,
     search: ScaleSearch,
+    /// The fast paths: whole-row group searches ([`quantize_groups`]) and rows compiled for
+    /// the widest SIMD ([`crate::assign::with_wide_simd`]). Tests turn them off to compare
+    /// with the plain group-by-group path; the bytes out are the same.
+    fast_paths: bool,
 }
 
 impl Prepared {
@@ -250,6 +255,7 @@ impl Prepared {
                 .seed
                 .map(|seed| hadamard::random_signs(seed, layout.padded_cols)),
             search: ScaleSearch::default(),
+            fast_paths: true,
         })
     }
 }
@@ -299,6 +305,7 @@ struct Scratch {
     codes: Vec<u32>,
     back: Vec<f32>,
     search: SearchScratch,
+    groups: GroupScratch,
 }
 
 impl Scratch {
@@ -308,8 +315,25 @@ impl Scratch {
             codes: vec![0; layout.tuples],
             back: vec![0.0; layout.padded_cols],
             search: SearchScratch::new(group_size.min(layout.padded_cols), p),
+            groups: GroupScratch::default(),
         }
     }
+}
+
+/// Buffers of [`quantize_groups`]: whole rows of scaled values and codes, and per group.
+#[derive(Default)]
+struct GroupScratch {
+    /// The row scaled by each group's chosen (or only) candidate, and the stats of its codes.
+    scaled: Vec<f32>,
+    stats: Vec<AssignStats>,
+    /// p = 2 searches: the row scaled by each group's RMS, its codes and stats.
+    rms_scaled: Vec<f32>,
+    rms_codes: Vec<u32>,
+    rms_stats: Vec<AssignStats>,
+    /// Per group: Σx², and the candidate and RMS scales (zero for a group that keeps a zero
+    /// scale).
+    xx: Vec<f64>,
+    candidate: Vec<(f16, f16)>,
 }
 
 /// Buffers of the per-group scale search.
@@ -440,11 +464,18 @@ fn score_scales(
     }
 }
 
+/// Σ‖x − s·q‖² of a group from the sums of its assignment scaled by 1/s.
+#[inline(always)]
+fn scaled_error(s: f16, stats: AssignStats) -> f64 {
+    let sd = s.to_f32() as f64;
+    stats.error as f64 * sd * sd
+}
+
 /// (error, least-squares refit, error bound of the refit) of scale `s` from the sums of the
 /// scaled group's assignment (see [`score_scale`]).
 fn scale_score(s: f16, stats: AssignStats) -> (f64, f16, f64) {
     let sd = s.to_f32() as f64;
-    let error = stats.error as f64 * sd * sd;
+    let error = scaled_error(s, stats);
     // In x's units Σx·q = s·dot and Σ‖q‖² = norm.
     let (dot, norm) = (stats.dot as f64, stats.norm as f64);
     let mut refit = s;
@@ -646,6 +677,18 @@ pub fn quantize_with(
     spec: &QuantSpec,
     search: ScaleSearch,
 ) -> Result<QuantizedTensor> {
+    quantize_rows(source, rows, cols, spec, search, true)
+}
+
+/// [`quantize_with`], with or without the fast paths (see `Prepared::fast_paths`).
+fn quantize_rows(
+    source: Source<'_>,
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    search: ScaleSearch,
+    fast_paths: bool,
+) -> Result<QuantizedTensor> {
     // Shape problems (empty, unsupported sizes) first: they say more than a length mismatch.
     spec.layout(rows, cols)?;
     if source.len() != rows.saturating_mul(cols) {
@@ -657,6 +700,7 @@ pub fn quantize_with(
     }
     let mut prep = Prepared::new(spec, rows, cols)?;
     prep.search = search;
+    prep.fast_paths = fast_paths;
     let layout = prep.layout;
     let mut codes = vec![0u8; rows * layout.row_bytes];
     let mut scales = vec![f16::ZERO; rows * layout.groups];
@@ -669,7 +713,20 @@ pub fn quantize_with(
         .try_for_each_init(
             || Scratch::new(&layout, spec.p, spec.group_size),
             |scratch, (r, ((row_codes, row_scales), err))| {
-                *err = quantize_row(&prep, source, r, scratch, row_codes, row_scales)?;
+                let job = RowJob {
+                    prep: &prep,
+                    source,
+                    r,
+                    scratch,
+                    row_codes,
+                    row_scales,
+                };
+                // The row's plain loops (conversion, sums, scaling, packing) vectorize wider.
+                *err = if prep.fast_paths {
+                    crate::assign::with_wide_simd(job)?
+                } else {
+                    crate::assign::WideWork::run(job)?
+                };
                 Ok::<(), HiggsError>(())
             },
         )?;
@@ -687,8 +744,34 @@ pub fn quantize_with(
     })
 }
 
+/// One row of [`quantize_with`], for [`crate::assign::with_wide_simd`].
+struct RowJob<'a, 'b> {
+    prep: &'a Prepared,
+    source: Source<'a>,
+    r: usize,
+    scratch: &'b mut Scratch,
+    row_codes: &'b mut [u8],
+    row_scales: &'b mut [f16],
+}
+
+impl crate::assign::WideWork for RowJob<'_, '_> {
+    type Output = Result<(f64, f64)>;
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        quantize_row(
+            self.prep,
+            self.source,
+            self.r,
+            self.scratch,
+            self.row_codes,
+            self.row_scales,
+        )
+    }
+}
+
 /// Σ x² in f64, with 8 independent accumulators (a fixed order, so deterministic; and
 /// vectorizable, unlike one serial sum).
+#[inline(always)]
 fn sum_squares(x: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let mut chunks = x.chunks_exact(8);
@@ -704,6 +787,7 @@ fn sum_squares(x: &[f32]) -> f64 {
 }
 
 /// One row: returns (Σ error², Σ w²) of the row in the original coordinates.
+#[inline(always)]
 fn quantize_row(
     prep: &Prepared,
     source: Source<'_>,
@@ -718,6 +802,7 @@ fn quantize_row(
         codes,
         back,
         search,
+        groups,
     } = scratch;
     let cols = layout.cols;
     source.read(r * cols, &mut row[..cols]);
@@ -744,6 +829,46 @@ fn quantize_row(
     // The search needs groups of whole tuples; otherwise (p ∤ g) tuples straddle groups, each
     // group gets its RMS and the whole row is assigned at once.
     let per_group = g.is_multiple_of(p) && padded_cols.is_multiple_of(p);
+    let mut rotated_error = if per_group
+        && prep.fast_paths
+        && (prep.search == ScaleSearch::Rms || prep.assigner.scans_pairs())
+    {
+        quantize_groups(prep, r, padded, groups, codes, row_scales)?
+    } else {
+        quantize_group_by_group(prep, r, padded, per_group, search, codes, row_scales)?
+    };
+    if !per_group {
+        prep.assigner.assign(row, codes);
+        rotated_error = rotated_squared_error(prep, row, codes, row_scales);
+    }
+    pack_codes(codes, prep.spec.code_bits(), row_codes);
+    finish_row(
+        prep,
+        source,
+        r,
+        codes,
+        row_scales,
+        back,
+        rotated_error,
+        norm,
+    )
+}
+
+/// The groups of a rotated row one at a time: each [`choose_scale`] (or, when p ∤ g, its RMS,
+/// scaling the row in place for one assignment of the whole row by the caller). Returns the
+/// summed error of the chosen scales (0 when p ∤ g).
+fn quantize_group_by_group(
+    prep: &Prepared,
+    r: usize,
+    padded: &mut [f32],
+    per_group: bool,
+    search: &mut SearchScratch,
+    codes: &mut [u32],
+    row_scales: &mut [f16],
+) -> Result<f64> {
+    let g = prep.spec.group_size;
+    let p = prep.spec.p;
+    let padded_cols = prep.layout.padded_cols;
     let mut rotated_error = 0f64;
     for (j, scale) in row_scales.iter_mut().enumerate() {
         let (start, end) = (j * g, ((j + 1) * g).min(padded_cols));
@@ -751,9 +876,7 @@ fn quantize_row(
         let xx = sum_squares(group);
         let rms = (xx / group.len() as f64).sqrt();
         if f16::from_f64(rms).is_infinite() {
-            return Err(HiggsError::Unsupported(format!(
-                "row {r}: a group's RMS {rms:.3e} overflows the f16 scale; weights this large are not supported"
-            )));
+            return Err(rms_overflow(r, rms));
         }
         if per_group {
             let (s, error) = choose_scale(
@@ -777,12 +900,154 @@ fn quantize_row(
             group.iter_mut().for_each(|x| *x *= inv);
         }
     }
-    if !per_group {
-        prep.assigner.assign(row, codes);
-        rotated_error = rotated_squared_error(prep, row, codes, row_scales);
-    }
-    pack_codes(codes, prep.spec.code_bits(), row_codes);
+    Ok(rotated_error)
+}
 
+/// Σx² of each group of a rotated row into `xx`; the error of the first group whose RMS
+/// overflows the f16 scale.
+#[inline(always)]
+fn group_sums(prep: &Prepared, r: usize, padded: &[f32], xx: &mut Vec<f64>) -> Result<()> {
+    let g = prep.spec.group_size;
+    xx.clear();
+    for group in padded.chunks(g) {
+        let sum = sum_squares(group);
+        let rms = (sum / group.len() as f64).sqrt();
+        if f16::from_f64(rms).is_infinite() {
+            return Err(rms_overflow(r, rms));
+        }
+        xx.push(sum);
+    }
+    Ok(())
+}
+
+fn rms_overflow(r: usize, rms: f64) -> HiggsError {
+    HiggsError::Unsupported(format!(
+        "row {r}: a group's RMS {rms:.3e} overflows the f16 scale; weights this large are not supported"
+    ))
+}
+
+/// The RMS scale of a group with Σx² = `xx` over `len` values, or None when the group keeps a
+/// zero scale (all zeros, or an RMS below f16's range; see [`choose_scale`]).
+#[inline(always)]
+fn rms_scale(xx: f64, len: usize) -> (f64, Option<f16>) {
+    let rms = (xx / len as f64).sqrt();
+    let rms16 = f16::from_f64(rms);
+    (rms, (rms != 0.0 && usable(rms16)).then_some(rms16))
+}
+
+/// `out` = `x` / `s` as the search scales a group (zeros for no scale).
+#[inline(always)]
+fn scale_group(x: &[f32], s: Option<f16>, out: &mut [f32]) {
+    match s {
+        Some(s) => {
+            let inv = 1.0 / s.to_f32();
+            out.iter_mut().zip(x).for_each(|(y, &v)| *y = v * inv);
+        }
+        None => out.fill(0.0),
+    }
+}
+
+/// The groups of a rotated row (p | g) with whole-row assignments: the RMS search, or a p = 2
+/// search whose scan picks each group's candidate, then the candidate and the RMS are assigned
+/// exactly, the better kept. The same scales, codes and errors as [`choose_scale`] per group
+/// (the same candidates scored in the same order; a candidate equal to one already scored
+/// cannot win, so it is not scored again). Returns the summed error.
+#[inline(always)]
+fn quantize_groups(
+    prep: &Prepared,
+    r: usize,
+    padded: &[f32],
+    scratch: &mut GroupScratch,
+    codes: &mut [u32],
+    row_scales: &mut [f16],
+) -> Result<f64> {
+    let g = prep.spec.group_size;
+    let assigner = &prep.assigner;
+    let n = padded.len();
+    let GroupScratch {
+        scaled,
+        stats,
+        rms_scaled,
+        rms_codes,
+        rms_stats,
+        xx,
+        candidate,
+    } = scratch;
+    group_sums(prep, r, padded, xx)?;
+    let groups = xx.len();
+    scaled.resize(n, 0.0);
+    stats.resize(groups, AssignStats::default());
+    candidate.clear();
+    let searched = prep.search != ScaleSearch::Rms;
+    if searched {
+        rms_scaled.resize(n, 0.0);
+        rms_codes.resize(codes.len(), 0);
+        rms_stats.resize(groups, AssignStats::default());
+    }
+    for (j, (x, &sum)) in padded.chunks(g).zip(xx.iter()).enumerate() {
+        let (rms, rms16) = rms_scale(sum, x.len());
+        let range = j * g..j * g + x.len();
+        let chosen = if searched {
+            scale_group(x, rms16, &mut rms_scaled[range.clone()]);
+            rms16.map(|_| {
+                scan_search(assigner, x, sum, rms, prep.search)
+                    .expect("scans_pairs: the scan is available")
+            })
+        } else {
+            rms16
+        };
+        scale_group(x, chosen, &mut scaled[range]);
+        candidate.push((chosen.unwrap_or(f16::ZERO), rms16.unwrap_or(f16::ZERO)));
+    }
+    assigner.assign_stats_groups(scaled, g, codes, stats);
+    if searched {
+        assigner.assign_stats_groups(rms_scaled, g, rms_codes, rms_stats);
+    }
+    let p = prep.spec.p;
+    let mut rotated_error = 0f64;
+    for j in 0..groups {
+        let (s, rms16) = candidate[j];
+        if s == f16::ZERO {
+            // A zero scale: the codes of the origin (the group was scaled to zeros).
+            row_scales[j] = f16::ZERO;
+            rotated_error += xx[j];
+            continue;
+        }
+        let mut best = (f64::INFINITY, s);
+        let error = scaled_error(s, stats[j]);
+        if error < best.0 {
+            best = (error, s);
+        }
+        // The RMS, unless it is the candidate (then its error is the same and cannot win).
+        if searched && rms16 != s {
+            let error = scaled_error(rms16, rms_stats[j]);
+            if error < best.0 {
+                best = (error, rms16);
+                let tuples = j * g / p..(j * g + g).min(n) / p;
+                codes[tuples.clone()].copy_from_slice(&rms_codes[tuples]);
+            }
+        }
+        row_scales[j] = best.1;
+        rotated_error += best.0;
+    }
+    Ok(rotated_error)
+}
+
+/// The row's (Σ error², Σ w²) in the original coordinates (see [`quantize_row`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn finish_row(
+    prep: &Prepared,
+    source: Source<'_>,
+    r: usize,
+    codes: &[u32],
+    row_scales: &[f16],
+    back: &mut [f32],
+    rotated_error: f64,
+    norm: f64,
+) -> Result<(f64, f64)> {
+    let layout = &prep.layout;
+    let cols = layout.cols;
     let err = if layout.padded_cols == cols {
         // The rotation is orthonormal, so the error is the same in rotated coordinates: no
         // inverse transform needed (equal up to float rounding).
@@ -906,6 +1171,7 @@ pub fn check_parts(spec: &QuantSpec, layout: &Layout, codes: &[u8], scales: &[f1
 }
 
 /// Pack `codes` of `bits` bits each, LSB-first, into `out` (which is fully overwritten).
+#[inline(always)]
 pub fn pack_codes(codes: &[u32], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = c as u8),
@@ -1262,6 +1528,54 @@ mod tests {
             quantize(Source::F32(&w), rows, cols, &s).unwrap().scales,
             run(1, ScaleSearch::default()).scales
         );
+    }
+
+    #[test]
+    fn fast_paths_give_the_same_bytes() {
+        // Whole-row group searches and the wide-SIMD row against the group-by-group path
+        // compiled plainly: every grid dimension, search, padding and sign choice, outliers,
+        // zero groups and a short last group.
+        let mut rng = SplitMix64::new(55);
+        for (p, n, cols, g) in [
+            (2usize, 256usize, 576usize, 64usize),
+            (2, 64, 300, 32),
+            (2, 256, 200, 36),
+            (1, 16, 256, 64),
+            (3, 512, 192, 48),
+            (4, 256, 256, 64),
+        ] {
+            let rows = 7;
+            let mut w = gaussian(rows * cols, rng.next_u64());
+            for (i, v) in w.iter_mut().enumerate() {
+                match i % 101 {
+                    3 => *v *= 20.0,
+                    5 => *v *= 1e-3,
+                    _ => {}
+                }
+            }
+            w[cols..2 * cols].fill(0.0);
+            for (h, seed) in [(None, Some(9)), (Some(64), None)] {
+                let s = QuantSpec {
+                    group_size: g,
+                    ..spec(p, n, h, seed)
+                };
+                for search in [ScaleSearch::Rms, ScaleSearch::Fast, ScaleSearch::Full] {
+                    let fast =
+                        quantize_rows(Source::F32(&w), rows, cols, &s, search, true).unwrap();
+                    let plain =
+                        quantize_rows(Source::F32(&w), rows, cols, &s, search, false).unwrap();
+                    let what = format!("p {p} n {n} cols {cols} g {g} h {h:?} {search:?}");
+                    assert_eq!(fast.codes, plain.codes, "{what}");
+                    assert_eq!(fast.scales, plain.scales, "{what}");
+                    assert_eq!(
+                        fast.squared_error.to_bits(),
+                        plain.squared_error.to_bits(),
+                        "{what}"
+                    );
+                    assert_eq!(fast.squared_norm.to_bits(), plain.squared_norm.to_bits());
+                }
+            }
+        }
     }
 
     #[test]

@@ -787,3 +787,264 @@ unsafe fn scan_pairs(
         *o = (fold16(dot), fold16(norm));
     }
 }
+
+/// p = 2 with AVX-512: [`super::Assigner::assign_stats`] for every group of `group_pairs`
+/// consecutive pairs of `xs` (the last group may be shorter), each group's sums into `out`,
+/// bit-identical to one `assign_stats` call per group. Four pairs per register against the
+/// 4-candidate cell records, the lowest index at the minimum picked by vector min, so no
+/// per-pair scalar work. `None` (and nothing done) without AVX-512F or when the tables or
+/// lengths do not fit.
+pub fn assign_pairs_groups_avx512(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    group_pairs: usize,
+    codes: &mut [u32],
+    out: &mut [AssignStats],
+) -> Option<()> {
+    let fits = search.p == 2
+        && search.quads.len() == (search.chunk_offsets.len() - 1) * QUAD_WORDS
+        && grid.points.len() == 2 * grid.n
+        && grid.n <= super::QUAD_STATS_MAX_N
+        && xs.len() == 2 * codes.len()
+        && group_pairs > 0
+        && out.len() == codes.len().div_ceil(group_pairs);
+    if !fits || !avx512_available() {
+        return None;
+    }
+    for ((group, group_codes), o) in xs
+        .chunks(2 * group_pairs)
+        .zip(codes.chunks_mut(group_pairs))
+        .zip(out.iter_mut())
+    {
+        // SAFETY: AVX-512F is available; `quads` has QUAD_WORDS words per cell; every code the
+        // search writes is below n and `points` holds 2·n floats, n <= 2^20 (all checked
+        // above), which is what the loads and gathers of `pairs_group` rely on; the group
+        // holds 2 floats per code (chunks of 2·group_pairs and group_pairs).
+        *o = unsafe { pairs_group(search, grid, group, group_codes) };
+    }
+    Some(())
+}
+
+/// One group of [`assign_pairs_groups_avx512`]: blocks of 8 pairs (16 floats, interleaved),
+/// then the tail pairs by the scalar path. Tuple t of the group adds into accumulator t mod 8.
+///
+/// A register holds 4 pairs × their cell's 4 candidates. Each lane's key is its candidate's
+/// index · 4 + its lane in the group: the least key among the lanes at the minimum distance
+/// names the lowest index there (the reference's answer) and the lane holding its point, so
+/// the sums need no gather: the error term is the minimum distance itself (the reference
+/// computes the same (x0 − g0)² + (x1 − g1)²), the point comes from a permute.
+///
+/// # Safety
+/// AVX-512F; the contract checked by [`assign_pairs_groups_avx512`]; `xs.len() == 2·codes.len()`.
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn pairs_group(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) -> AssignStats {
+    let quads = search.quads.as_ptr();
+    let offset = _mm512_set1_ps(search.half_width);
+    let scale = _mm512_set1_ps(search.inv_width);
+    let far = _mm512_set1_ps(search.far);
+    let top = _mm512_set1_ps((search.cells_per_axis - 1) as f32);
+    let zero = _mm512_setzero_ps();
+    let low = _mm512_set1_epi64(0xFFFF_FFFF);
+    let shift = _mm_cvtsi32_si128(search.cells_per_axis.trailing_zeros() as i32);
+    let overflow = _mm512_set1_epi32(QUAD_OVERFLOW as i32);
+    let none = _mm512_set1_epi32(-1);
+    let lane_in_group = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    let group_base = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    // Lane l of register half h reads pair 4h + l/4: its first coordinate at 2(4h + l/4).
+    let first_of = [
+        _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6),
+        _mm512_setr_epi32(8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12, 14, 14, 14, 14),
+    ];
+    let one = _mm512_set1_epi32(1);
+    let second_of = [
+        _mm512_add_epi32(first_of[0], one),
+        _mm512_add_epi32(first_of[1], one),
+    ];
+    // Lane 0 of each 4-lane group of two registers: the 8 codes in pair order.
+    let collect = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    // Per half, the 4 lanes of group j hold accumulator 4h + j.
+    let mut acc = [[zero; 3]; 2];
+    let blocks = codes.len() / 8;
+    for b in 0..blocks {
+        let x = &xs[b * 16..b * 16 + 16];
+        let out = &mut codes[b * 8..b * 8 + 8];
+        // SAFETY: `x` holds 16 floats.
+        let v = unsafe { _mm512_loadu_ps(x.as_ptr()) };
+        let inside = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), far);
+        if inside != 0xFFFF {
+            // Some input is beyond ±far or NaN: this block goes through the scalar path.
+            acc = scalar_block(search, grid, x, out, acc);
+            continue;
+        }
+        // Same arithmetic as `CellSearch::cell_of`: (v + half_width) · inv_width, clamped.
+        let u = _mm512_mul_ps(_mm512_add_ps(v, offset), scale);
+        let k = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, zero), top));
+        // Pairs are (k0, k1) in the two halves of each 64-bit lane: cell k0 + k1·side.
+        let cells64 = _mm512_add_epi64(
+            _mm512_and_si512(k, low),
+            _mm512_sll_epi64(_mm512_srli_epi64::<32>(k), shift),
+        );
+        let mut cell = [0u32; 8];
+        // SAFETY: `cell` is 32 bytes.
+        unsafe { _mm256_storeu_si256(cell.as_mut_ptr().cast(), _mm512_cvtepi64_epi32(cells64)) };
+        let mut best = [_mm512_setzero_si512(); 2];
+        let mut terms = [[zero; 3]; 2];
+        let mut flagged = 0u32;
+        for h in 0..2 {
+            // SAFETY: cell indices are clamped to [0, cells_per_axis − 1] per axis, so they
+            // are below the cell count, and `quads` has QUAD_WORDS words per cell: x's at
+            // 0..4, y's at 4..8, indices at 8..12.
+            let (gx, gy, gi) = unsafe {
+                let q = |j: usize| quads.add(cell[4 * h + j] as usize * QUAD_WORDS);
+                let row = |w: usize| {
+                    let r = _mm512_castsi128_si512(_mm_loadu_si128(q(0).add(w).cast()));
+                    let r = _mm512_inserti32x4::<1>(r, _mm_loadu_si128(q(1).add(w).cast()));
+                    let r = _mm512_inserti32x4::<2>(r, _mm_loadu_si128(q(2).add(w).cast()));
+                    _mm512_inserti32x4::<3>(r, _mm_loadu_si128(q(3).add(w).cast()))
+                };
+                (
+                    _mm512_castsi512_ps(row(0)),
+                    _mm512_castsi512_ps(row(4)),
+                    row(8),
+                )
+            };
+            let xb = _mm512_permutexvar_ps(first_of[h], v);
+            let yb = _mm512_permutexvar_ps(second_of[h], v);
+            let dx = _mm512_sub_ps(gx, xb);
+            let dy = _mm512_sub_ps(gy, yb);
+            let d = _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy));
+            let m = _mm512_min_ps(d, _mm512_permute_ps::<0b01_00_11_10>(d));
+            let m = _mm512_min_ps(m, _mm512_permute_ps::<0b10_11_00_01>(m));
+            // Distances are finite, so each group of 4 has lanes at its minimum. Shifting the
+            // index left by 2 drops the overflow flag (bit 31; indices are below 2^20).
+            let at_min = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, m);
+            let key = _mm512_or_si512(_mm512_slli_epi32::<2>(gi), lane_in_group);
+            let key = _mm512_mask_mov_epi32(none, at_min, key);
+            let key = _mm512_min_epu32(key, _mm512_shuffle_epi32::<0b01_00_11_10>(key));
+            let key = _mm512_min_epu32(key, _mm512_shuffle_epi32::<0b10_11_00_01>(key));
+            best[h] = _mm512_srli_epi32::<2>(key);
+            // The winner's lane: key's low 2 bits, with group_base's others (0xCA: a ? b : c).
+            let lane = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi32(3), key, group_base);
+            let qx = _mm512_permutexvar_ps(lane, gx);
+            let qy = _mm512_permutexvar_ps(lane, gy);
+            // The reference's order per pair: err (x0 − g0)² + (x1 − g1)² (= m, squares of
+            // negated differences), dot x0·g0 + x1·g1, norm g0² + g1².
+            let dot = _mm512_add_ps(_mm512_mul_ps(xb, qx), _mm512_mul_ps(yb, qy));
+            let norm = _mm512_add_ps(_mm512_mul_ps(qx, qx), _mm512_mul_ps(qy, qy));
+            terms[h] = [m, dot, norm];
+            flagged |= (_mm512_test_epi32_mask(gi, overflow) as u32) << (16 * h);
+        }
+        if flagged != 0 {
+            // A cell whose list is longer than 4 (rare for Gaussian inputs): the scalar path.
+            acc = scalar_block(search, grid, x, out, acc);
+            continue;
+        }
+        let found = _mm512_castsi512_si256(_mm512_permutex2var_epi32(best[0], collect, best[1]));
+        // SAFETY: `out` holds 8 u32.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), found) };
+        for (a, t) in acc.iter_mut().zip(&terms) {
+            for (a, &t) in a.iter_mut().zip(t) {
+                *a = _mm512_add_ps(*a, t);
+            }
+        }
+    }
+    // Lane 4j of half h holds accumulator 4h + j.
+    let mut sums = [[0f32; 8]; 3];
+    for (h, half) in acc.iter().enumerate() {
+        for (which, r) in half.iter().enumerate() {
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` is 16 f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *r) };
+            for j in 0..4 {
+                sums[which][4 * h + j] = lanes[4 * j];
+            }
+        }
+    }
+    let done = blocks * 8;
+    search.assign_scalar_p::<2>(grid, &xs[done * 2..], &mut codes[done..]);
+    for (t, (x, &c)) in xs[done * 2..]
+        .chunks_exact(2)
+        .zip(&codes[done..])
+        .enumerate()
+    {
+        // Tuple done + t goes to accumulator t mod 8 (done is a multiple of 8).
+        add_terms(&mut sums, t % 8, x, grid.point(c as usize));
+    }
+    fold_stats(&sums)
+}
+
+/// One block of 8 pairs of [`pairs_group`] by the scalar path, its sums added into the lanes of
+/// `acc` (accumulator 4h + j in the 4 lanes of group j of half h) with the same arithmetic.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+fn scalar_block(
+    search: &CellSearch,
+    grid: &Grid,
+    x: &[f32],
+    out: &mut [u32],
+    mut acc: [[__m512; 3]; 2],
+) -> [[__m512; 3]; 2] {
+    search.assign_scalar_p::<2>(grid, x, out);
+    let mut lanes = [[[0f32; 16]; 3]; 2];
+    for (l, a) in lanes.iter_mut().zip(acc.iter()) {
+        for (l, a) in l.iter_mut().zip(a) {
+            // SAFETY: 16 f32.
+            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), *a) };
+        }
+    }
+    for t in 0..8 {
+        let (h, j) = (t / 4, t % 4);
+        let mut one = [[0f32; 8]; 3];
+        for (o, l) in one.iter_mut().zip(&lanes[h]) {
+            o[0] = l[4 * j];
+        }
+        add_terms(
+            &mut one,
+            0,
+            &x[2 * t..2 * t + 2],
+            grid.point(out[t] as usize),
+        );
+        for (o, l) in one.iter().zip(lanes[h].iter_mut()) {
+            l[4 * j..4 * j + 4].fill(o[0]);
+        }
+    }
+    for (l, a) in lanes.iter().zip(acc.iter_mut()) {
+        for (l, a) in l.iter().zip(a.iter_mut()) {
+            // SAFETY: 16 f32.
+            *a = unsafe { _mm512_loadu_ps(l.as_ptr()) };
+        }
+    }
+    acc
+}
+
+/// Runs `work` inside a function compiled with AVX-512 (F, BW, DQ, VL) and AVX2 enabled, so
+/// the plain Rust it inlines (its `#[inline(always)]` `run` and callees) is vectorized with
+/// those registers; `Err(work)` (nothing run) when the CPU lacks them. Results do not change:
+/// Rust never contracts or reassociates float arithmetic, whatever the target features.
+pub fn with_avx512<W: super::WideWork>(work: W) -> Result<W::Output, W> {
+    if !avx512_wide_available() {
+        return Err(work);
+    }
+    // SAFETY: the CPU supports every feature `run_avx512` enables (checked above).
+    Ok(unsafe { run_avx512(work) })
+}
+
+fn avx512_wide_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx2")
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2")]
+fn run_avx512<W: super::WideWork>(work: W) -> W::Output {
+    work.run()
+}
