@@ -38,10 +38,14 @@ DEVICE = torch.device("cuda")
 
 
 class Timer:
-    """Median CUDA-event time of a call, with the L2 cache flushed before each call."""
+    """Median CUDA-event time of a call, with the L2 cache flushed before each call: by writing a
+    256 MB buffer ("write", the default since session 1: L2 is left full of dirty lines, whose
+    write-back the timed call pays as it evicts them), or by reading it ("read": L2 left clean, as
+    in a decode step, where it holds the previous layers' weights)."""
 
-    def __init__(self) -> None:
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    def __init__(self, flush: str = "write") -> None:
+        self.flush = torch.zeros(256 << 20, dtype=torch.uint8, device=DEVICE)
+        self.read_flush = flush == "read"
 
     def __call__(self, fn: Callable[[], Any], reps: int = 100, warmup: int = 5) -> float:
         for _ in range(warmup):
@@ -49,7 +53,10 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
-            self.flush.zero_()
+            if self.read_flush:
+                self.flush.view(torch.int64).sum()
+            else:
+                self.flush.zero_()
             starts[i].record()
             fn()
             ends[i].record()
@@ -409,6 +416,8 @@ def main() -> None:
     parser.add_argument("--slabs", default="",
                         help="also time the dense path dequantizing this many rows at once (e.g. 2048,4096)")
     parser.add_argument("--no-fused", action="store_true", help="decode: skip the fused qkv/gate-up model")
+    parser.add_argument("--flush", choices=("write", "read"), default="write",
+                        help="L2 flush before each timed call: write 256 MB (dirty L2) or read it (clean L2)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     props = torch.cuda.get_device_properties(DEVICE)
@@ -416,11 +425,12 @@ def main() -> None:
         "device": props.name,
         "torch": torch.__version__,
         "higgs_rs_cuda": higgs_rs.cuda_status(),
+        "l2_flush": args.flush,
     }
     copy_gbs = copy_bandwidth()
     results["copy_gbs"] = copy_gbs
     print(f"{props.name}: device copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
-    timer = Timer()
+    timer = Timer(args.flush)
     results["layers"] = bench_layers(
         timer, copy_gbs, args.quick, results, batches, [int(v) for v in args.slabs.split(",") if v]
     )
