@@ -15,6 +15,11 @@
 //! to bf16 (what bf16 activations use), batch 1 to 32, bf16 activations and outputs on the bf16
 //! grid (`*_bf16io`, what `HiggsLinear` runs in bf16), and the batched path's dequantization of
 //! the rotated weights (f32 and bf16 tiles). Throughput in weights × batch rows per second.
+//!
+//! `smollm2_team_<rows>x<cols>`: the bf16 batch-1 product (a decode step's call) on the calling
+//! thread vs split over an OpenMP team (GCC's `libgomp.so.1` loaded here, standing in for torch's;
+//! its workers spin between calls as torch's do), 2 threads (`OMP_NUM_THREADS` to change); skipped
+//! when no `libgomp.so.1` can be loaded.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use higgs_rs::codec::QuantSpec;
@@ -270,5 +275,54 @@ fn bench_small_layers(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_small_layers, bench_lut);
+fn bench_team(c: &mut Criterion) {
+    use higgs_rs::cpu_kernels::omp_team;
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1",
+        "/usr/lib64/libgomp.so.1",
+        "libgomp.so.1",
+    ];
+    let Some(path) = candidates
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| omp_team::OmpTeam::load(p).is_ok() && omp_team::install(p).is_ok())
+    else {
+        eprintln!("smollm2_team: no libgomp.so.1 to load; skipped");
+        return;
+    };
+    eprintln!("smollm2_team: {}", path.display());
+    for (rows, cols) in [(192usize, 576usize), (576, 576), (1536, 576), (576, 1536)] {
+        let mut group = c.benchmark_group(format!("smollm2_team_{rows}x{cols}"));
+        group
+            .sample_size(20)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2))
+            .throughput(Throughput::Elements((rows * cols) as u64));
+        let mut layer = Layer::random(rows, cols, 2, 256);
+        for v in layer.grid.iter_mut() {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        let w = layer.weights();
+        let plan = LutPlan::new(&w, KernelPath::Auto).unwrap();
+        let x: Vec<half::bf16> = gaussian(cols, 2)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let mut y = vec![half::bf16::ZERO; rows];
+        for (name, enabled) in [("calling_thread", false), ("team", true)] {
+            omp_team::configure(enabled, Some(0));
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let x = Activations::Bf16(black_box(&x));
+                    plan.run(w.codes, w.scales, x, 1, Outputs::Bf16(&mut y), None)
+                        .unwrap()
+                })
+            });
+        }
+        omp_team::configure(false, Some(omp_team::DEFAULT_MIN_WORK));
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_small_layers, bench_team, bench_lut);
 criterion_main!(benches);

@@ -19,6 +19,9 @@ parallel region); 1-thread numbers are the steadier comparison, so report both.
 Rows: ``higgs4`` (``higgs_rs.load(..., dtype=torch.float32)``: f32 activations), ``higgs4-bf16``
 (``higgs_rs.load(..., dtype=torch.bfloat16)``, the CPU default: bf16 activations and plain
 weights, bf16-precision LUT), ``bf16`` and ``f32`` (the original model in transformers).
+Opt-in: ``higgs4-bf16-noteam``, the same ``higgs4-bf16`` model (the same object) with the LUT
+products kept off torch's OpenMP team (``_core.cpu_openmp_settings(enabled=False)``: on the
+calling thread, as before the team), for an interleaved A/B in one process.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import higgs_rs
-    from higgs_rs import models
+    from higgs_rs import _core, models
     from higgs_rs.torch import load_plain
 
     torch.set_num_threads(args.threads)
@@ -125,10 +128,18 @@ def main() -> None:
     loaders = {
         "higgs4": lambda: higgs_rs.load(higgs_dir, dtype=torch.float32),
         "higgs4-bf16": lambda: higgs_rs.load(higgs_dir, dtype=torch.bfloat16),
+        "higgs4-bf16-noteam": lambda: loaded.get("higgs4-bf16") or loaders["higgs4-bf16"](),
         "bf16": lambda: load_plain(bf16_dir, dtype=torch.bfloat16),
         "f32": lambda: load_plain(bf16_dir, dtype=torch.float32),
     }
-    loaded = {name: loaders[name]() for name in args.models}
+    loaded: dict[str, torch.nn.Module] = {}
+    for name in args.models:
+        loaded[name] = loaders[name]()
+
+    def use_team(name: str) -> None:
+        """LUT products on torch's OpenMP team (attached on the first CPU call), except for the
+        ``-noteam`` row; a no-op where no team is attached."""
+        _core.cpu_openmp_settings(enabled=not name.endswith("-noteam"))
 
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     text_ids = tokenizer(models.wikitext2_path().read_text()[:20000], return_tensors="pt").input_ids
@@ -155,7 +166,8 @@ def main() -> None:
         return length / (time.perf_counter() - start)
 
     # Warm-up: one short decode and one prefill per model and length.
-    for model in loaded.values():
+    for name, model in loaded.items():
+        use_team(name)
         with torch.inference_mode():
             model(prompt_ids, use_cache=False)
         for length in args.prefill:
@@ -166,28 +178,32 @@ def main() -> None:
     texts: dict[str, str] = {}
     for _ in range(args.repeats):
         for name, model in loaded.items():
+            use_team(name)
             rate, tokens = decode(model)
             samples[name]["decode"].append(rate)
             texts[name] = tokenizer.decode(tokens)
         for length in args.prefill:
             for name, model in loaded.items():
+                use_team(name)
                 samples[name][f"prefill{length}"].append(prefill(model, length))
 
     rss: dict[str, dict[str, float]] = {}
     if not args.no_rss:
         paths = {"higgs4": higgs_dir, "higgs4-bf16": higgs_dir, "bf16": bf16_dir, "f32": bf16_dir}
         for name in args.models:
-            rss[name] = peak_rss_mib(name, paths[name], args.threads)
+            kind = name.removesuffix("-noteam")  # the same model: the same memory
+            rss[name] = rss[kind] if kind in rss else peak_rss_mib(kind, paths[kind], args.threads)
 
     medians = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
     reference = "bf16" if "bf16" in medians else next(iter(medians))
     metrics = list(next(iter(medians.values())))
-    header = f"{'model':>8} " + " ".join(f"{m + ' tok/s':>16} {'×' + reference:>7}" for m in metrics)
+    width = max(8, *map(len, medians))
+    header = f"{'model':>{width}} " + " ".join(f"{m + ' tok/s':>16} {'×' + reference:>7}" for m in metrics)
     if rss:
         header += f" {'peak RSS MiB load+1st forward (over imports)':>45}"
     print(header)
     for name, values in medians.items():
-        line = f"{name:>8} " + " ".join(
+        line = f"{name:>{width}} " + " ".join(
             f"{values[m]:>16.1f} {values[m] / medians[reference][m]:>7.2f}" for m in metrics
         )
         if rss:

@@ -16,14 +16,16 @@
 //! - `scalar`: everything else (any p, n, group size, also groups that split a tuple), and the
 //!   reference the SIMD path is tested against.
 //!
-//! Rows run in parallel on the current rayon pool; each output is computed by one thread in a
-//! fixed order, so results do not depend on the thread count.
+//! Rows run in parallel on the current rayon pool (large products) or on the host process's
+//! OpenMP team (mid-sized ones, when attached: see `cpu_kernels/omp_team.rs`); each output is
+//! computed by one thread in a fixed order, so results do not depend on the thread count.
 #![deny(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod omp_team;
 
 use crate::codec::{unpack_codes, Layout, QuantSpec};
 use crate::{hadamard, HiggsError, Result};
@@ -285,9 +287,11 @@ impl LutPlan {
     /// `out = x Wᵀ (+ bias)` for `batch` rows of `x` (`batch × cols`); `out` is `batch × rows`.
     /// `codes` and `scales` are the layer's (`rows × row_bytes`, `rows × groups`).
     ///
-    /// Small products run on the calling thread, larger ones on the current rayon pool; each
-    /// output is computed by one thread in the same order either way, so the result does not
-    /// depend on the thread count or on the other rows of the batch.
+    /// Small products run on the calling thread, larger ones on the current rayon pool, and
+    /// mid-sized ones (≥ [`omp_team::DEFAULT_MIN_WORK`]) on the process's OpenMP team when one is
+    /// attached ([`omp_team::install`]); each output is computed by one thread in the same order
+    /// either way, so the result does not depend on the thread count or on the other rows of
+    /// the batch.
     pub fn run(
         &self,
         codes: &[u8],
@@ -329,18 +333,22 @@ impl LutPlan {
         if batch == 0 {
             return Ok(());
         }
-        let parallel = self.worth_parallel(self.rows * layout.row_bytes * batch);
-        let x_rot = self.rotate(x, batch, parallel)?;
+        let split = self.split_for(self.rows * layout.row_bytes * batch);
+        // Batch rows are rotated on the same threads (one row is too little to split).
+        let rotate_split = if batch > 1 {
+            split
+        } else {
+            Split::CallingThread
+        };
+        let x_rot = self.rotate(x, batch, rotate_split)?;
         let bf16_in = matches!(x, Activations::Bf16(_));
         match (&mut out, batch, bias) {
             // Batch 1 in f32 without bias: the kernels write the caller's buffer directly.
-            (Outputs::F32(y), 1, None) => {
-                self.product(codes, scales, &x_rot, 1, y, parallel, bf16_in)
-            }
+            (Outputs::F32(y), 1, None) => self.product(codes, scales, &x_rot, 1, y, split, bf16_in),
             _ => {
                 // Tiles fill (row, batch) order; transposed into (batch, row) while converting.
                 let mut by_row = vec![0f32; batch * self.rows];
-                self.product(codes, scales, &x_rot, batch, &mut by_row, parallel, bf16_in);
+                self.product(codes, scales, &x_rot, batch, &mut by_row, split, bf16_in);
                 let bias_of = |r: usize| bias.map_or(0.0, |b| b[r]);
                 for (r, values) in by_row.chunks_exact(batch).enumerate() {
                     let add = bias_of(r);
@@ -383,9 +391,26 @@ impl LutPlan {
         Ok(())
     }
 
-    /// Whether `work` (code bytes × batch rows, or values written) is worth waking the pool.
-    fn worth_parallel(&self, work: usize) -> bool {
-        rayon::current_num_threads() > 1 && self.rows > ROWS_PER_TASK && work >= PARALLEL_MIN_WORK
+    /// Where `work` (code bytes × batch rows, or values written) runs: on the process's OpenMP
+    /// team when one is attached and the work is worth its hand-off (torch's workers spin
+    /// between its ops, so rayon's threads would compete with them for the cores), else on the
+    /// rayon pool when worth waking it, else on the calling thread.
+    fn split_for(&self, work: usize) -> Split {
+        #[cfg(test)]
+        if let Some(split) = tests::FORCED_SPLIT.get() {
+            return split;
+        }
+        if self.rows <= ROWS_PER_TASK {
+            return Split::CallingThread;
+        }
+        if let Some((team, threads)) = omp_team::for_work(work) {
+            return Split::Team(team, threads);
+        }
+        if rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK {
+            Split::Rayon
+        } else {
+            Split::CallingThread
+        }
     }
 
     /// The batched path's weights: Ŵ_rot, `rows × rotated_width`, grid point × scale per rotated
@@ -405,22 +430,22 @@ impl LutPlan {
                 width
             )));
         }
-        let parallel = self.worth_parallel(self.rows * width);
+        let split = self.split_for(self.rows * width);
         #[cfg(target_arch = "x86_64")]
         if let Resolved::Avx512(plan) = &self.kernel {
             if plan.can_dequantize() {
                 match out {
-                    Outputs::F32(y) => self.dequantize_simd(plan, codes, scales, y, parallel, 0.0),
+                    Outputs::F32(y) => self.dequantize_simd(plan, codes, scales, y, split, 0.0),
                     Outputs::Bf16(y) => {
-                        self.dequantize_simd(plan, codes, scales, y, parallel, bf16::ZERO)
+                        self.dequantize_simd(plan, codes, scales, y, split, bf16::ZERO)
                     }
                 }
                 return Ok(());
             }
         }
         match out {
-            Outputs::F32(y) => self.dequantize_rows(codes, scales, y, parallel, |v| v),
-            Outputs::Bf16(y) => self.dequantize_rows(codes, scales, y, parallel, finite_to_bf16),
+            Outputs::F32(y) => self.dequantize_rows(codes, scales, y, split, |v| v),
+            Outputs::Bf16(y) => self.dequantize_rows(codes, scales, y, split, finite_to_bf16),
         }
         Ok(())
     }
@@ -433,7 +458,7 @@ impl LutPlan {
         codes: &[u8],
         scales: &[f16],
         out: &mut [T],
-        parallel: bool,
+        split: Split,
         zero: T,
     ) {
         let layout = &self.layout;
@@ -447,17 +472,10 @@ impl LutPlan {
             for row in tile.chunks_exact_mut(width) {
                 row[layout.padded_cols..].fill(zero);
             }
+            Ok(())
         };
-        if parallel {
-            out.par_chunks_mut(ROWS_PER_TASK * width)
-                .enumerate()
-                .for_each_init(|| plan.scratch(), tile);
-        } else {
-            let mut scratch = plan.scratch();
-            out.chunks_mut(ROWS_PER_TASK * width)
-                .enumerate()
-                .for_each(|t| tile(&mut scratch, t));
-        }
+        // Infallible: the tiles return Ok.
+        let _ = for_chunks(split, out, ROWS_PER_TASK * width, || plan.scratch(), tile);
     }
 
     fn dequantize_rows<T: Copy + Send + Sync>(
@@ -465,7 +483,7 @@ impl LutPlan {
         codes: &[u8],
         scales: &[f16],
         out: &mut [T],
-        parallel: bool,
+        split: Split,
         convert: impl Fn(f32) -> T + Send + Sync,
     ) {
         let layout = &self.layout;
@@ -474,14 +492,13 @@ impl LutPlan {
         let bits = (grid.len() / p).trailing_zeros();
         let rows_per_task = ROWS_PER_TASK;
         let zero = convert(0.0);
-        let tile = |(task, tile): (usize, &mut [T])| {
-            let mut row_codes = vec![0u32; layout.tuples];
+        let tile = |row_codes: &mut Vec<u32>, (task, tile): (usize, &mut [T])| {
             for (i, values) in tile.chunks_exact_mut(width).enumerate() {
                 let r = task * rows_per_task + i;
                 unpack_codes(
                     &codes[r * layout.row_bytes..(r + 1) * layout.row_bytes],
                     bits,
-                    &mut row_codes,
+                    row_codes,
                 );
                 let row_scales = &scales[r * layout.groups..(r + 1) * layout.groups];
                 for (group, scale) in row_scales.iter().enumerate() {
@@ -509,16 +526,11 @@ impl LutPlan {
                 }
                 values[layout.padded_cols..].fill(zero);
             }
+            Ok(())
         };
-        if parallel {
-            out.par_chunks_mut(rows_per_task * width)
-                .enumerate()
-                .for_each(tile);
-        } else {
-            out.chunks_mut(rows_per_task * width)
-                .enumerate()
-                .for_each(tile);
-        }
+        let init = || vec![0u32; layout.tuples];
+        // Infallible: the tiles return Ok.
+        let _ = for_chunks(split, out, rows_per_task * width, init, tile);
     }
 
     /// The batched path's activations: `batch` rows of `x` rotated like the weights were
@@ -534,9 +546,13 @@ impl LutPlan {
                 batch * width
             )));
         }
-        let parallel = self.worth_parallel(batch * width * 16);
+        let split = if batch > 1 {
+            self.split_for(batch * width * 16)
+        } else {
+            Split::CallingThread
+        };
         match out {
-            Outputs::F32(y) => self.rotate_rows(x, batch, parallel, y),
+            Outputs::F32(y) => self.rotate_rows(x, split, y),
             Outputs::Bf16(y) => {
                 // Piece by piece through a small f32 buffer (a whole-batch one would be a fresh
                 // allocation per call, page faults included), rounded into `y`.
@@ -549,48 +565,26 @@ impl LutPlan {
                     Ok(())
                 };
                 let buffer = || vec![0f32; ROWS_PER_PIECE * width];
-                if parallel && batch > 1 {
-                    y.par_chunks_mut(ROWS_PER_PIECE * width)
-                        .enumerate()
-                        .try_for_each_init(buffer, piece)
-                } else {
-                    let mut scratch = buffer();
-                    y.chunks_mut(ROWS_PER_PIECE * width)
-                        .enumerate()
-                        .try_for_each(|t| piece(&mut scratch, t))
-                }
+                for_chunks(split, y, ROWS_PER_PIECE * width, buffer, piece)
             }
         }
     }
 
     /// Rotate `batch` activation rows like the weights were (see [`rotate_activations`]).
-    fn rotate(&self, x: Activations<'_>, batch: usize, parallel: bool) -> Result<Vec<f32>> {
+    fn rotate(&self, x: Activations<'_>, batch: usize, split: Split) -> Result<Vec<f32>> {
         let mut rotated = vec![0f32; batch * self.rotated_width()];
-        self.rotate_rows(x, batch, parallel, &mut rotated)?;
+        self.rotate_rows(x, split, &mut rotated)?;
         Ok(rotated)
     }
 
-    fn rotate_rows(
-        &self,
-        x: Activations<'_>,
-        batch: usize,
-        parallel: bool,
-        rotated: &mut [f32],
-    ) -> Result<()> {
+    /// Rotate the rows of `x` into `rotated` (`batch × rotated_width`), pieces of
+    /// `ROWS_PER_PIECE` rows on `split`.
+    fn rotate_rows(&self, x: Activations<'_>, split: Split, rotated: &mut [f32]) -> Result<()> {
         let width = self.rotated_width();
-        debug_assert_eq!(rotated.len(), batch * width);
-        let piece = |(i, rows): (usize, &mut [f32])| self.rotate_piece(x, i * ROWS_PER_PIECE, rows);
-        if parallel && batch > 1 {
-            rotated
-                .par_chunks_mut(ROWS_PER_PIECE * width)
-                .enumerate()
-                .try_for_each(piece)
-        } else {
-            rotated
-                .chunks_mut(ROWS_PER_PIECE * width)
-                .enumerate()
-                .try_for_each(piece)
-        }
+        let piece = |_: &mut (), (i, rows): (usize, &mut [f32])| {
+            self.rotate_piece(x, i * ROWS_PER_PIECE, rows)
+        };
+        for_chunks(split, rotated, ROWS_PER_PIECE * width, || (), piece)
     }
 
     /// Rotate the activation rows from `first` on into `rows` (whole rows of `rotated_width`).
@@ -632,7 +626,7 @@ impl LutPlan {
         x_rot: &[f32],
         batch: usize,
         out: &mut [f32],
-        parallel: bool,
+        split: Split,
         bf16_in: bool,
     ) {
         match &self.kernel {
@@ -641,7 +635,7 @@ impl LutPlan {
                 scales,
                 batch,
                 out,
-                parallel,
+                split,
                 || vec![0u32; self.layout.tuples],
                 |row_codes, codes, scales, tile| {
                     self.scalar_rows(codes, scales, x_rot, batch, row_codes, tile)
@@ -655,7 +649,7 @@ impl LutPlan {
                     scales,
                     batch,
                     out,
-                    parallel,
+                    split,
                     || plan.scratch(),
                     |scratch, codes, scales, tile| {
                         plan.rows_bf16_dots(codes, scales, &x_pairs, batch, scratch, tile)
@@ -670,7 +664,7 @@ impl LutPlan {
                     scales,
                     batch,
                     out,
-                    parallel,
+                    split,
                     || plan.scratch(),
                     |scratch, codes, scales, tile| {
                         plan.rows(codes, scales, &x_simd, batch, scratch, tile)
@@ -685,7 +679,7 @@ impl LutPlan {
                     scales,
                     batch,
                     out,
-                    parallel,
+                    split,
                     || plan.scratch(),
                     |scratch, codes, scales, tile| {
                         plan.rows(codes, scales, &x_simd, batch, scratch, tile)
@@ -695,9 +689,10 @@ impl LutPlan {
         }
     }
 
-    /// Run `work(scratch, codes, scales, out)` on tiles of `ROWS_PER_TASK` rows, in parallel or
-    /// in order on this thread; `out` is the tile's `rows × batch` outputs. One scratch per
-    /// worker, from `init`.
+    /// Run `work(scratch, codes, scales, out)` on tiles of `ROWS_PER_TASK` rows, on the rayon
+    /// pool, in contiguous parts on the OpenMP team, or in order on this thread; `out` is the
+    /// tile's `rows × batch` outputs. One scratch per worker, from `init`. The tiles are the same
+    /// whichever way, so each output comes from the same instructions.
     #[allow(clippy::too_many_arguments)]
     fn for_row_tiles<S>(
         &self,
@@ -705,7 +700,7 @@ impl LutPlan {
         scales: &[f16],
         batch: usize,
         target: &mut [f32],
-        parallel: bool,
+        split: Split,
         init: impl Fn() -> S + Send + Sync,
         work: impl Fn(&mut S, &[u8], &[f16], &mut [f32]) + Send + Sync,
     ) {
@@ -722,18 +717,11 @@ impl LutPlan {
                 tile,
             )
         };
-        if parallel {
-            target
-                .par_chunks_mut(ROWS_PER_TASK * batch)
-                .enumerate()
-                .for_each_init(&init, tile);
-        } else {
-            let mut scratch = init();
-            target
-                .chunks_mut(ROWS_PER_TASK * batch)
-                .enumerate()
-                .for_each(|t| tile(&mut scratch, t));
-        }
+        // Infallible: the tiles return Ok.
+        let _ = for_chunks(split, target, ROWS_PER_TASK * batch, init, |s, t| {
+            tile(s, t);
+            Ok(())
+        });
     }
 
     /// The portable kernel and the reference: any p, n and group size. `x_rot` is `batch` rows
@@ -788,6 +776,76 @@ impl LutPlan {
             }
         }
     }
+}
+
+/// Run `f(scratch, (index, chunk))` over `out.chunks_mut(chunk_len)` on `split`, one scratch
+/// per worker from `init`; the first error is returned. On the OpenMP team each thread takes one
+/// contiguous run of chunks, fixed by the chunk count and the thread count (a part whose thread
+/// the runtime did not start is run by another one); the chunks are the same on every split, so
+/// each value comes from the same instructions.
+fn for_chunks<T: Send, S>(
+    split: Split,
+    out: &mut [T],
+    chunk_len: usize,
+    init: impl Fn() -> S + Send + Sync,
+    f: impl Fn(&mut S, (usize, &mut [T])) -> Result<()> + Send + Sync,
+) -> Result<()> {
+    let chunks = out.len().div_ceil(chunk_len.max(1));
+    match split {
+        Split::Rayon => out
+            .par_chunks_mut(chunk_len)
+            .enumerate()
+            .try_for_each_init(&init, &f),
+        Split::Team(team, threads) if threads > 1 && chunks > 1 => {
+            let parts = threads.min(chunks);
+            let mut pieces = Vec::with_capacity(parts);
+            let mut rest = out;
+            for k in 0..parts {
+                let range = omp_team::part(chunks, k, parts);
+                let len = (range.len() * chunk_len).min(rest.len());
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                pieces.push(std::sync::Mutex::new(Some((range.start, piece))));
+                rest = tail;
+            }
+            let first_error = std::sync::Mutex::new(None);
+            let timing = team.run(parts, &|index, count| {
+                let mut scratch = init();
+                for slot in pieces.iter().skip(index).step_by(count) {
+                    let taken = slot.lock().ok().and_then(|mut s| s.take());
+                    let Some((first, piece)) = taken else {
+                        continue;
+                    };
+                    let done = piece
+                        .chunks_mut(chunk_len)
+                        .enumerate()
+                        .try_for_each(|(i, c)| f(&mut scratch, (first + i, c)));
+                    if let (Err(e), Ok(mut slot)) = (done, first_error.lock()) {
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+            omp_team::note_timing(timing);
+            match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+        Split::Team(..) | Split::CallingThread => {
+            let mut scratch = init();
+            out.chunks_mut(chunk_len)
+                .enumerate()
+                .try_for_each(|c| f(&mut scratch, c))
+        }
+    }
+}
+
+/// Where [`LutPlan::run`]'s row tiles run.
+#[derive(Clone, Copy)]
+enum Split {
+    CallingThread,
+    Rayon,
+    /// The process's OpenMP team (see [`omp_team`]), with this many threads.
+    Team(&'static omp_team::OmpTeam, usize),
 }
 
 enum Resolved {
@@ -929,6 +987,12 @@ fn group_dot<const P: usize>(codes: &[u32], grid: &[f32], x: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::codec::pack_codes;
+
+    thread_local! {
+        /// The split every `LutPlan` call on this test thread takes, when set.
+        pub(super) static FORCED_SPLIT: std::cell::Cell<Option<Split>> =
+            const { std::cell::Cell::new(None) };
+    }
     use crate::rng::SplitMix64;
 
     /// Parts of a random quantized matrix (random grid, codes, scales and signs) with the
@@ -1080,7 +1144,7 @@ mod tests {
             &x_rot,
             batch,
             &mut by_row,
-            false,
+            Split::CallingThread,
             false,
         );
         let mut got = vec![0f32; batch * parts.rows];
@@ -1733,6 +1797,128 @@ mod tests {
         let one = run(1, 2);
         assert_eq!(bits(&one), bits(&run(3, 2)));
         assert_eq!(bits(&one[..rows]), bits(&run(3, 1)));
+    }
+
+    /// Work split over an OpenMP team (GCC's libgomp, loaded here) gives the same bits as the
+    /// calling thread and the rayon pool, for team sizes that do and do not divide the row
+    /// tiles, f32 and bf16: the LUT product, the batched path's dequantization and rotation.
+    #[test]
+    fn openmp_team_matches_calling_thread() {
+        let team = omp_team::tests::system_gomp();
+        let shapes = [
+            (67, 576, 2, 256, 576, 64),
+            (576, 576, 2, 256, 576, 64),
+            (40, 96, 1, 16, 32, 32),
+            (33, 80, 3, 64, 16, 24),
+        ];
+        for (i, &shape) in shapes.iter().enumerate() {
+            let parts = RandomParts::new(shape, true, 700 + i as u64);
+            let (rows, cols) = (parts.rows, parts.cols);
+            let rounded: Vec<f32> = parts
+                .grid
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f32())
+                .collect();
+            for grid in ["f32", "bf16"] {
+                let mut weights = parts.weights();
+                if grid == "bf16" {
+                    weights.grid = &rounded;
+                }
+                let plan = LutPlan::new(&weights, KernelPath::Auto).unwrap();
+                let (c, s) = (&parts.codes[..], &parts.scales[..]);
+                let width = plan.rotated_width();
+                for batch in [1usize, 3, 40] {
+                    let x32 = gaussian(batch * cols, 12 + batch as u64);
+                    let x: Vec<bf16> = x32.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let run = |split: Split| {
+                        FORCED_SPLIT.set(Some(split));
+                        let mut y = vec![bf16::ZERO; batch * rows];
+                        let (xa, out) = (Activations::Bf16(&x), Outputs::Bf16(&mut y));
+                        plan.run(c, s, xa, batch, out, None).unwrap();
+                        let mut y32 = vec![0f32; batch * rows];
+                        let out = Outputs::F32(&mut y32);
+                        plan.run(c, s, Activations::F32(&x32), batch, out, None)
+                            .unwrap();
+                        let mut w_rot = vec![bf16::ZERO; rows * width];
+                        plan.dequantize_rotated(c, s, Outputs::Bf16(&mut w_rot))
+                            .unwrap();
+                        let mut w32 = vec![0f32; rows * width];
+                        plan.dequantize_rotated(c, s, Outputs::F32(&mut w32))
+                            .unwrap();
+                        let mut x_rot = vec![bf16::ZERO; batch * width];
+                        plan.rotate_into(Activations::Bf16(&x), batch, Outputs::Bf16(&mut x_rot))
+                            .unwrap();
+                        let mut x_rot32 = vec![0f32; batch * width];
+                        let out = Outputs::F32(&mut x_rot32);
+                        plan.rotate_into(Activations::F32(&x32), batch, out)
+                            .unwrap();
+                        FORCED_SPLIT.set(None);
+                        let bits16 = |v: &[bf16]| v.iter().map(|b| b.to_bits() as u32).collect();
+                        let bits32 = |v: &[f32]| v.iter().map(|b| b.to_bits()).collect();
+                        let all: [Vec<u32>; 6] = [
+                            bits16(&y),
+                            bits32(&y32),
+                            bits16(&w_rot),
+                            bits32(&w32),
+                            bits16(&x_rot),
+                            bits32(&x_rot32),
+                        ];
+                        all
+                    };
+                    let one = run(Split::CallingThread);
+                    assert_eq!(one, run(Split::Rayon), "case {i} grid {grid} batch {batch}");
+                    for threads in [1, 2, 3, 64] {
+                        let many = run(Split::Team(team, threads));
+                        assert_eq!(
+                            one, many,
+                            "case {i} grid {grid} batch {batch}, {threads} threads"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every chunk runs once on every split, and an error from a chunk on a team thread comes
+    /// back to the caller.
+    #[test]
+    fn chunks_run_once_and_errors_return() {
+        let team = omp_team::tests::system_gomp();
+        for split in [
+            Split::CallingThread,
+            Split::Rayon,
+            Split::Team(team, 2),
+            Split::Team(team, 5),
+        ] {
+            let mut out = vec![0u32; 37];
+            for_chunks(
+                split,
+                &mut out,
+                4,
+                || (),
+                |_, (i, c)| {
+                    c.iter_mut().for_each(|v| *v += 1 + i as u32);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let want: Vec<u32> = (0..37).map(|k| 1 + k / 4).collect();
+            assert_eq!(out, want);
+            let failed = for_chunks(
+                split,
+                &mut out,
+                4,
+                || (),
+                |_, (i, _)| {
+                    if i == 7 {
+                        Err(HiggsError::invalid(format!("chunk {i}")))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+            assert!(matches!(failed, Err(HiggsError::InvalidArgument(m)) if m == "chunk 7"));
+        }
     }
 
     #[test]

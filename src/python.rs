@@ -739,6 +739,29 @@ impl CpuLutPlan {
     }
 }
 
+/// Split the CPU LUT products of `CpuLutPlan.forward` over an OpenMP team: the runtime that the
+/// already loaded library at `path` resolves `GOMP_parallel` to (pass `libtorch_cpu.so` to get
+/// torch's own team, whose workers spin between torch's ops). Returns the runtime's file.
+/// Raises `NotImplementedError` if `path` is not loaded or no GNU OpenMP entry points are found
+/// through it, `ValueError` if a different runtime was attached before.
+#[pyfunction]
+fn cpu_openmp_attach(path: std::path::PathBuf) -> PyResult<Option<std::path::PathBuf>> {
+    Ok(crate::cpu_kernels::omp_team::install(&path)?)
+}
+
+/// Turn the attached OpenMP team on or off for the CPU LUT products and set the work (code bytes
+/// × batch rows) from which a product is split; returns (in use, threshold) after the change.
+#[pyfunction]
+#[pyo3(signature = (enabled=None, min_work=None))]
+fn cpu_openmp_settings(enabled: Option<bool>, min_work: Option<usize>) -> (bool, usize) {
+    use crate::cpu_kernels::omp_team;
+    if enabled.is_some() || min_work.is_some() {
+        let on = enabled.unwrap_or_else(|| omp_team::settings().0);
+        omp_team::configure(on, min_work);
+    }
+    omp_team::settings()
+}
+
 /// Whether the CUDA kernels can run here: built with the `cuda` feature, the NVIDIA driver and
 /// NVRTC found, and a GPU of compute capability 8.0 or newer present.
 #[pyfunction]
@@ -786,12 +809,14 @@ fn cuda_err(err: HiggsError) -> PyErr {
 /// zero-filled buffer of `counters_bytes` (at least 16 per 128 output rows, rounded up to 256;
 /// calls leave it zero). `rotated`: the workspace already holds this call's rotated activations
 /// (the previous call on the stream rotated the same input the same way): skip the Hadamard
-/// kernel. `mt`/`splits` override the launch heuristics.
+/// kernel; `rotated_overlap`: launch its LUT-GEMM as a programmatic dependent of the kernel before
+/// it (only when nothing in flight writes this layer's codes, scales or grid). `mt`/`splits`
+/// override the launch heuristics.
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
     row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false,
-    counters=0, counters_bytes=0, rotated=false))]
+    counters=0, counters_bytes=0, rotated=false, rotated_overlap=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_lut_linear(
     py: Python<'_>,
@@ -821,6 +846,7 @@ fn cuda_lut_linear(
     counters: u64,
     counters_bytes: usize,
     rotated: bool,
+    rotated_overlap: bool,
 ) -> PyResult<usize> {
     use crate::cuda;
     let call = cuda::LinearCall {
@@ -846,6 +872,7 @@ fn cuda_lut_linear(
         counters,
         counters_bytes,
         rotated,
+        rotated_overlap,
         act: cuda::ActType::parse(dtype)?,
         stream,
         device,
@@ -957,6 +984,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stored_bits, m)?)?;
     m.add_function(wrap_pyfunction!(lut_linear, m)?)?;
     m.add_class::<CpuLutPlan>()?;
+    m.add_function(wrap_pyfunction!(cpu_openmp_attach, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_openmp_settings, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     #[cfg(feature = "cuda")]

@@ -337,6 +337,32 @@ def test_in_place_edit_and_new_tensor_rotate_again() -> None:
 
 
 @needs_gpu
+def test_rotated_overlap_only_with_unchanged_weights() -> None:
+    """A call that reuses the rotation overlaps the kernel before it only when the layer's codes,
+    scales and grid are untouched since its previous call; a write just before the call (here to
+    the scales) turns the overlap off for that call, and the call sees the new values."""
+    seed = _seed()
+    (q, wq), (k, wk), (v, wv) = _layers_sharing_signs(
+        [(512, 1536, None), (256, 1536, None), (256, 1536, None)], seed
+    )
+    x = torch.randn(1, 1536, device="cuda").half()
+    before = hcuda.overlapped_rotations
+    for round_ in range(3):
+        for layer, w_deq in ((q, wq), (k, wk), (v, wv)):
+            _check(layer(x), x, w_deq, f"round {round_}, seed {seed}")
+        torch.cuda.synchronize()
+        # First round: every layer's first call, no overlap; then q (reusing the previous round's
+        # rotation of the same input), k and v each round.
+        assert hcuda.overlapped_rotations - before == 3 * round_, f"seed {seed}"
+    before = hcuda.overlapped_rotations
+    q(x)
+    k.scales.mul_(2.0)  # exact in float16: the layer's weights double
+    _check(k(x), x, 2.0 * wk, f"scales written just before the call, seed {seed}")
+    _check(v(x), x, wv, f"after the write, seed {seed}")
+    assert hcuda.overlapped_rotations - before == 2, f"seed {seed}: q and v overlap, k must not"
+
+
+@needs_gpu
 def test_different_rotations_do_not_share() -> None:
     seed = _seed()
     layers = _layers_sharing_signs(

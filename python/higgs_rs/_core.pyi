@@ -1,5 +1,6 @@
 """Types of the Rust extension module."""
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -108,7 +109,8 @@ class CpuLutPlan:
         out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
         bias: npt.NDArray[np.float32] | None = None,
     ) -> None:
-        """``out = x @ W.T (+ bias)``; small products on the calling thread, large on the pool."""
+        """``out = x @ W.T (+ bias)``; small products on the calling thread, mid-sized ones on the
+        attached OpenMP team (``cpu_openmp_attach``), large ones on the rayon pool."""
     def dequantize_rotated(
         self,
         codes: npt.NDArray[np.uint8],
@@ -122,6 +124,15 @@ class CpuLutPlan:
         out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     ) -> None:
         """``out`` (``batch × rotated_width``) = the rows of ``x`` rotated like the weights."""
+
+def cpu_openmp_attach(path: str | os.PathLike[str]) -> str | None:
+    """Split ``CpuLutPlan.forward``'s mid-sized products over the OpenMP team that the loaded
+    library ``path`` (e.g. ``libtorch_cpu.so``) resolves ``GOMP_parallel`` to; returns that
+    runtime's file."""
+
+def cpu_openmp_settings(enabled: bool | None = None, min_work: int | None = None) -> tuple[bool, int]:
+    """Turn the attached team on/off, set the work (code bytes × batch rows) from which a product
+    is split; returns (in use, threshold)."""
 
 # CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated exist only in builds with the
 # `cuda` feature; pointers are device addresses from torch's data_ptr()).
@@ -154,6 +165,7 @@ def cuda_lut_linear(
     counters: int = 0,
     counters_bytes: int = 0,
     rotated: bool = False,
+    rotated_overlap: bool = False,
 ) -> int: ...
 def cuda_hadamard(
     x: int,

@@ -23,6 +23,14 @@ launches only the LUT-GEMM (signs compare by value: a checkpoint's layers hold e
 separate tensors). Inside a CUDA graph capture only rotations of the same capture are
 reused (the graph replays the launches as recorded). Inference tensors (no version counter) are
 always rotated. ``HIGGS_CUDA_SHARE_ROT=0`` rotates in every call (for comparisons).
+
+A call that reuses the rotation launches its LUT-GEMM as a programmatic dependent of the kernel
+before it (usually the previous call's LUT-GEMM, which lets it start early), so its table build and
+first code loads overlap that kernel's tail. Those reads happen before the earlier kernel has
+finished, so this is done only when the layer's codes, scales and grid are the very tensors of its
+previous call here, with the same in-place versions (no repack, no ``copy_``/``load_state_dict``
+since: nothing that could still be in flight writes them); never on a layer's first call, for
+inference tensors (no version counter) or with ``HIGGS_CUDA_PDLROT=0``.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ _rotations: dict[tuple[int, int], tuple[Any, ...]] = {}
 _SHARE_ROTATION = os.environ.get("HIGGS_CUDA_SHARE_ROT", "") != "0"
 #: Calls (or graph-captured calls) that reused the previous call's rotation: for tests and benches.
 shared_rotations = 0
+#: Of those, the ones launched as a programmatic dependent of the kernel before (see the notes).
+overlapped_rotations = 0
 #: Sign vectors seen (their float32 bytes) -> a small id: layers loaded from one checkpoint hold
 #: equal signs in separate tensors, and rotate alike.
 _signs_ids: dict[bytes, int] = {}
@@ -67,6 +77,10 @@ _TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
 #: tensor holds the codes in tiled order. An in-place write (``load_state_dict``) bumps the version
 #: and so marks the buffer as stored order again.
 _TILED_MARK = "_higgs_cuda_tiled"
+#: Per layer (weakly held, so copies and pickles of a layer carry nothing): weak references to its
+#: codes, scales and grid tensors and their versions at its previous fused-path call (see
+#: ``_weights_unchanged``).
+_weights_seen: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def _preload_nvrtc() -> None:
@@ -382,6 +396,28 @@ def _layer_args(layer: Any, x: torch.Tensor) -> tuple[Any, ...]:
     return args
 
 
+def _weights_unchanged(layer: Any) -> bool:
+    """Whether the layer's codes, scales and grid are the tensors of its previous call here, with
+    the same in-place versions (so nothing launched since wrote them); records them for the next
+    call. False on the first call and for inference tensors (their writes leave no trace)."""
+    buffers = layer._buffers
+    tensors = (buffers["codes"], buffers["scales"], buffers["grid"])
+    try:
+        state = tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter
+        _weights_seen.pop(layer, None)
+        return False
+    mark = _weights_seen.get(layer)
+    same = (
+        mark is not None
+        and mark[1] == state
+        and all(ref() is t for ref, t in zip(mark[0], tensors, strict=True))
+    )
+    if not same:
+        _weights_seen[layer] = (tuple(weakref.ref(t) for t in tensors), state)
+    return same
+
+
 def lut_linear(
     layer: Any,
     x: torch.Tensor,
@@ -429,11 +465,13 @@ def lut_linear(
         )
         torch.matmul(x_rot, w_rot.t(), out=out)
         return out
-    global shared_rotations
+    global shared_rotations, overlapped_rotations
     key = (device, stream)
     counters = _split_k_counters(where, stream, layer.out_features)
     rotation = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION else None
     previous = _rotations.pop(key, None)
+    # Only a call that may reuse the rotation can overlap (and pays for the check).
+    unchanged = rotation is not None and previous is not None and _weights_unchanged(layer)
     ws = _workspaces.get(key)
     for _ in range(2):
         # The workspace holds this rotation when the last call on the stream wrote it into this
@@ -462,9 +500,11 @@ def lut_linear(
             counters=counters.data_ptr(),
             counters_bytes=counters.numel(),
             rotated=rotated,
+            rotated_overlap=rotated and unchanged,
         )
         if need == 0:
             shared_rotations += rotated
+            overlapped_rotations += rotated and unchanged
             if rotation is not None:
                 # Holds the input (its root tensor) alive: its address cannot be reused meanwhile.
                 _rotations[key] = (ws, rotation, x_in)

@@ -148,6 +148,41 @@ CPU_GEMM_MIN_BATCH = 24
 # Where HiggsLinear caches its CPU plans (f32 and bf16 activations), outside the state dict.
 _CPU_PLAN_SLOTS = ("_cpu_plan_cache", "_cpu_plan_cache_bf16")
 
+# The OpenMP runtime the CPU LUT products were attached to (torch's own), once per process:
+# None before the first try, "" when none could be (see `_attach_torch_openmp`).
+_TORCH_OPENMP: str | None = None
+
+
+def _attach_torch_openmp() -> str:
+    """Split mid-sized CPU LUT products (decode) over torch's own OpenMP team, whose workers spin
+    between torch's ops, instead of keeping them on the calling thread; rayon's threads would
+    compete with those spinning workers for the same cores. Only torch's runtime will do (a
+    process can hold several copies of libgomp, e.g. sentencepiece's, each with its own team):
+    the entry points are resolved through ``libtorch_cpu``. Off with ``HIGGS_CPU_OPENMP=0``, when
+    torch's parallel backend is not OpenMP, or off Linux. Returns the runtime's path or ""."""
+    global _TORCH_OPENMP
+    if _TORCH_OPENMP is not None:
+        return _TORCH_OPENMP
+    _TORCH_OPENMP = ""
+    if os.environ.get("HIGGS_CPU_OPENMP", "") == "0":
+        return ""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return ""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if line.rstrip().endswith("/libtorch_cpu.so")}
+    except OSError:
+        return ""
+    from . import _core
+
+    for library in sorted(loaded):
+        try:
+            _TORCH_OPENMP = str(_core.cpu_openmp_attach(library) or library)
+            break
+        except (NotImplementedError, ValueError):
+            continue
+    return _TORCH_OPENMP
+
 
 def _numpy(tensor: torch.Tensor) -> Any:
     """A NumPy view of a contiguous CPU tensor; bf16 as uint16 bits (NumPy has no bfloat16)."""
@@ -376,6 +411,7 @@ class HiggsLinear(torch.nn.Module):
             return cached[6]
         from . import _core
 
+        _attach_torch_openmp()
         codes, scales = codes_t.numpy(), scales_t.numpy()
         plan = _core.CpuLutPlan(
             codes,

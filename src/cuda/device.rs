@@ -70,6 +70,8 @@ pub(crate) enum ModuleKey {
     Hadamard {
         order: usize,
         act: ActType,
+        /// Blocks per cluster of `hadamard_cluster`; 0: the one-block `hadamard_rotate`.
+        cluster: usize,
     },
 }
 
@@ -406,6 +408,40 @@ impl Device {
         params: &P,
         programmatic: bool,
     ) -> Result<()> {
+        self.launch_ex(
+            kernel,
+            grid,
+            block,
+            dynamic_shared,
+            stream,
+            params,
+            programmatic,
+            1,
+        )
+    }
+
+    /// [`Device::launch_with`] with thread-block clusters of `cluster` consecutive blocks along x
+    /// (Hopper and newer; `grid.0` a multiple of `cluster`, at most 8): the blocks of a cluster run
+    /// at once on SMs of one GPC and can read each other's shared memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_ex<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        dynamic_shared: usize,
+        stream: u64,
+        params: &P,
+        programmatic: bool,
+        cluster: u32,
+    ) -> Result<()> {
+        if cluster > 1 && (self.arch < (9, 0) || cluster > 8 || !grid.0.is_multiple_of(cluster)) {
+            return Err(HiggsError::Unsupported(format!(
+                "a cluster launch of {cluster} blocks (grid {grid:?}) needs compute capability 9.0 and \
+                 at most 8 blocks per cluster dividing the grid; this GPU is {}.{}",
+                self.arch.0, self.arch.1
+            )));
+        }
         if dynamic_shared > kernel.max_dynamic_shared {
             return Err(HiggsError::Unsupported(format!(
                 "a kernel launch needs {dynamic_shared} bytes of shared memory; this GPU allows {} ({} static)",
@@ -422,14 +458,31 @@ impl Device {
             .map_err(|e| cuda_error("making the device's context current", e))?;
         let mut args = [params as *const P as *mut c_void];
         let stream = stream as usize as sys::CUstream;
-        if programmatic && self.arch >= (9, 0) && !programmatic_launch_disabled() {
-            let mut attribute = sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue {
-                    programmaticStreamSerializationAllowed: 1,
-                },
-            };
+        let programmatic = programmatic && self.arch >= (9, 0) && !programmatic_launch_disabled();
+        if programmatic || cluster > 1 {
+            let mut attributes = Vec::with_capacity(2);
+            if programmatic {
+                attributes.push(sys::CUlaunchAttribute {
+                    id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                    pad: [0; 4],
+                    value: sys::CUlaunchAttributeValue {
+                        programmaticStreamSerializationAllowed: 1,
+                    },
+                });
+            }
+            if cluster > 1 {
+                attributes.push(sys::CUlaunchAttribute {
+                    id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                    pad: [0; 4],
+                    value: sys::CUlaunchAttributeValue {
+                        clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                            x: cluster,
+                            y: 1,
+                            z: 1,
+                        },
+                    },
+                });
+            }
             let config = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -439,10 +492,10 @@ impl Device {
                 blockDimZ: 1,
                 sharedMemBytes: dynamic_shared as u32,
                 hStream: stream,
-                attrs: &mut attribute,
-                numAttrs: 1,
+                attrs: attributes.as_mut_ptr(),
+                numAttrs: attributes.len() as u32,
             };
-            // SAFETY: as for `cuLaunchKernel` below; `config` and the one attribute it points to
+            // SAFETY: as for `cuLaunchKernel` below; `config` and the attributes it points to
             // live until the call returns.
             return unsafe {
                 sys::cuLaunchKernelEx(
@@ -553,6 +606,11 @@ mod tests {
                     let shape = HadamardShape::new(order).unwrap();
                     compile_cubin(&source::hadamard(&shape, act).unwrap(), "hadamard.cu", arch)
                         .unwrap_or_else(|e| panic!("order {order} {act:?}: {e}"));
+                }
+                for (order, outer) in [(28 * 512, 4), (4096, 4), (4096, 8), (32768, 4)] {
+                    let shape = HadamardShape::clustered(order, outer).unwrap().unwrap();
+                    compile_cubin(&source::hadamard(&shape, act).unwrap(), "hadamard.cu", arch)
+                        .unwrap_or_else(|e| panic!("cluster order {order} {act:?}: {e}"));
                 }
             }
         }

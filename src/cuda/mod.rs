@@ -295,8 +295,15 @@ pub struct LinearCall {
     /// The workspace already holds this call's rotated activations: written by the previous call
     /// on this stream, with the same activations, signs, `in_features`, `hadamard_size`, padded
     /// width, dtype and batch (and no call with another rotation in between). The Hadamard kernel
-    /// is skipped and the LUT-GEMM launched normally (no programmatic dependency).
+    /// is skipped.
     pub rotated: bool,
+    /// With `rotated`: launch the LUT-GEMM as a programmatic dependent of whatever kernel runs
+    /// before it on the stream anyway. Its table build and first code/scale loads then run
+    /// before that kernel has finished, so the caller must know that no kernel still in flight
+    /// writes this layer's codes, scales or grid (true inside a model's forward: they were last
+    /// written long before, e.g. `higgs_rs.cuda` checks that they are the tensors and versions
+    /// of the layer's previous call). `HIGGS_CUDA_PDLROT=0` ignores it.
+    pub rotated_overlap: bool,
     pub act: ActType,
     pub stream: u64,
     pub device: usize,
@@ -436,15 +443,48 @@ fn hadamard_kernel(
         ModuleKey::Hadamard {
             order: shape.order,
             act,
+            cluster: shape.cluster,
         },
-        "hadamard_rotate",
+        shape.kernel_name(),
         || {
             Ok((
                 source::hadamard(shape, act)?,
-                vec!["hadamard_rotate".to_string()],
+                vec![shape.kernel_name().to_string()],
             ))
         },
     )
+}
+
+/// The outer factor size for power-of-two orders in `hadamard_cluster` (`HIGGS_CUDA_HADCL_POW2`,
+/// read once; 2, 4 or 8). Default 0: powers of two keep the one-block kernel (4096 on an H100:
+/// 4.2–4.3 µs alone, 4.3–4.5 µs as a cluster of 4; decode no faster, session 6b).
+fn pow2_cluster_outer() -> usize {
+    static OUTER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *OUTER.get_or_init(|| {
+        std::env::var("HIGGS_CUDA_HADCL_POW2")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// The Hadamard kernel layout for `transforms` transform blocks of an order on this device: a
+/// thread-block cluster sharing each transform block where the order has one (sm_90;
+/// `HIGGS_CUDA_HADCLUSTER=0` turns it off) and the transforms are few, else one block per tile.
+/// With many rows the one-block kernel already fills the GPU and the cluster's extra exchange
+/// costs more than it saves (H100, 14336 wide: batch 1 6.1 vs 11.1 µs, batch 16 9.5 vs 13.3,
+/// batch 64 17.2 vs 13.4): clusters up to a quarter as many transforms as SMs.
+fn hadamard_shape(
+    dev: &device::Device,
+    order: usize,
+    transforms: usize,
+) -> Result<source::HadamardShape> {
+    if dev.arch >= (9, 0) && transforms <= dev.sm_count / 4 && !device::switched_off("HADCLUSTER") {
+        if let Some(shape) = source::HadamardShape::clustered(order, pow2_cluster_outer())? {
+            return Ok(shape);
+        }
+    }
+    source::HadamardShape::new(order)
 }
 
 /// The kernel for a call: `lut_gemv` where it applies, else `lut_mma`.
@@ -524,7 +564,8 @@ pub fn hadamard_rotate(
     device_index: usize,
 ) -> Result<()> {
     require_pointers(&[("activation", x), ("output", out)])?;
-    let shape = source::HadamardShape::new(hadamard_size)?;
+    // Checks the order before anything touches the device.
+    source::HadamardShape::new(hadamard_size)?;
     let padded = in_features.div_ceil(hadamard_size) * hadamard_size;
     if in_features == 0 || batch == 0 {
         return Err(HiggsError::invalid(
@@ -537,6 +578,11 @@ pub fn hadamard_rotate(
         )));
     }
     let dev = device(device_index)?;
+    let shape = hadamard_shape(
+        &dev,
+        hadamard_size,
+        batch * out_width.div_ceil(hadamard_size),
+    )?;
     let kernel = hadamard_kernel(&dev, &shape, act)?;
     let params = HadamardParams {
         x,
@@ -546,6 +592,21 @@ pub fn hadamard_rotate(
         kp: out_width as i32,
         scale: (1.0 / (hadamard_size as f64).sqrt()) as f32,
     };
+    if shape.cluster > 0 {
+        // One cluster per transform block (`hadamard_cluster`); blocks past `padded` transform
+        // zeros, as the one-block kernel's extra tiles do.
+        let clusters = out_width.div_ceil(shape.order);
+        return dev.launch_ex(
+            &kernel,
+            ((clusters * shape.cluster) as u32, batch as u32, 1),
+            shape.threads as u32,
+            shape.shared_bytes(),
+            stream,
+            &params,
+            false,
+            shape.cluster as u32,
+        );
+    }
     let tiles = out_width.div_ceil(shape.tile) as u32;
     dev.launch(
         &kernel,
@@ -683,9 +744,10 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         plan.shared_bytes,
         call.stream,
         &params,
-        // The kernel waits (`griddepcontrol.wait`) for the Hadamard kernel launched just before
-        // it; without one there is nothing to overlap.
-        !call.rotated,
+        // The kernel waits (`griddepcontrol.wait`) for the kernel launched just before it: the
+        // Hadamard kernel, or (rotated) the previous kernel on the stream, which for the k, v and
+        // up projections is the previous call's LUT-GEMM (it lets dependents launch early).
+        !call.rotated || (call.rotated_overlap && !device::switched_off("PDLROT")),
     )?;
     Ok(0)
 }

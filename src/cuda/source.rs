@@ -113,6 +113,14 @@ pub struct HadamardShape {
     /// Values per CUDA block: a whole number of transform blocks.
     pub tile: usize,
     pub threads: usize,
+    /// `hadamard_cluster` (sm_90): blocks per cluster (one cluster per transform block), else 0.
+    pub cluster: usize,
+    /// Cluster kernel: the outer factor's size m (segments of `2^log2` values), the threads
+    /// sharing one column of the outer mix, and the threads per part (columns per block rounded
+    /// up to whole warps).
+    pub outer: usize,
+    pub parts: usize,
+    pub col_pad: usize,
 }
 
 /// Tiles of at least this many values keep a block busy for small orders.
@@ -160,7 +168,96 @@ impl HadamardShape {
             slow,
             tile,
             threads,
+            cluster: 0,
+            outer: 1,
+            parts: 1,
+            col_pad: 0,
         })
+    }
+
+    /// The cluster layout of `hadamard_cluster` for this order, where it has one: order =
+    /// m · 2^k with k >= 8, the outer factor m a Paley matrix (28, 20, 12: clusters of 7, 5, 6
+    /// blocks) or, for powers of two, `pow2_outer` (S_m ⊗ S_(order/m) = S_order; 0: none) with
+    /// one segment per block. Each block transforms (m / cluster) segments of 2^k values.
+    pub fn clustered(order: usize, pow2_outer: usize) -> Result<Option<HadamardShape>> {
+        let base = HadamardShape::new(order)?;
+        if base.slow != 1 {
+            return Ok(None);
+        }
+        let (outer, seg_log2, cluster) = if base.fast > 1 {
+            let cluster = (2..=8)
+                .rev()
+                .find(|c| base.fast.is_multiple_of(*c))
+                .unwrap_or(1);
+            (base.fast, base.log2, cluster)
+        } else {
+            if pow2_outer < 2 || !pow2_outer.is_power_of_two() || pow2_outer > 8 {
+                return Ok(None);
+            }
+            let outer_log2 = pow2_outer.trailing_zeros();
+            if base.log2 < outer_log2 + 8 {
+                return Ok(None);
+            }
+            (pow2_outer, base.log2 - outer_log2, pow2_outer)
+        };
+        let seg = 1usize << seg_log2;
+        let tile = outer / cluster * seg;
+        if cluster < 2 || seg_log2 < 8 || tile / 8 > 1024 {
+            return Ok(None);
+        }
+        let parts = if outer >= 8 && outer.is_multiple_of(2) {
+            2
+        } else {
+            1
+        };
+        // Threads per part: the block's columns rounded up to whole warps, fewer (each thread
+        // then loops over several columns) where that would pass 1024 threads.
+        let columns = seg.div_ceil(cluster).next_multiple_of(32);
+        let threads = (tile / 8)
+            .max(parts * columns)
+            .next_multiple_of(32)
+            .min(1024);
+        let col_pad = columns.min(threads / parts / 32 * 32);
+        Ok(Some(HadamardShape {
+            order,
+            log2: seg_log2,
+            fast: 1,
+            slow: 1,
+            tile,
+            threads,
+            cluster,
+            outer,
+            parts,
+            col_pad,
+        }))
+    }
+
+    /// The outer factor of the cluster layout (row-major ±1, m × m): the Paley matrix the CPU
+    /// uses, or Sylvester's.
+    fn outer_matrix(&self) -> Result<Vec<f32>> {
+        let m = self.outer;
+        if m.is_power_of_two() {
+            return Ok((0..m * m)
+                .map(|e| {
+                    if ((e / m) & (e % m)).count_ones().is_multiple_of(2) {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                })
+                .collect());
+        }
+        hadamard::paley_matrix(m)
+            .ok_or_else(|| HiggsError::Unsupported(format!("no Paley matrix of order {m}")))
+    }
+
+    /// The kernel this shape runs.
+    pub fn kernel_name(&self) -> &'static str {
+        if self.cluster > 0 {
+            "hadamard_cluster"
+        } else {
+            "hadamard_rotate"
+        }
     }
 
     pub fn shared_bytes(&self) -> usize {
@@ -223,11 +320,53 @@ fn paley_functions(name: &str, size: usize) -> Result<String> {
     Ok(s)
 }
 
+/// `hcl_outer(part, v, o)`: outputs [part · m/q, (part + 1) · m/q) of the outer factor applied
+/// to `v`, as straight-line balanced sums (`part` is warp-uniform in the kernel).
+fn outer_function(shape: &HadamardShape) -> Result<String> {
+    let h = shape.outer_matrix()?;
+    let (m, q) = (shape.outer, shape.parts);
+    let per = m / q;
+    let mut s = format!(
+        "__device__ __forceinline__ void hcl_outer(int part, const float (&v)[{m}], float (&o)[{per}]) {{\n"
+    );
+    for part in 0..q {
+        let _ = writeln!(
+            s,
+            "    {}if (part == {part}) {{",
+            if part == 0 { "" } else { "else " }
+        );
+        for j in 0..per {
+            let _ = writeln!(s, "        o[{j}] = {};", paley_row(&h, m, part * per + j));
+        }
+        s.push_str("    }\n");
+    }
+    s.push_str("}\n");
+    Ok(s)
+}
+
 /// The Hadamard module for one order and activation type.
 pub fn hadamard(shape: &HadamardShape, act: ActType) -> Result<String> {
     let mut s = String::new();
     s.push_str(act.define());
     s.push_str(COMMON);
+    if shape.cluster > 0 {
+        let _ = write!(
+            s,
+            "\n#define HAD_ORDER {}\n#define HAD_LOG2 {}\n#define HAD_POW2 {}\n#define HAD_FAST 1\n#define HAD_SLOW 1\n#define HAD_TILE {}\n#define HAD_THREADS {}\n#define HAD_CLUSTER {}\n#define HCL_M {}\n#define HCL_Q {}\n#define HCL_NCOLP {}\n",
+            shape.order,
+            shape.log2,
+            1usize << shape.log2,
+            shape.tile,
+            shape.threads,
+            shape.cluster,
+            shape.outer,
+            shape.parts,
+            shape.col_pad
+        );
+        s.push_str(&outer_function(shape)?);
+        s.push_str(HADAMARD);
+        return Ok(s);
+    }
     let _ = write!(
         s,
         "\n#define HAD_ORDER {}\n#define HAD_LOG2 {}\n#define HAD_POW2 {}\n#define HAD_FAST {}\n#define HAD_SLOW {}\n#define HAD_TILE {}\n#define HAD_THREADS {}\n",
@@ -319,6 +458,84 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(err < 1e-4, "order {order}: max error {err}");
         }
+    }
+
+    /// `hadamard_cluster`'s data flow replayed on the CPU: Sylvester on each segment of 2^k
+    /// values, then the outer factor across segments, column by column; every column is owned
+    /// by exactly one block and every value of a block's tile is loaded by one thread.
+    #[test]
+    fn cluster_layout_matches_cpu_transform() {
+        for (order, pow2_outer) in [
+            (28 * 512, 4),
+            (4096, 4),
+            (4096, 8),
+            (2048, 8),
+            (32768, 4),
+            (12 * 256, 4),
+            (20 * 1024, 4),
+        ] {
+            let shape = HadamardShape::clustered(order, pow2_outer)
+                .unwrap()
+                .unwrap_or_else(|| panic!("order {order} has a cluster layout"));
+            let seg = 1usize << shape.log2;
+            assert_eq!(shape.outer * seg, order);
+            assert!(shape.cluster <= 8 && shape.outer.is_multiple_of(shape.cluster));
+            assert_eq!(shape.tile, shape.outer / shape.cluster * seg);
+            assert!(
+                shape.tile / 8 <= shape.threads && shape.parts * shape.col_pad <= shape.threads
+            );
+            assert!(shape.threads <= 1024 && shape.threads.is_multiple_of(32));
+            let mut owners = vec![0usize; seg];
+            for rank in 0..shape.cluster {
+                let (begin, end) = (rank * seg / shape.cluster, (rank + 1) * seg / shape.cluster);
+                assert!(shape.col_pad >= 32 && shape.col_pad.is_multiple_of(32));
+                assert!(end > begin);
+                owners[begin..end].iter_mut().for_each(|o| *o += 1);
+            }
+            assert!(
+                owners.iter().all(|&o| o == 1),
+                "order {order}: columns owned once"
+            );
+            let mut x = vec![0f32; order];
+            crate::rng::SplitMix64::new(order as u64 + 7).fill_gaussian(&mut x);
+            let mut expected = x.clone();
+            hadamard::forward(&mut expected, order).unwrap();
+            let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+            for segment in v.chunks_mut(seg) {
+                for s in 0..shape.log2 {
+                    let d = 1usize << s;
+                    for i in 0..seg {
+                        if i & d == 0 {
+                            let (a, b) = (segment[i], segment[i + d]);
+                            segment[i] = a + b;
+                            segment[i + d] = a - b;
+                        }
+                    }
+                }
+            }
+            let h = shape.outer_matrix().unwrap();
+            let m = shape.outer;
+            let scale = 1.0 / (order as f64).sqrt();
+            for col in 0..seg {
+                for a in 0..m {
+                    let y: f64 = (0..m).map(|j| h[a * m + j] as f64 * v[j * seg + col]).sum();
+                    let err = (y * scale - expected[a * seg + col] as f64).abs();
+                    assert!(
+                        err < 1e-4,
+                        "order {order} m {m}: output {} off by {err}",
+                        a * seg + col
+                    );
+                }
+            }
+            let src = hadamard(&shape, ActType::F16).unwrap();
+            assert!(src.contains(&format!("#define HAD_CLUSTER {}", shape.cluster)));
+            assert!(src.contains("void hcl_outer(int part"));
+        }
+        // Orders without a cluster layout keep the one-block kernel.
+        assert!(HadamardShape::clustered(784 * 16, 4).unwrap().is_none());
+        assert!(HadamardShape::clustered(4096, 0).unwrap().is_none());
+        assert!(HadamardShape::clustered(512, 4).unwrap().is_none());
+        assert!(HadamardShape::clustered(28 * 64, 4).unwrap().is_none());
     }
 
     #[test]

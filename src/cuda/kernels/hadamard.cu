@@ -8,6 +8,10 @@
 // One CUDA block transforms one tile of one batch row in shared memory (f32) and writes
 // out[b, :kp] in the activation dtype; positions in [padded, kp) come out as zeros because
 // their inputs are zeros.
+//
+// With HAD_CLUSTER defined (sm_90, orders m * 2^k with k >= 8 whose outer factor is a Paley
+// matrix or a Sylvester one) the module holds `hadamard_cluster` instead: a thread-block cluster
+// of HAD_CLUSTER blocks per transform block, see there.
 
 struct HadamardParams {
     const u16* x;        // batch x in_features
@@ -86,20 +90,13 @@ __device__ __forceinline__ void sylvester_passes(float* buf) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const HadamardParams P) {
-    extern __shared__ float buf[];
-#if __CUDA_ARCH__ >= 900
-    // Let the LUT-GEMM launch now: it builds its table and fetches codes, then waits for this grid.
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-    const int b = blockIdx.y;
-    const int start = blockIdx.x * HAD_TILE;
-    const u16* xrow = P.x + (u64)b * P.in_features;
-    const int last = P.in_features - 1;
 #if HAD_LOG2 >= 8
-    // Stages 0-7 without shared memory or barriers: a thread loads 8 consecutive values (stages
-    // 0-2 in registers) and the lanes of a warp hold 256 consecutive values (stages 3-7 by
-    // shuffles); one store to shared memory, then the remaining stages in passes.
+// The HAD_TILE values of a row from `start` (signs applied, zero past in_features), stages 0-7
+// of the Sylvester transform without shared memory or barriers: a thread loads 8 consecutive
+// values (stages 0-2 in registers) and the lanes of a warp hold 256 consecutive values (stages
+// 3-7 by shuffles); one store to shared memory. The caller syncs, then runs the other stages.
+__device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf, const u16* xrow, int start) {
+    const int last = P.in_features - 1;
     {
         const int lane = threadIdx.x & 31;
         constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the test below is warp-uniform
@@ -156,9 +153,25 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
             }
         }
     }
+}
+#endif
+
+#ifndef HAD_CLUSTER
+extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const HadamardParams P) {
+    extern __shared__ float buf[];
+#if __CUDA_ARCH__ >= 900
+    // Let the LUT-GEMM launch now: it builds its table and fetches codes, then waits for this grid.
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    const int b = blockIdx.y;
+    const int start = blockIdx.x * HAD_TILE;
+    const u16* xrow = P.x + (u64)b * P.in_features;
+#if HAD_LOG2 >= 8
+    front_stages(P, buf, xrow, start);
     __syncthreads();
     sylvester_passes<8>(buf);
 #else
+    const int last = P.in_features - 1;
     // All loads first (clamped addresses, no branches around them: every thread's loads are in
     // flight together), then the stores to shared memory.
     constexpr int PER_THREAD = (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS;
@@ -255,3 +268,67 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         if (i < HAD_TILE && gi < P.kp) orow[gi] = f32_to_act(buf[i] * P.scale);
     }
 }
+#endif
+
+#ifdef HAD_CLUSTER
+// One transform block of HAD_ORDER = HCL_M * L values (L = HAD_POW2 = 2^HAD_LOG2) is
+// H = M (x) S_L: the Sylvester transform of each of the HCL_M contiguous segments of L values,
+// then the outer matrix M (a Paley factor, or S_HCL_M) mixing the segments column by column
+// (output a * L + b = sum_a' M[a][a'] y[a' * L + b]). A cluster of HAD_CLUSTER blocks on as many
+// SMs shares it (before: one block on one SM): block `rank` transforms segments
+// [rank * SPB, rank * SPB + SPB) (HAD_TILE = SPB * L values) into its shared memory; after a
+// cluster barrier it takes the columns [rank * L / C, (rank + 1) * L / C), reads their HCL_M
+// values from the blocks' shared memory (distributed shared memory: each value crosses once),
+// and writes the outputs. HCL_Q threads share a column (each computes HCL_M / HCL_Q outputs
+// through hcl_outer), HCL_NCOLP threads per part (columns rounded up to whole warps; a thread
+// loops over several columns where that would exceed 1024 threads). Same
+// arithmetic in the same order as hadamard_rotate: the same bits.
+__device__ __forceinline__ u32 hcl_shared_address(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_cluster(const HadamardParams P) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ float buf[];
+    asm volatile("griddepcontrol.launch_dependents;");
+    constexpr int SPB = HCL_M / HAD_CLUSTER;
+    constexpr int L = HAD_POW2;
+    constexpr int PER_PART = HCL_M / HCL_Q;
+    u32 rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int tile_start = (int)(blockIdx.x / HAD_CLUSTER) * HAD_ORDER;
+    const u16* xrow = P.x + (u64)blockIdx.y * P.in_features;
+    front_stages(P, buf, xrow, tile_start + (int)rank * HAD_TILE);
+    __syncthreads();
+    sylvester_passes<8>(buf);
+    // Every block's segments are in its shared memory, visible to the cluster.
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    const int part = threadIdx.x / HCL_NCOLP;
+    const int col_end = (int)((rank + 1) * L) / HAD_CLUSTER;
+    for (int col = (int)(rank * L) / HAD_CLUSTER + threadIdx.x % HCL_NCOLP; part < HCL_Q && col < col_end;
+         col += HCL_NCOLP) {
+        const u32 local = hcl_shared_address(buf) + 4u * (u32)col;
+        u32 base[HAD_CLUSTER];
+#pragma unroll
+        for (int r = 0; r < HAD_CLUSTER; ++r)
+            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(base[r]) : "r"(local), "r"(r));
+        float v[HCL_M];
+#pragma unroll
+        for (int a = 0; a < HCL_M; ++a)
+            asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v[a]) : "r"(base[a / SPB] + 4u * (u32)((a % SPB) * L)));
+        float o[PER_PART];
+        hcl_outer(part, v, o);
+        u16* orow = P.out + (u64)blockIdx.y * P.kp;
+#pragma unroll
+        for (int j = 0; j < PER_PART; ++j) {
+            const int gi = tile_start + (part * PER_PART + j) * L + col;
+            if (gi < P.kp) orow[gi] = f32_to_act(o[j] * P.scale);
+        }
+    }
+    // No block may leave while the others still read its shared memory.
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+#endif

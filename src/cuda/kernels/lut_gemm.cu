@@ -3,7 +3,8 @@
 // rotated like the weights were (hadamard.cu). Needs common.cuh first.
 //
 // Defines: BITS (2, 3, 4: bits per weight), ACT_BF16 (bfloat16 instead of float16); for timing
-// experiments (HIGGS_CUDA_DEFINES): LUT_MIN_BLOCKS, MMA_D (lut_mma), GEMV_D, GEMV_G, ... (lut_gemv).
+// experiments (HIGGS_CUDA_DEFINES): LUT_MIN_BLOCKS, MMA_D (lut_mma), GEMV_D, GEMV_G, ... (lut_gemv),
+// LUT_NO_TRIGGER (no early launch of programmatic dependents, see allow_dependents).
 //
 // Every pair of consecutive weights (k, k+1) of a row is one "pair code" of 2*BITS bits: a p = 2
 // code, or two p = 1 codes (LSB-first, so the lower code is the lower k). A shared table maps a
@@ -109,6 +110,18 @@ __device__ __forceinline__ int group_of_k(const LutParams& P, int kl) {
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Let a programmatic dependent (the next call's LUT-GEMM when it reuses this call's rotation)
+// launch now: its blocks take the SMs this grid's blocks leave (this grid is one wave, all
+// resident already), build their tables and fetch their codes, and wait (griddepcontrol.wait)
+// for this grid's completion before they read anything it writes.
+__device__ __forceinline__ void allow_dependents() {
+#if __CUDA_ARCH__ >= 900
+#ifndef LUT_NO_TRIGGER
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #endif
 }
 
@@ -858,6 +871,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(const LutParams P) {
+    allow_dependents();
     lut_gemv_body<1>(P);
 }
 
@@ -870,6 +884,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(
 #endif
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
+    allow_dependents();
     lut_mma_body<LUT_MT, LUT_NT>(P);
 }
 #endif
