@@ -48,6 +48,14 @@ mod simd {
     ) -> bool {
         false
     }
+    pub fn assign_cells_avx512<const P: usize>(
+        _: &super::CellSearch,
+        _: &super::Grid,
+        _: &[f32],
+        _: &mut [u32],
+    ) -> bool {
+        false
+    }
     pub fn stats_p4_avx2(_: &[f32], _: &[f32], _: &[u32]) -> Option<super::AssignStats> {
         None
     }
@@ -84,8 +92,7 @@ mod simd {
         Err(work)
     }
     pub fn scan_pairs_avx512(
-        _: &[[f32; 2]],
-        _: usize,
+        _: &super::PairTable,
         _: &[f32],
         _: &[f32],
         _: &mut [(f32, f32)],
@@ -219,6 +226,13 @@ pub struct PairTable {
     side: usize,
     /// Cells per unit of the input: an input v is in cell ⌊v · per_unit + side / 2⌋, clamped.
     per_unit: f32,
+    /// The same table as grid codes, one byte per cell (grids of at most 256 points; empty
+    /// otherwise), padded with 3 zero bytes so 4-byte gathers stay inside: 64 KB instead of
+    /// 512 KB, so the cells that Gaussian inputs hit mostly stay in L1. Read with
+    /// `code_points`, it gives the same points.
+    codes: Vec<u8>,
+    /// Grid point of each code, as (x, y); at least 256 entries (zeros past n).
+    code_points: Vec<[f32; 2]>,
 }
 
 impl PairTable {
@@ -240,13 +254,26 @@ impl PairTable {
         }
         let mut codes = vec![0u32; side * side];
         search.assign_scalar(grid, &centres, &mut codes);
+        // Padded to 256 entries for byte tables, so any byte is an index inside.
+        let code_points: Vec<[f32; 2]> = (0..grid.n.max(256))
+            .map(|c| match grid.points.get(2 * c..2 * c + 2) {
+                Some(g) => [g[0], g[1]],
+                None => [0.0; 2],
+            })
+            .collect();
+        let byte_codes = if grid.n <= 256 {
+            let mut bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+            bytes.extend_from_slice(&[0; 3]);
+            bytes
+        } else {
+            Vec::new()
+        };
         PairTable {
-            points: codes
-                .iter()
-                .map(|&c| [grid.points[2 * c as usize], grid.points[2 * c as usize + 1]])
-                .collect(),
+            points: codes.iter().map(|&c| code_points[c as usize]).collect(),
             side,
             per_unit: (1.0 / width) as f32,
+            codes: byte_codes,
+            code_points,
         }
     }
 
@@ -318,7 +345,7 @@ impl Assigner {
             *f = inv * table.per_unit;
         }
         let factors = &factors[..invs.len()];
-        if simd::scan_pairs_avx512(&table.points, table.side, xs, factors, out) {
+        if simd::scan_pairs_avx512(table, xs, factors, out) {
             return Some(());
         }
         for (&a, o) in factors.iter().zip(out.iter_mut()) {
@@ -1357,6 +1384,11 @@ mod tests {
     fn pair_scan_matches_its_reference_and_bounds_the_exact_error() {
         let assigner = Assigner::for_grid(2, 256).unwrap();
         let table = assigner.pair_table.as_ref().unwrap();
+        // n = 256: the AVX-512 scan reads the byte table of codes; it must give the same points.
+        assert_eq!(table.codes.len(), table.side * table.side + 3);
+        for (cell, &code) in table.codes[..table.side * table.side].iter().enumerate() {
+            assert_eq!(table.code_points[code as usize], table.points[cell]);
+        }
         assert!(Assigner::for_grid(4, 8192)
             .unwrap()
             .scan_pairs(&[0.0; 16], &[1.0], &mut [(0.0, 0.0)])
@@ -1465,6 +1497,35 @@ mod tests {
             panic!("p = 2")
         };
         assert!(pairs.axis_cells.is_empty());
+    }
+
+    #[test]
+    fn wide_cell_path_matches_the_scalar_reference() {
+        for (p, n) in [(3usize, 4096usize), (3, 512), (4, 8192), (4, 256)] {
+            let assigner = Assigner::for_grid(p, n).unwrap();
+            let Search::Cells(cells) = &assigner.search else {
+                panic!("p >= 2")
+            };
+            let mut xs = hard_inputs(p, 3000, 23 + n as u64);
+            xs.extend(edge_inputs(&assigner, 3000, 29 + n as u64));
+            xs.extend(tie_inputs(&assigner.grid, 300, 31));
+            // Whole blocks of 16 tuples and tails of every length below 16.
+            for tuples in [xs.len() / p, 16, 17, 31, 15, 1] {
+                let xs = &xs[xs.len() - tuples * p..];
+                let mut scalar = vec![0u32; tuples];
+                assigner.assign_scalar(xs, &mut scalar);
+                let mut wide = vec![u32::MAX; tuples];
+                let ran = match p {
+                    3 => simd::assign_cells_avx512::<3>(cells, &assigner.grid, xs, &mut wide),
+                    _ => simd::assign_cells_avx512::<4>(cells, &assigner.grid, xs, &mut wide),
+                };
+                if !ran {
+                    eprintln!("no AVX-512 on this CPU: the wide cell path is not tested");
+                    return;
+                }
+                assert_eq!(wide, scalar, "p {p} n {n}, {tuples} tuples");
+            }
+        }
     }
 
     #[test]

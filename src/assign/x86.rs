@@ -29,10 +29,215 @@ pub fn assign_cells_avx2<const P: usize>(
     if !avx2_available() || !tables_fit {
         return false;
     }
+    if assign_cells_avx512::<P>(search, grid, xs, codes) {
+        return true;
+    }
     // SAFETY: the CPU supports AVX2, every index in `indices` is below n and `points4` holds
     // 4·n floats (all checked above), which is what the loads in `assign` rely on.
     unsafe { assign::<P>(search, grid, xs, codes) };
     true
+}
+
+/// Tuples per block of [`assign_cells_avx512`]: one 512-bit register of lanes.
+const WIDE_BLOCK: usize = 16;
+
+/// p = 3 or 4 with AVX-512: [`assign_cells_avx2`]'s answers, with the cells of 16 tuples found
+/// at once in vector registers (the scalar `cell_of` lane by lane), the next block's cells and
+/// list prefetches issued before this block's searches, and each search keeping per lane the
+/// minimum of (distance bits << 32 | index), which is the lowest index at the smallest
+/// distance (distances are finite and non-negative, so their bits order as the values), with
+/// no compare-and-blend and no branch on the list length. Returns false (nothing done) without
+/// AVX-512F or when the tables do not fit; a tail of fewer than 16 tuples takes the AVX2 path.
+pub fn assign_cells_avx512<const P: usize>(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) -> bool {
+    let m = search.cells_per_axis;
+    let tables_fit = (P == 3 || P == 4)
+        && search.p == P
+        && search.points4.len() == 4 * grid.n
+        && search.tables_checked
+        && search.axis_cells.len() == super::AXIS_BINS
+        && m.is_power_of_two()
+        && m <= 256
+        && search.chunk_offsets.len() == m.pow(P as u32) + 1
+        && search
+            .chunk_offsets
+            .last()
+            .is_some_and(|&end| end as usize * LANES == search.indices.len())
+        && xs.len() == codes.len() * P;
+    if !tables_fit || !avx512_available() {
+        return false;
+    }
+    let blocks = codes.len() / WIDE_BLOCK;
+    if blocks > 0 {
+        // SAFETY: AVX-512F and AVX2 are available; the tables are consistent (checked above:
+        // cells are below m^P, so cell + 1 indexes `chunk_offsets`; every list lies inside
+        // `indices`, whose entries are below n = points4.len() / 4), and `xs` holds P floats
+        // per code.
+        unsafe {
+            assign_blocks_avx512::<P>(
+                search,
+                grid,
+                &xs[..blocks * WIDE_BLOCK * P],
+                &mut codes[..blocks * WIDE_BLOCK],
+            )
+        };
+    }
+    let done = blocks * WIDE_BLOCK;
+    if done < codes.len() {
+        // SAFETY: as in `assign_cells_avx2` (the same checks passed above).
+        unsafe { assign::<P>(search, grid, &xs[done * P..], &mut codes[done..]) };
+    }
+    true
+}
+
+/// The cells of a block of 16 tuples: each tuple's list as (first chunk, end chunk), and
+/// which tuples are inside ±far on every axis (the others go to brute force).
+struct BlockLists {
+    first: [u32; WIDE_BLOCK],
+    end: [u32; WIDE_BLOCK],
+    inside: u16,
+}
+
+/// `CellSearch::cell_of` for 16 tuples (`xb` holds 16·P floats): the bins in vector
+/// registers (the scalar arithmetic lane by lane; the coordinates transposed by permutes),
+/// then each tuple's cell and list offsets, with a prefetch of each list.
+///
+/// # Safety
+/// AVX-512F; the tables as [`assign_cells_avx512`] checks them.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn block_lists<const P: usize>(search: &CellSearch, xb: &[f32]) -> BlockLists {
+    assert!(xb.len() == WIDE_BLOCK * P && (P == 3 || P == 4));
+    // SAFETY: xb holds 16·P floats, so 16·P / 16 = P whole registers (P ≤ 4).
+    let regs: [__m512; 4] =
+        std::array::from_fn(|r| unsafe { _mm512_loadu_ps(xb.as_ptr().add(16 * r.min(P - 1))) });
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let tuple_start = _mm512_mullo_epi32(iota, _mm512_set1_epi32(P as i32));
+    let half_width = _mm512_set1_ps(search.half_width);
+    let bins_per_unit = _mm512_set1_ps(search.bins_per_unit);
+    let far = _mm512_set1_ps(search.far);
+    let zero = _mm512_setzero_ps();
+    let top_bin = _mm512_set1_ps((super::AXIS_BINS - 1) as f32);
+    let mut inside: u16 = 0xFFFF;
+    let mut bins = [[0u32; WIDE_BLOCK]; 4];
+    for (d, axis_bins) in bins.iter_mut().enumerate().take(P) {
+        // Lane t: element t·P + d of the block, from registers 0–1 below 32, 2–3 above.
+        let at = _mm512_add_epi32(tuple_start, _mm512_set1_epi32(d as i32));
+        let low = _mm512_permutex2var_ps(regs[0], at, regs[1]);
+        let high = _mm512_permutex2var_ps(regs[2], at, regs[3]);
+        let v = _mm512_mask_blend_ps(
+            _mm512_cmpge_epu32_mask(at, _mm512_set1_epi32(32)),
+            low,
+            high,
+        );
+        // |v| <= far is false for NaN, as `v.is_nan() || v.abs() > far` is true.
+        inside &= _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), far);
+        // The scalar `((v + hw) · bins) as i32` clamped to [0, AXIS_BINS − 1]: clamping
+        // before the truncation gives the same bin (and keeps lanes that go to brute force,
+        // NaN included, in range: max(NaN, 0) is 0).
+        let u = _mm512_mul_ps(_mm512_add_ps(v, half_width), bins_per_unit);
+        let bin = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, zero), top_bin));
+        // SAFETY: `axis_bins` holds 16 u32.
+        unsafe { _mm512_storeu_si512(axis_bins.as_mut_ptr().cast(), bin) };
+    }
+    let shift = search.cells_per_axis.trailing_zeros();
+    let last = search.cells_per_axis - 1;
+    let mut lists = BlockLists {
+        first: [0; WIDE_BLOCK],
+        end: [0; WIDE_BLOCK],
+        inside,
+    };
+    for t in 0..WIDE_BLOCK {
+        let mut cell = 0usize;
+        for axis_bins in bins[..P].iter().rev() {
+            // Bins are below AXIS_BINS = axis_cells.len() (clamped above); entries are below
+            // m already, the min keeps the cell provably below m^P.
+            let k = (search.axis_cells[axis_bins[t] as usize & (super::AXIS_BINS - 1)] as usize)
+                .min(last);
+            cell = (cell << shift) | k;
+        }
+        lists.first[t] = search.chunk_offsets[cell];
+        lists.end[t] = search.chunk_offsets[cell + 1];
+        let at = search
+            .indices
+            .as_ptr()
+            .wrapping_add(lists.first[t] as usize * LANES);
+        _mm_prefetch::<_MM_HINT_T0>(at.cast());
+    }
+    lists
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn assign_blocks_avx512<const P: usize>(
+    search: &CellSearch,
+    grid: &Grid,
+    xs: &[f32],
+    codes: &mut [u32],
+) {
+    let count = codes.len() / WIDE_BLOCK;
+    // SAFETY (both calls): forwarded contract; block 0 exists (count > 0).
+    let mut lists = unsafe { block_lists::<P>(search, &xs[..WIDE_BLOCK * P]) };
+    for b in 0..count {
+        let xb = &xs[b * WIDE_BLOCK * P..(b + 1) * WIDE_BLOCK * P];
+        // The next block's cells and prefetches first: their loads overlap this block's
+        // searches.
+        let next = (b + 1 < count).then(|| unsafe {
+            block_lists::<P>(
+                search,
+                &xs[(b + 1) * WIDE_BLOCK * P..(b + 2) * WIDE_BLOCK * P],
+            )
+        });
+        let cb = &mut codes[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
+        for (t, (x, code)) in xb.chunks_exact(P).zip(cb.iter_mut()).enumerate() {
+            let (first, end) = (lists.first[t] as usize, lists.end[t] as usize);
+            *code = if lists.inside & (1 << t) == 0 || end == first {
+                brute_force_nearest(&grid.points, P, x)
+            } else {
+                let point: [__m256; 4] =
+                    std::array::from_fn(|j| _mm256_set1_ps(x.get(j).copied().unwrap_or(0.0)));
+                // SAFETY: the list lies inside `indices`, whose entries are below
+                // points4.len() / 4 (caller).
+                unsafe {
+                    nearest_by_keys(
+                        &search.points4,
+                        &search.indices[first * LANES..end * LANES],
+                        &point,
+                    )
+                }
+            };
+        }
+        if let Some(next) = next {
+            lists = next;
+        }
+    }
+}
+
+/// The lowest index at the smallest distance among the chunks of `indices`: per lane the
+/// minimum of (distance bits << 32 | index) over the chunks, then over the lanes. Distances
+/// are finite and non-negative (inputs within ±far), so their bits order as their values.
+///
+/// # Safety
+/// As [`chunk_distances`] for every chunk of 8 in `indices` (at least one); AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn nearest_by_keys(points4: &[f32], indices: &[u32], point: &[__m256; 4]) -> u32 {
+    let mut best = _mm512_set1_epi64(-1);
+    for idx in indices.chunks_exact(LANES) {
+        // SAFETY: forwarded contract.
+        let d = unsafe { chunk_distances(points4, idx, point) };
+        // SAFETY: `idx` holds exactly LANES = 8 u32 (chunks_exact), 32 bytes, read unaligned.
+        let i = unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) };
+        let key = _mm512_or_si512(
+            _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(_mm256_castps_si256(d))),
+            _mm512_cvtepu32_epi64(i),
+        );
+        best = _mm512_min_epu64(best, key);
+    }
+    _mm512_reduce_min_epu64(best) as u32
 }
 
 /// p = 1 with AVX2, 8 inputs at once (the scalar `LineSearch::nearest` lane by lane, with
@@ -708,27 +913,38 @@ unsafe fn nearest_in_chunks(points4: &[f32], indices: &[u32], point: &[__m256; 4
 /// AVX-512 version of [`super::Assigner::scan_pairs`] for inputs of whole blocks of 16
 /// elements (8 pairs): for each scale factor `a` of `factors`, (Σ x·q, Σ‖q‖²) into `out`, with
 /// the scalar reference's arithmetic (element i into accumulator i mod 16; multiply, then add;
-/// clamp, truncate; the same folding of the accumulators). Returns false (nothing written)
-/// without AVX-512F or when the lengths do not fit.
+/// clamp, truncate; the same folding of the accumulators). With a byte table of codes (grids
+/// of at most 256 points) q is looked up as code, then point: two gathers from 66 KB that
+/// mostly hit L1, instead of one from the 512 KB table of points (the same points). Returns
+/// false (nothing written) without AVX-512F or when the lengths do not fit.
 pub fn scan_pairs_avx512(
-    points: &[[f32; 2]],
-    side: usize,
+    table: &super::PairTable,
     xs: &[f32],
     factors: &[f32],
     out: &mut [(f32, f32)],
 ) -> bool {
+    let side = table.side;
     let fits = side.is_power_of_two()
-        && points.len() == side * side
+        && table.points.len() == side * side
         && side <= 1 << 15
         && out.len() >= factors.len()
         && xs.len().is_multiple_of(16);
     if !fits || !avx512_available() {
         return false;
     }
+    // Any byte is below code_points.len() >= 256.
+    let byte_codes_fit = table.codes.len() == side * side + 3 && table.code_points.len() >= 256;
+    if byte_codes_fit {
+        // SAFETY: AVX-512F is available; every cell index the kernel forms is below side²,
+        // so its 4-byte read ends inside `codes` (side² + 3 bytes), and every byte is below
+        // code_points.len() (checked above); `xs` is whole blocks of 16.
+        unsafe { scan_pairs_codes(&table.codes, &table.code_points, side, xs, factors, out) };
+        return true;
+    }
     // SAFETY: AVX-512F is available; `points` has side² entries and every index the kernel
     // forms is k0 + k1·side with k0, k1 clamped to [0, side − 1]; `xs` is whole blocks of 16
     // (checked above).
-    unsafe { scan_pairs(points, side, xs, factors, out) };
+    unsafe { scan_pairs(&table.points, side, xs, factors, out) };
     true
 }
 
@@ -781,6 +997,67 @@ unsafe fn scan_pairs(
             );
             // SAFETY: every index is below side² = points.len(), each entry 8 bytes.
             let q = _mm512_castpd_ps(unsafe { _mm512_i64gather_pd::<8>(index, base) });
+            dot = _mm512_add_ps(dot, _mm512_mul_ps(x, q));
+            norm = _mm512_add_ps(norm, _mm512_mul_ps(q, q));
+        }
+        *o = (fold16(dot), fold16(norm));
+    }
+}
+
+/// [`scan_pairs`] through the byte table of codes: cell → code (a 4-byte gather of which the
+/// low byte is the code) → point (an 8-byte gather from `code_points`).
+#[target_feature(enable = "avx512f")]
+unsafe fn scan_pairs_codes(
+    codes: &[u8],
+    code_points: &[[f32; 2]],
+    side: usize,
+    xs: &[f32],
+    factors: &[f32],
+    out: &mut [(f32, f32)],
+) {
+    const { assert!(super::SCAN_LANES == 16) };
+    let blocks = xs.len() / 16;
+    let centre = _mm512_set1_ps((side / 2) as f32);
+    let top = _mm512_set1_ps((side - 1) as f32);
+    let zero = _mm512_setzero_ps();
+    let low = _mm512_set1_epi64(0xFFFF_FFFF);
+    let shift = _mm_cvtsi32_si128(side.trailing_zeros() as i32);
+    let code_base = codes.as_ptr();
+    let point_base = code_points.as_ptr().cast::<f64>();
+    for (&a, o) in factors.iter().zip(out.iter_mut()) {
+        let scale = _mm512_set1_ps(a);
+        let mut dot = _mm512_setzero_ps();
+        let mut norm = _mm512_setzero_ps();
+        for b in 0..blocks {
+            // SAFETY: elements b·16 .. b·16 + 16 are inside `xs` (b < blocks).
+            let x = unsafe { _mm512_loadu_ps(xs.as_ptr().add(b * 16)) };
+            let u = _mm512_add_ps(_mm512_mul_ps(x, scale), centre);
+            let k = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, zero), top));
+            let index = _mm512_add_epi64(
+                _mm512_and_si512(k, low),
+                _mm512_sll_epi64(_mm512_srli_epi64::<32>(k), shift),
+            );
+            let mut cells = [0u64; 8];
+            // SAFETY: `cells` holds 8 u64.
+            unsafe { _mm512_storeu_si512(cells.as_mut_ptr().cast(), index) };
+            // SAFETY: every cell is below side² <= codes.len(), every byte below
+            // code_points.len() (caller).
+            let q = unsafe {
+                let load = |l: usize| {
+                    let code = *code_base.add(*cells.get_unchecked(l) as usize);
+                    *point_base.add(code as usize)
+                };
+                _mm512_castpd_ps(_mm512_setr_pd(
+                    load(0),
+                    load(1),
+                    load(2),
+                    load(3),
+                    load(4),
+                    load(5),
+                    load(6),
+                    load(7),
+                ))
+            };
             dot = _mm512_add_ps(dot, _mm512_mul_ps(x, q));
             norm = _mm512_add_ps(norm, _mm512_mul_ps(q, q));
         }
