@@ -179,6 +179,18 @@ fn bench_lut(c: &mut Criterion) {
                 group.bench_function(format!("lut_p{p}_n{n}_bf16grid/batch1"), |b| {
                     b.iter(|| lut_linear(&w, black_box(&x), 1, &mut y).unwrap())
                 });
+                // bf16 activations and outputs, as `HiggsLinear` runs a bf16 model (`vdpbf16ps`
+                // where the CPU has AVX-512 BF16).
+                let plan = LutPlan::new(&w, KernelPath::Auto).unwrap();
+                let x: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let mut y = vec![half::bf16::ZERO; rows];
+                group.bench_function(format!("lut_p{p}_n{n}_bf16grid_bf16io/batch1"), |b| {
+                    b.iter(|| {
+                        let x = Activations::Bf16(black_box(&x));
+                        plan.run(w.codes, w.scales, x, 1, Outputs::Bf16(&mut y), None)
+                            .unwrap()
+                    })
+                });
             }
             if p == 2 {
                 // The same byte count as codes + scales of the p = 2 layer.
