@@ -67,7 +67,8 @@ def generate(
     """Generate ``max_new_tokens`` tokens after ``input_ids`` (batch × prompt length).
 
     Returns the prompt and the new tokens, like ``model.generate``: rows that produced an
-    end-of-sequence token are padded after it with ``pad_token_id`` (default: the first EOS id),
+    end-of-sequence token are padded after it with ``pad_token_id`` (default: the generation
+    config's, else the first EOS id),
     and generation stops early once every row has finished.
 
     Args:
@@ -102,6 +103,8 @@ def generate(
     config = getattr(model, "generation_config", None)
     eos_ids = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
 
