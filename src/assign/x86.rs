@@ -1004,8 +1004,8 @@ unsafe fn scan_pairs(
     }
 }
 
-/// [`scan_pairs`] through the byte table of codes: cell → code (a 4-byte gather of which the
-/// low byte is the code) → point (an 8-byte gather from `code_points`).
+/// [`scan_pairs`] through the byte table of codes: cell → code → point, with scalar loads (a
+/// 64 KB byte table and 256 points stay in L1; vector gathers measured slower on Zen 4).
 #[target_feature(enable = "avx512f")]
 unsafe fn scan_pairs_codes(
     codes: &[u8],
