@@ -331,12 +331,16 @@ class TinyLlama(torch.nn.Module):
 
 
 def quantize_blocks(model: TinyLlama) -> None:
-    """Replace every projection of the blocks with a random-code 4-bit HiggsLinear."""
+    """Replace every projection of the blocks with a random-code 4-bit HiggsLinear, and group
+    q/k/v and gate/up as ``higgs_rs.load`` does (one launch each; ``HIGGS_CUDA_GROUP=0``: not)."""
     for i, block in enumerate(model.blocks):
         for j, (name, old) in enumerate(list(block.named_children())):
             if isinstance(old, torch.nn.Linear):
                 setattr(block, name, random_layer(old.out_features, old.in_features, seed=16 * i + j))
                 del old
+        if not block.fused:
+            hcuda.group_layers([block.q, block.k, block.v])
+            hcuda.group_layers([block.gate, block.up])
         torch.cuda.empty_cache()
 
 

@@ -811,12 +811,14 @@ fn cuda_err(err: HiggsError) -> PyErr {
 /// (the previous call on the stream rotated the same input the same way): skip the Hadamard
 /// kernel; `rotated_overlap`: launch its LUT-GEMM as a programmatic dependent of the kernel before
 /// it (only when nothing in flight writes this layer's codes, scales or grid). `mt`/`splits`
-/// override the launch heuristics.
+/// override the launch heuristics. `siblings`: up to two more layers with the same input and
+/// shape but their rows, as `(codes, scales, out, out_features)`, computed by the same launch
+/// (the counters then cover all their rows).
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
     row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false,
-    counters=0, counters_bytes=0, rotated=false, rotated_overlap=false))]
+    counters=0, counters_bytes=0, rotated=false, rotated_overlap=false, siblings=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_lut_linear(
     py: Python<'_>,
@@ -847,8 +849,24 @@ fn cuda_lut_linear(
     counters_bytes: usize,
     rotated: bool,
     rotated_overlap: bool,
+    siblings: Vec<(u64, u64, u64, usize)>,
 ) -> PyResult<usize> {
     use crate::cuda;
+    if siblings.len() > 2 {
+        return Err(PyValueError::new_err(format!(
+            "at most two sibling layers share a launch; got {}",
+            siblings.len()
+        )));
+    }
+    let mut sibling_slots = [cuda::Sibling::default(); 2];
+    for (slot, &(codes, scales, out, out_features)) in sibling_slots.iter_mut().zip(&siblings) {
+        *slot = cuda::Sibling {
+            codes,
+            scales,
+            out,
+            out_features,
+        };
+    }
     let call = cuda::LinearCall {
         shape: cuda::LayerShape {
             in_features,
@@ -878,6 +896,7 @@ fn cuda_lut_linear(
         device,
         tuning: cuda::Tuning { mt, splits },
         tiled,
+        siblings: sibling_slots,
     };
     py.detach(|| cuda::lut_linear(&call)).map_err(cuda_err)
 }

@@ -166,6 +166,7 @@ def cuda_lut_linear(
     counters_bytes: int = 0,
     rotated: bool = False,
     rotated_overlap: bool = False,
+    siblings: list[tuple[int, int, int, int]] = ...,
 ) -> int: ...
 def cuda_hadamard(
     x: int,

@@ -31,6 +31,15 @@ finished, so this is done only when the layer's codes, scales and grid are the v
 previous call here, with the same in-place versions (no repack, no ``copy_``/``load_state_dict``
 since: nothing that could still be in flight writes them); never on a layer's first call, for
 inference tensors (no version counter) or with ``HIGGS_CUDA_PDLROT=0``.
+
+Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up, and
+``higgs_rs.load`` and ``patch`` call it) run as one launch: the first of them called on an input
+computes all of their outputs (one rotation, one table build, one split-K tail instead of three),
+and the others' calls on the same input (same view, version and rotation; same graph capture)
+return their precomputed output, provided their codes, scales and grid are still the tensors and
+versions of that launch. Only the fused path groups (batches below ``DENSE_MIN_BATCH``, no
+``mt``/``splits`` override, tensors with a version counter); everything else runs layer by layer.
+``HIGGS_CUDA_GROUP=0`` turns grouping off (for comparisons).
 """
 
 from __future__ import annotations
@@ -81,6 +90,18 @@ _TILED_MARK = "_higgs_cuda_tiled"
 #: codes, scales and grid tensors and their versions at its previous fused-path call (see
 #: ``_weights_unchanged``).
 _weights_seen: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: Per layer (weakly held): weak references to the members of its sibling group, in order.
+_siblings: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: Per (device, stream): the rotation entry of the last grouped launch's input and, per member
+#: not yet called, (its output, its weights' state at the launch).
+_group_outputs: dict[tuple[int, int], tuple[Any, dict[Any, tuple[Any, Any]]]] = {}
+#: ``HIGGS_CUDA_GROUP=0``: every layer launches on its own.
+_GROUP = os.environ.get("HIGGS_CUDA_GROUP", "") != "0"
+#: Grouped launches, and calls answered by one: for tests and benches.
+grouped_launches = 0
+grouped_hits = 0
+#: The child names whose layers read the same input in transformers' decoder layers.
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _preload_nvrtc() -> None:
@@ -418,6 +439,105 @@ def _weights_unchanged(layer: Any) -> bool:
     return same
 
 
+def _group_key(layer: Any) -> tuple[Any, ...]:
+    """What sibling layers must share: input width and rotation, grid, groups."""
+    signs = layer._buffers.get("signs")
+    return (
+        layer.in_features,
+        layer.padded_in_features,
+        layer.hadamard_size,
+        layer.group_size,
+        layer.p,
+        layer.n,
+        signs is None,
+    )
+
+
+def group_layers(layers: Any) -> None:
+    """Compute these layers (2 or 3 ``HiggsLinear`` that read the same input, e.g. a decoder
+    layer's q/k/v projections) in one launch on a GPU; see the module notes. They must have the
+    same input width, Hadamard size, group size and grid. A layer belongs to one group at a time
+    (grouping again replaces its group)."""
+    layers = list(layers)
+    if not 2 <= len(layers) <= 3:
+        raise ValueError(f"a group holds 2 or 3 layers; got {len(layers)}")
+    if len({id(layer) for layer in layers}) != len(layers):
+        raise ValueError("a layer appears twice in the group")
+    first = _group_key(layers[0])
+    for layer in layers[1:]:
+        if _group_key(layer) != first:
+            raise ValueError(
+                "grouped layers must share input width, Hadamard size, group size, grid (p, n) and signs; "
+                f"got {first} and {_group_key(layer)}"
+            )
+        if not _signs_equal(layers[0], layer):
+            raise ValueError("grouped layers must rotate their input alike: their signs differ")
+    refs = tuple(weakref.ref(layer) for layer in layers)
+    for layer in layers:
+        _siblings[layer] = refs
+
+
+def _signs_equal(a: Any, b: Any) -> bool:
+    sa, sb = a._buffers.get("signs"), b._buffers.get("signs")
+    if sa is None or sb is None:
+        return sa is None and sb is None
+    return sa.shape == sb.shape and bool((sa.detach().cpu() == sb.detach().cpu()).all())
+
+
+def group_projections(model: Any) -> int:
+    """Group the q/k/v and the gate/up projections of every module of ``model`` that has them all
+    as ``HiggsLinear`` with matching shapes (``PROJECTION_GROUPS``). Returns the number of groups."""
+    from .torch import HiggsLinear
+
+    count = 0
+    for module in model.modules():
+        for names in PROJECTION_GROUPS:
+            layers = [module._modules.get(name) for name in names]
+            if (
+                all(isinstance(layer, HiggsLinear) for layer in layers)
+                and len({_group_key(layer) for layer in layers}) == 1
+                and all(_signs_equal(layers[0], layer) for layer in layers[1:])
+            ):
+                group_layers(layers)
+                count += 1
+    return count
+
+
+def _weights_state(layer: Any) -> tuple[Any, ...] | None:
+    """The layer's codes, scales and grid tensors with their in-place versions (None for
+    inference tensors: their writes leave no trace)."""
+    buffers = layer._buffers
+    try:
+        return tuple((t, t._version) for t in (buffers["codes"], buffers["scales"], buffers["grid"]))
+    except RuntimeError:
+        return None
+
+
+def _same_weights(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    if a is None or b is None:
+        return False
+    return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+
+def _group_of(layer: Any, x: torch.Tensor) -> list[Any] | None:
+    """The live members of ``layer``'s group (``layer`` first), where all can run in one launch
+    on ``x``'s device, else None."""
+    refs = _siblings.get(layer)
+    if refs is None:
+        return None
+    members = [layer]
+    for ref in refs:
+        other = ref()
+        if other is None:
+            return None
+        if other is not layer:
+            codes = other._buffers.get("codes")
+            if codes is None or codes.device != x.device or other._buffers["scales"].device != x.device:
+                return None
+            members.append(other)
+    return members
+
+
 def lut_linear(
     layer: Any,
     x: torch.Tensor,
@@ -465,10 +585,44 @@ def lut_linear(
         )
         torch.matmul(x_rot, w_rot.t(), out=out)
         return out
-    global shared_rotations, overlapped_rotations
+    global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits
     key = (device, stream)
-    counters = _split_k_counters(where, stream, layer.out_features)
-    rotation = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION else None
+    grouping = _GROUP and mt == 0 and splits == 0 and layer in _siblings
+    entry = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION or grouping else None
+    rotation = entry if _SHARE_ROTATION else None
+    siblings: list[Any] = []
+    sibling_list: list[tuple[int, int, int, int]] = []
+    sibling_outs: list[Any] = []
+    if grouping and entry is not None:
+        # The rotation entry names the input (view, version, shape, dtype, capture): a match means
+        # the same activations, so the output computed with this layer's weights of then.
+        done = _group_outputs.get(key)
+        if done is not None and _same_rotation(done[0], entry) and layer in done[1]:
+            y, state = done[1].pop(layer)
+            if _same_weights(state, _weights_state(layer)):
+                grouped_hits += 1
+                if out is None:
+                    return y
+                return out.copy_(y)
+        members = _group_of(layer, x)
+        if members is not None:
+            sibling_args = [_layer_args(other, x) for other in members[1:]]
+            # All tiled or none (a layer whose shape does not tile keeps the stored order), and one
+            # rotation (signs compared by value, once per signs tensor and version).
+            signs = _signs_id(layer)
+            if all(a[-1] == args[-1] for a in sibling_args) and all(
+                _signs_id(other) == signs for other in members[1:]
+            ):
+                siblings = members[1:]
+                sibling_outs = [
+                    torch.empty(batch, other.out_features, dtype=x.dtype, device=where) for other in siblings
+                ]
+                sibling_list = [
+                    (a[0], a[1], y.data_ptr(), other.out_features)
+                    for a, y, other in zip(sibling_args, sibling_outs, siblings, strict=True)
+                ]
+    rows = layer.out_features + sum(other.out_features for other in siblings)
+    counters = _split_k_counters(where, stream, rows)
     previous = _rotations.pop(key, None)
     # Only a call that may reuse the rotation can overlap (and pays for the check).
     unchanged = rotation is not None and previous is not None and _weights_unchanged(layer)
@@ -500,11 +654,21 @@ def lut_linear(
             counters=counters.data_ptr(),
             counters_bytes=counters.numel(),
             rotated=rotated,
-            rotated_overlap=rotated and unchanged,
+            rotated_overlap=rotated and unchanged and not siblings,
+            siblings=sibling_list,
         )
         if need == 0:
             shared_rotations += rotated
-            overlapped_rotations += rotated and unchanged
+            overlapped_rotations += rotated and unchanged and not siblings
+            if siblings:
+                grouped_launches += 1
+                _group_outputs[key] = (
+                    entry,
+                    {
+                        other: (o, _weights_state(other))
+                        for other, o in zip(siblings, sibling_outs, strict=True)
+                    },
+                )
             if rotation is not None:
                 # Holds the input (its root tensor) alive: its address cannot be reused meanwhile.
                 _rotations[key] = (ws, rotation, x_in)

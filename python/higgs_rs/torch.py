@@ -10,6 +10,7 @@ import torch
 
 from . import dequantize
 from .checkpoint import HiggsCheckpoint
+from .cuda import group_projections
 
 PathLike = str | os.PathLike[str]
 
@@ -96,7 +97,8 @@ def load(
     full-precision weights of the quantized layers never exist in memory. ``dtype`` is the
     activation and plain-weight dtype (default: float16 on CUDA; on the CPU the checkpoint's own
     dtype, as transformers' ``dtype="auto"``, except that float16 becomes bfloat16 (the fast CPU
-    path); float32 for exact comparisons).
+    path); float32 for exact comparisons). The q/k/v and gate/up projections are grouped
+    (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch.
     """
     device = torch.device(device)
     ckpt = HiggsCheckpoint(path)
@@ -135,8 +137,9 @@ def load(
         state[f"{name}.grid"] = grids[spec.grid]
         if signs is not None:
             state[f"{name}.signs"] = signs[: spec.padded_in_features].to(device)
-    model = _finish(model, state, path)
-    return model.to(device)
+    model = _finish(model, state, path).to(device)
+    group_projections(model)
+    return model
 
 
 # Rows from which the CPU path dequantizes a transient tile of rotated weights and runs torch's
@@ -220,7 +223,8 @@ def patch(
     threads: int | None = None,
 ) -> torch.nn.Module:
     """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
-    of ``skip``), replacing each with a ``HiggsLinear`` on the same device. Returns the model."""
+    of ``skip``), replacing each with a ``HiggsLinear`` on the same device, and groups the q/k/v and
+    gate/up projections (one launch each on a GPU). Returns the model."""
     from . import quantize_tensor
 
     targets = [
@@ -243,6 +247,7 @@ def patch(
         layer = HiggsLinear.from_quantized(q, bias=bias, device="cpu").to(weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    group_projections(model)
     return model
 
 

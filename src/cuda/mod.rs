@@ -269,6 +269,17 @@ pub fn plan_linear(
     })
 }
 
+/// A further layer computed by the same launch as a [`LinearCall`]'s layer (q/k/v, gate/up): the
+/// same input, rotation, grid, widths and group size, its own `out_features` rows of codes and
+/// scales, and its own output (`batch × out_features`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sibling {
+    pub codes: u64,
+    pub scales: u64,
+    pub out: u64,
+    pub out_features: usize,
+}
+
 /// Device addresses and sizes of one `y = layer(x)` call.
 #[derive(Clone, Copy, Debug)]
 pub struct LinearCall {
@@ -311,6 +322,9 @@ pub struct LinearCall {
     /// The codes are in the tiled order of [`tiled_pitches`] (repacked on the device), not in
     /// the stored row order.
     pub tiled: bool,
+    /// Up to two more layers computed by the same launch (`out_features` 0: none); their codes
+    /// are tiled when `tiled` is set.
+    pub siblings: [Sibling; 2],
 }
 
 #[repr(C)]
@@ -343,6 +357,14 @@ struct LutParams {
     row_pitch: i32,
     step_pitch: i32,
     spin_reduce: i32,
+    codes1: u64,
+    codes2: u64,
+    scales1: u64,
+    scales2: u64,
+    out1: u64,
+    out2: u64,
+    seg1: i32,
+    seg2: i32,
 }
 
 #[repr(C)]
@@ -622,7 +644,42 @@ pub fn hadamard_rotate(
 /// Returns `Ok(0)` once launched, or `Ok(bytes)` without launching anything when the workspace
 /// is smaller than the `bytes` the call needs.
 pub fn lut_linear(call: &LinearCall) -> Result<usize> {
-    let shape = &call.shape;
+    let siblings: Vec<Sibling> = call
+        .siblings
+        .iter()
+        .copied()
+        .filter(|s| s.out_features > 0)
+        .collect();
+    // The launch's rows: this layer's, then its siblings' (each checked as a layer of its own).
+    let total_rows =
+        call.shape.out_features + siblings.iter().map(|s| s.out_features).sum::<usize>();
+    for sibling in &siblings {
+        let own = LayerShape {
+            out_features: sibling.out_features,
+            ..call.shape
+        };
+        own.layout()?;
+        require_pointers(&[
+            ("sibling codes", sibling.codes),
+            ("sibling scales", sibling.scales),
+            ("sibling output", sibling.out),
+        ])?;
+        if call.tiled && !tiled_layout_applies(&own) {
+            return Err(HiggsError::invalid(format!(
+                "a sibling layer of {} rows cannot use tiled codes (it needs a multiple of 16 rows)",
+                sibling.out_features
+            )));
+        }
+    }
+    if call.tiled && !siblings.is_empty() && !tiled_layout_applies(&call.shape) {
+        return Err(HiggsError::invalid(
+            "a layer launched with siblings must have a multiple of 16 rows to use tiled codes",
+        ));
+    }
+    let shape = &LayerShape {
+        out_features: total_rows,
+        ..call.shape
+    };
     let (layout, bits) = shape.layout()?;
     require_pointers(&[
         ("activation", call.x),
@@ -667,7 +724,9 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         2 => 8,
         _ => 4,
     };
-    let vector_codes = call.codes.is_multiple_of(16) && layout.row_bytes.is_multiple_of(alignment);
+    let vector_codes = call.codes.is_multiple_of(16)
+        && siblings.iter().all(|s| s.codes.is_multiple_of(16))
+        && layout.row_bytes.is_multiple_of(alignment);
     if call.tiled && !vector_codes {
         return Err(HiggsError::invalid(
             "tiled codes must start at a 16-byte aligned address",
@@ -721,6 +780,15 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         row_pitch,
         step_pitch,
         spin_reduce: 0,
+        codes1: siblings.first().map_or(0, |s| s.codes),
+        codes2: siblings.get(1).map_or(0, |s| s.codes),
+        scales1: siblings.first().map_or(0, |s| s.scales),
+        scales2: siblings.get(1).map_or(0, |s| s.scales),
+        out1: siblings.first().map_or(0, |s| s.out),
+        out2: siblings.get(1).map_or(0, |s| s.out),
+        // First rows of layers 1 and 2 (the total where there is none).
+        seg1: call.shape.out_features as i32,
+        seg2: (call.shape.out_features + siblings.first().map_or(0, |s| s.out_features)) as i32,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;

@@ -67,7 +67,40 @@ struct LutParams {
     int row_pitch;               // bytes between rows inside a 16-row tile (see code_row)
     int step_pitch;              // bytes between a row's 128-k super-steps
     int spin_reduce;             // lut_mma: every block holds one item, all resident (see below)
+    // Sibling layers computed by the same launch (same input, rotation and shape but their rows):
+    // rows [seg1, seg2) and [seg2, rows) are layers 1 and 2 with their own codes, scales and
+    // output (batch x their rows). Without siblings seg1 = seg2 = rows.
+    const unsigned char* codes1;
+    const unsigned char* codes2;
+    const u16* scales1;
+    const u16* scales2;
+    u16* out1;
+    u16* out2;
+    int seg1;
+    int seg2;
 };
+
+// Which layer of the launch row r belongs to (0: the first), and its first row.
+__device__ __forceinline__ int segment_of(const LutParams& P, int r) { return (r >= P.seg1) + (r >= P.seg2); }
+
+__device__ __forceinline__ int segment_start(const LutParams& P, int seg) {
+    return seg == 0 ? 0 : seg == 1 ? P.seg1 : P.seg2;
+}
+
+// Row r's f16 scales.
+__device__ __forceinline__ const u16* scale_row(const LutParams& P, int r) {
+    const int seg = segment_of(P, r);
+    const u16* base = seg == 0 ? P.scales : seg == 1 ? P.scales1 : P.scales2;
+    return base + (u64)(r - segment_start(P, seg)) * P.groups;
+}
+
+// Where output row r of batch column b goes.
+__device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
+    const int seg = segment_of(P, r);
+    u16* base = seg == 0 ? P.out : seg == 1 ? P.out1 : P.out2;
+    const int rows = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
+    return base + (u64)b * rows + (r - segment_start(P, seg));
+}
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
 // 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
@@ -163,7 +196,10 @@ __device__ __noinline__ U4 load_chunk_bytes(const unsigned char* codes, int c, i
 // 16 row_bytes (r >> 4) + row_pitch (r & 15) + step_pitch (c >> 2) + 4 BITS (c & 3); only the
 // canonical layout has partial or unaligned chunks (read byte by byte from the row start).
 __device__ __forceinline__ const unsigned char* code_row(const LutParams& P, int r) {
-    return P.codes + (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch);
+    const int seg = segment_of(P, r);
+    const unsigned char* base = seg == 0 ? P.codes : seg == 1 ? P.codes1 : P.codes2;
+    r -= segment_start(P, seg);
+    return base + (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch);
 }
 
 // Issue the loads of chunk `c` (the 32 k-values [32c, 32c + 32)) of a row: packed codes into w,
@@ -331,7 +367,7 @@ __device__ __forceinline__ void reduce_splits4(const LutParams& P, int b, int r)
     }
     const u32 lo = pack_act2(sum[0], sum[1]);
     const u32 hi = pack_act2(sum[2], sum[3]);
-    asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(P.out + (u64)b * P.rows + r), "r"(lo), "r"(hi) : "memory");
+    asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(out_at(P, b, r)), "r"(lo), "r"(hi) : "memory");
 }
 
 // Row r of batch column b: the sum of the splits' partials in split order, as an activation.
@@ -339,7 +375,7 @@ __device__ __forceinline__ void reduce_splits1(const LutParams& P, int b, int r)
     float sum = 0.f;
     for (int sp = 0; sp < P.splits; ++sp)
         sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
-    P.out[(u64)b * P.rows + r] = f32_to_act(sum);
+    *out_at(P, b, r) = f32_to_act(sum);
 }
 
 __device__ __forceinline__ u32 load_acquire_u32(const u32* p) {
@@ -354,7 +390,7 @@ __device__ __forceinline__ u32 load_acquire_u32(const u32* p) {
 template <int RB, int CT>
 __device__ __forceinline__ void reduce_share(const LutParams& P, int tile, int sh, int col0) {
     const int rb0 = tile * RB;
-    if ((P.rows & 3) == 0) {
+    if (((P.rows | P.seg1 | P.seg2) & 3) == 0) {
         for (int e = sh * THREADS + (int)threadIdx.x; e < (RB / 4) * CT; e += P.splits * THREADS) {
             const int r = rb0 + 4 * (e % (RB / 4));
             const int b = col0 + e / (RB / 4);
@@ -440,7 +476,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                 const int r = row0 + mt * 16 + g + 8 * h;
                 const int rc = r < P.rows ? r : P.rows - 1;
                 crow[mt][h] = r < P.rows || plain ? code_row(P, rc) : (const unsigned char*)0;
-                srow[mt][h] = P.scales + (u64)rc * P.groups;
+                srow[mt][h] = scale_row(P, rc);
             }
         u32 ring[D][MT][2][BITS];
         u32 sring[D][MT][2];
@@ -567,7 +603,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                         if (split_mode) {
                             P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = acc[mt][nt][i];
                         } else {
-                            P.out[(u64)b * P.rows + r] = f32_to_act(acc[mt][nt][i]);
+                            *out_at(P, b, r) = f32_to_act(acc[mt][nt][i]);
                         }
                     }
                 }
@@ -718,7 +754,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
             for (int h = 0; h < 2; ++h) {
                 const int r = row0 + mt * 16 + g + 8 * h;
                 crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
-                srow[mt][h] = P.scales + (u64)(r < P.rows ? r : 0) * P.groups;
+                srow[mt][h] = scale_row(P, r < P.rows ? r : 0);
             }
 
         u32 ring[D][MT][2][BITS];
@@ -835,7 +871,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         if (split_mode) {
                             P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = v[j];
                         } else {
-                            P.out[(u64)b * P.rows + r] = f32_to_act(v[j]);
+                            *out_at(P, b, r) = f32_to_act(v[j]);
                         }
                     }
                 }
@@ -859,7 +895,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         float sum = 0.f;
                         for (int sp = 0; sp < P.splits; ++sp)
                             sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
-                        P.out[(u64)b * P.rows + r] = f32_to_act(sum);
+                        *out_at(P, b, r) = f32_to_act(sum);
                     }
                 }
                 if (tid == 0) P.counters[4 * tile] = 0;
