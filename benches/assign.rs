@@ -29,6 +29,22 @@ fn bench_assign<M: Measurement>(c: &mut Criterion<M>) {
         group.bench_function(format!("p{p}_n{n}_scalar"), |b| {
             b.iter(|| assigner.assign_scalar(black_box(&xs), black_box(&mut codes)))
         });
+        // What the p = 4 scale search calls (groups of 64): one group per call (`score_scale`),
+        // or its 6 starting scalings in one call (`score_scales`), to show any per-call cost.
+        if p == 4 {
+            for tuples_per_call in [64 / p, 6 * (64 / p)] {
+                group.bench_function(format!("p{p}_n{n}_calls_of_{tuples_per_call}"), |b| {
+                    b.iter(|| {
+                        for (x, c) in black_box(&xs)
+                            .chunks(tuples_per_call * p)
+                            .zip(black_box(&mut codes).chunks_mut(tuples_per_call))
+                        {
+                            assigner.assign(x, c);
+                        }
+                    })
+                });
+            }
+        }
         // What the quantizer calls per row: codes and per-group sums, groups of 64.
         let mut stats = vec![AssignStats::default(); weights.div_ceil(64)];
         if 64 % p == 0 {

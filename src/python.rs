@@ -901,6 +901,14 @@ fn cuda_lut_linear(
     py.detach(|| cuda::lut_linear(&call)).map_err(cuda_err)
 }
 
+/// Whether layers of `group_size` called with `batch` rows can run as one launch with their
+/// siblings (`cuda_lut_linear(..., siblings=...)`).
+#[cfg(feature = "cuda")]
+#[pyfunction]
+fn cuda_groups_launch(batch: usize, group_size: usize) -> bool {
+    crate::cuda::groups_launch(batch, group_size)
+}
+
 /// Launch the activation rotation alone: `out[b, :]` (`batch × out_width`, zeros past the padded
 /// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it.
 #[cfg(feature = "cuda")]
@@ -1011,6 +1019,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_lut_linear, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda_hadamard, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda_groups_launch, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda_dequantize_rotated, m)?)?;
     Ok(())

@@ -37,8 +37,9 @@ Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up,
 computes all of their outputs (one rotation, one table build, one split-K tail instead of three),
 and the others' calls on the same input (same view, version and rotation; same graph capture)
 return their precomputed output, provided their codes, scales and grid are still the tensors and
-versions of that launch. Only the fused path groups (batches below ``DENSE_MIN_BATCH``, no
-``mt``/``splits`` override, tensors with a version counter); everything else runs layer by layer.
+versions of that launch. Only decode-sized batches group (those ``lut_gemv`` takes: up to 4 rows
+at group size 64), without ``mt``/``splits`` overrides, for tensors with a version counter;
+everything else runs layer by layer.
 ``HIGGS_CUDA_GROUP=0`` turns grouping off (for comparisons).
 """
 
@@ -95,6 +96,8 @@ _siblings: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDict
 #: Per (device, stream): the rotation entry of the last grouped launch's input and, per member
 #: not yet called, (its output, its weights' state at the launch).
 _group_outputs: dict[tuple[int, int], tuple[Any, dict[Any, tuple[Any, Any]]]] = {}
+#: (batch, group size) -> whether such calls launch sibling layers together.
+_groups_launch_cache: dict[tuple[int, int], bool] = {}
 #: ``HIGGS_CUDA_GROUP=0``: every layer launches on its own.
 _GROUP = os.environ.get("HIGGS_CUDA_GROUP", "") != "0"
 #: Grouped launches, and calls answered by one: for tests and benches.
@@ -503,6 +506,15 @@ def group_projections(model: Any) -> int:
     return count
 
 
+def _groups_launch(batch: int, group_size: int) -> bool:
+    """Whether this batch runs grouped launches (the decode-sized ``lut_gemv`` path), cached."""
+    key = (batch, group_size)
+    known = _groups_launch_cache.get(key)
+    if known is None:
+        known = _groups_launch_cache[key] = _core.cuda_groups_launch(batch, group_size)
+    return known
+
+
 def _weights_state(layer: Any) -> tuple[Any, ...] | None:
     """The layer's codes, scales and grid tensors with their in-place versions (None for
     inference tensors: their writes leave no trace)."""
@@ -587,7 +599,13 @@ def lut_linear(
         return out
     global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits
     key = (device, stream)
-    grouping = _GROUP and mt == 0 and splits == 0 and layer in _siblings
+    grouping = (
+        _GROUP
+        and mt == 0
+        and splits == 0
+        and layer in _siblings
+        and _groups_launch(batch, layer.group_size)
+    )
     entry = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION or grouping else None
     rotation = entry if _SHARE_ROTATION else None
     siblings: list[Any] = []

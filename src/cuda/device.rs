@@ -66,6 +66,7 @@ pub(crate) enum ModuleKey {
         bits: u32,
         act: ActType,
         kernel: LutKernel,
+        segments: bool,
     },
     Hadamard {
         order: usize,
@@ -588,18 +589,24 @@ mod tests {
                         if arch == (8, 0) && bits != 4 {
                             continue;
                         }
-                        let cubin = compile_cubin(
-                            &source::lut_gemm(bits, act, kernel),
-                            "lut_gemm.cu",
-                            arch,
-                        )
-                        .unwrap_or_else(|e| {
-                            panic!(
-                                "bits {bits} {act:?} {kernel:?} sm_{}{}: {e}",
-                                arch.0, arch.1
+                        // Grouped-launch modules (LUT_SEGMENTS) at 4 bits, plain ones everywhere.
+                        for segments in [false, true] {
+                            if segments && (bits != 4 || kernel == LutKernel::Dequantize) {
+                                continue;
+                            }
+                            let cubin = compile_cubin(
+                                &source::lut_gemm(bits, act, kernel, segments),
+                                "lut_gemm.cu",
+                                arch,
                             )
-                        });
-                        assert!(cubin.starts_with(b"\x7fELF"));
+                            .unwrap_or_else(|e| {
+                                panic!(
+                                    "bits {bits} {act:?} {kernel:?} segments {segments} sm_{}{}: {e}",
+                                    arch.0, arch.1
+                                )
+                            });
+                            assert!(cubin.starts_with(b"\x7fELF"));
+                        }
                     }
                 }
                 for order in [64, 4096, 32768, 12, 28 * 512, 784 * 16, 240 * 4] {

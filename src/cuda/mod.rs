@@ -443,13 +443,24 @@ fn require_pointers(pointers: &[(&str, u64)]) -> Result<()> {
     Ok(())
 }
 
-fn lut_kernel(dev: &device::Device, bits: u32, act: ActType, kernel: LutKernel) -> Result<Kernel> {
+fn lut_kernel(
+    dev: &device::Device,
+    bits: u32,
+    act: ActType,
+    kernel: LutKernel,
+    segments: bool,
+) -> Result<Kernel> {
     dev.kernel(
-        ModuleKey::LutGemm { bits, act, kernel },
+        ModuleKey::LutGemm {
+            bits,
+            act,
+            kernel,
+            segments,
+        },
         kernel.name(),
         || {
             Ok((
-                source::lut_gemm(bits, act, kernel),
+                source::lut_gemm(bits, act, kernel, segments),
                 vec![kernel.name().to_string()],
             ))
         },
@@ -520,7 +531,9 @@ fn prepare_variant(shape: &LayerShape, batch: usize, tuning: Tuning) -> LutKerne
     }
 }
 
-/// The LUT-GEMM kernel variant for a call, its plan, and how many of its blocks fit per SM.
+/// The LUT-GEMM kernel variant for a call (`segments`: compiled for sibling layers), its plan,
+/// and how many of its blocks fit per SM.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     dev: &device::Device,
     shape: &LayerShape,
@@ -529,10 +542,11 @@ fn prepare(
     batch: usize,
     act: ActType,
     tuning: Tuning,
+    segments: bool,
 ) -> Result<(Kernel, LinearPlan, usize)> {
     tile_shape(batch, shape.out_features, tuning)?;
     let variant = prepare_variant(shape, batch, tuning);
-    let kernel = lut_kernel(dev, bits, act, variant)?;
+    let kernel = lut_kernel(dev, bits, act, variant, segments)?;
     let shared = lut_shared_bytes(bits, variant);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
     // The plan's row blocks follow the kernel: `lut_gemv` has one row tile per warp.
@@ -553,6 +567,14 @@ fn prepare(
     Ok((kernel, plan, resident))
 }
 
+/// Whether a batch of `batch` rows through layers of `group_size` can launch sibling layers
+/// together ([`LinearCall::siblings`]): on the `lut_gemv` path (decode-sized batches) only. In
+/// `lut_mma` the per-row layer lookup costs more than the saved launches (at 255 registers ptxas
+/// recomputes the row pointers inside the main loop).
+pub fn groups_launch(batch: usize, group_size: usize) -> bool {
+    gemv_cpb(group_size, batch, Tuning::default()).is_some()
+}
+
 /// Bytes of workspace a call needs (compiles the kernel variant on first use).
 pub fn workspace_bytes(
     shape: &LayerShape,
@@ -563,11 +585,18 @@ pub fn workspace_bytes(
 ) -> Result<usize> {
     let (layout, bits) = shape.layout()?;
     let dev = device(device_index)?;
-    Ok(
-        prepare(&dev, shape, layout.padded_cols, bits, batch, act, tuning)?
-            .1
-            .workspace_bytes,
-    )
+    Ok(prepare(
+        &dev,
+        shape,
+        layout.padded_cols,
+        bits,
+        batch,
+        act,
+        tuning,
+        false,
+    )?
+    .1
+    .workspace_bytes)
 }
 
 /// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
@@ -671,6 +700,15 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             )));
         }
     }
+    let groupable =
+        call.tuning == Tuning::default() && groups_launch(call.batch, call.shape.group_size);
+    if !siblings.is_empty() && !groupable {
+        return Err(HiggsError::invalid(format!(
+            "sibling layers are launched together only for small batches without tuning overrides \
+             (batch {}, group size {}, {:?})",
+            call.batch, call.shape.group_size, call.tuning
+        )));
+    }
     if call.tiled && !siblings.is_empty() && !tiled_layout_applies(&call.shape) {
         return Err(HiggsError::invalid(
             "a layer launched with siblings must have a multiple of 16 rows to use tiled codes",
@@ -697,6 +735,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         call.batch,
         call.act,
         call.tuning,
+        !siblings.is_empty(),
     )?;
     if call.workspace_bytes < plan.workspace_bytes {
         return Ok(plan.workspace_bytes);
@@ -855,7 +894,7 @@ pub fn dequantize_rotated(
         )));
     }
     let dev = device(device_index)?;
-    let kernel = lut_kernel(&dev, bits, act, LutKernel::Dequantize)?;
+    let kernel = lut_kernel(&dev, bits, act, LutKernel::Dequantize, false)?;
     let params = DequantParams {
         codes,
         scales,
@@ -974,6 +1013,8 @@ mod tests {
         assert_eq!(gemv_cpb(1024, 8, auto), Some(1));
         assert_eq!(gemv_cpb(96, 1, auto), None);
         assert_eq!(gemv_cpb(64, 1, Tuning { mt: 2, splits: 0 }), None);
+        assert!(groups_launch(1, 64) && groups_launch(4, 64) && !groups_launch(5, 64));
+        assert!(groups_launch(8, 128) && !groups_launch(1, 96));
         assert_eq!(tile_shape(64, 4096, auto).unwrap(), (2, 8));
         assert_eq!(tile_shape(64, 1024, auto).unwrap(), (1, 8));
         assert_eq!(tile_shape(16, 14336, auto).unwrap(), (1, 2));
@@ -991,6 +1032,60 @@ mod tests {
             lut_shared_bytes(2, LutKernel::Mma { mt: 1, nt: 8 }),
             4096 + source::XS_STAGES * 64 * 256
         );
+    }
+
+    #[test]
+    fn siblings_are_refused_where_they_cannot_share_a_launch() {
+        let layer = shape(256, 1024, 2, 256, 1024, 64);
+        let sibling = Sibling {
+            codes: 0x1000,
+            scales: 0x2000,
+            out: 0x3000,
+            out_features: 64,
+        };
+        let call = |batch: usize, tuning: Tuning, sibling: Sibling| LinearCall {
+            shape: layer,
+            batch,
+            x: 0x100,
+            out: 0x200,
+            codes: 0x300,
+            scales: 0x400,
+            grid: 0x500,
+            signs: 0,
+            workspace: 0x600,
+            workspace_bytes: 1 << 20,
+            counters: 0x700,
+            counters_bytes: 1 << 16,
+            rotated: false,
+            rotated_overlap: false,
+            act: ActType::F16,
+            stream: 0,
+            device: 0,
+            tuning,
+            tiled: false,
+            siblings: [sibling, Sibling::default()],
+        };
+        // Checked before any device is touched (this runs without a GPU).
+        let err = lut_linear(&call(16, Tuning::default(), sibling)).unwrap_err();
+        assert!(err.to_string().contains("small batches"), "{err}");
+        let err = lut_linear(&call(1, Tuning { mt: 1, splits: 0 }, sibling)).unwrap_err();
+        assert!(err.to_string().contains("tuning"), "{err}");
+        let bad = Sibling {
+            codes: 0,
+            ..sibling
+        };
+        let err = lut_linear(&call(1, Tuning::default(), bad)).unwrap_err();
+        assert!(err.to_string().contains("sibling codes"), "{err}");
+        let odd = Sibling {
+            out_features: 40,
+            ..sibling
+        };
+        let err = lut_linear(&LinearCall {
+            tiled: true,
+            ..call(1, Tuning::default(), odd)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("multiple of 16"), "{err}");
     }
 
     #[test]

@@ -87,8 +87,9 @@ fn extra_defines() -> &'static str {
 /// from this; `XS_STAGES` in `lut_gemm.cu`).
 pub const XS_STAGES: usize = 3;
 
-/// A LUT-GEMM module for `bits` per weight (2, 3 or 4).
-pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel) -> String {
+/// A LUT-GEMM module for `bits` per weight (2, 3 or 4); `segments`: for launches that compute
+/// sibling layers too (`LinearCall::siblings`).
+pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel, segments: bool) -> String {
     let select = match kernel {
         LutKernel::Mma { mt, nt } => {
             format!("#define LUT_MT {mt}\n#define LUT_NT {nt}\n#define XS_STAGES {XS_STAGES}\n")
@@ -96,8 +97,13 @@ pub fn lut_gemm(bits: u32, act: ActType, kernel: LutKernel) -> String {
         LutKernel::Gemv { cpb } => format!("#define LUT_GEMV 1\n#define GEMV_CPB {cpb}\n"),
         LutKernel::Dequantize => "#define LUT_DEQUANT 1\n".to_string(),
     };
+    let segments = if segments {
+        "#define LUT_SEGMENTS 1\n"
+    } else {
+        ""
+    };
     format!(
-        "#define BITS {bits}\n{select}{}{}{COMMON}\n{LUT_GEMM}",
+        "#define BITS {bits}\n{select}{segments}{}{}{COMMON}\n{LUT_GEMM}",
         extra_defines(),
         act.define()
     )
@@ -620,11 +626,14 @@ mod tests {
         assert!(src.contains("#define ACT_BF16"));
         assert!(src.contains("paley_fast(float (&v)[28])"));
         assert!(!src.contains("void paley_slow"));
-        let src = lut_gemm(3, ActType::F16, LutKernel::Mma { mt: 2, nt: 8 });
+        let src = lut_gemm(3, ActType::F16, LutKernel::Mma { mt: 2, nt: 8 }, false);
         assert!(src.starts_with(
             "#define BITS 3\n#define LUT_MT 2\n#define LUT_NT 8\n#define XS_STAGES 3\n"
         ));
-        assert!(!src.contains("#define ACT_BF16"));
-        assert!(lut_gemm(2, ActType::Bf16, LutKernel::Dequantize).contains("#define LUT_DEQUANT 1"));
+        assert!(!src.contains("#define ACT_BF16") && !src.contains("LUT_SEGMENTS 1"));
+        let grouped = lut_gemm(4, ActType::F16, LutKernel::Gemv { cpb: 2 }, true);
+        assert!(grouped.contains("#define LUT_SEGMENTS 1\n"));
+        assert!(lut_gemm(2, ActType::Bf16, LutKernel::Dequantize, false)
+            .contains("#define LUT_DEQUANT 1"));
     }
 }

@@ -80,8 +80,16 @@ struct LutParams {
     int seg2;
 };
 
-// Which layer of the launch row r belongs to (0: the first), and its first row.
-__device__ __forceinline__ int segment_of(const LutParams& P, int r) { return (r >= P.seg1) + (r >= P.seg2); }
+// Which layer of the launch row r belongs to (0: the first), and its first row. Only modules
+// compiled for grouped launches (LUT_SEGMENTS) look: elsewhere the per-row pointers stay as cheap
+// as they were (under register pressure ptxas recomputes them inside the main loop).
+__device__ __forceinline__ int segment_of(const LutParams& P, int r) {
+#ifdef LUT_SEGMENTS
+    return (r >= P.seg1) + (r >= P.seg2);
+#else
+    return 0;
+#endif
+}
 
 __device__ __forceinline__ int segment_start(const LutParams& P, int seg) {
     return seg == 0 ? 0 : seg == 1 ? P.seg1 : P.seg2;
@@ -94,12 +102,19 @@ __device__ __forceinline__ const u16* scale_row(const LutParams& P, int r) {
     return base + (u64)(r - segment_start(P, seg)) * P.groups;
 }
 
-// Where output row r of batch column b goes.
-__device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
+// Where output row r of batch column 0 goes; `stride`: its layer's rows (between batch columns).
+__device__ __forceinline__ u16* out_row(const LutParams& P, int r, int& stride) {
     const int seg = segment_of(P, r);
     u16* base = seg == 0 ? P.out : seg == 1 ? P.out1 : P.out2;
-    const int rows = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
-    return base + (u64)b * rows + (r - segment_start(P, seg));
+    stride = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
+    return base + (r - segment_start(P, seg));
+}
+
+// Where output row r of batch column b goes.
+__device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
+    int stride;
+    u16* row = out_row(P, r, stride);
+    return row + (u64)b * stride;
 }
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
