@@ -95,7 +95,10 @@ def test_group_projections_finds_qkv_and_copies_stay_ungrouped() -> None:
     ],
     ids=["qkv", "gate_up", "odd_widths", "untiled", "mixed"],
 )
-def test_grouped_launch_matches_float64(rows: list[int], in_f: int, h: int | None, one_launch: bool) -> None:
+def test_grouped_launch_matches_float64(
+    rows: list[int], in_f: int, h: int | None, one_launch: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hcuda, "GROUP_MODE", "always")  # eager calls grouped too
     seed = _seed()
     layers = _layers(rows, in_f, seed, h, device="cuda")
     hcuda.group_layers(layers)
@@ -117,7 +120,8 @@ def test_grouped_launch_matches_float64(rows: list[int], in_f: int, h: int | Non
 
 
 @needs_gpu
-def test_grouped_outputs_follow_input_and_weight_edits() -> None:
+def test_grouped_outputs_follow_input_and_weight_edits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hcuda, "GROUP_MODE", "always")
     seed = _seed()
     q, k, v = _layers([256, 64, 64], 512, seed, device="cuda")
     hcuda.group_layers([q, k, v])
@@ -129,6 +133,13 @@ def test_grouped_outputs_follow_input_and_weight_edits() -> None:
     assert hcuda.grouped_hits == hits + 1, "k relaunches the group on the edited input, v takes its output"
     for layer, y, scale in ((q, y_q, 0.5), (k, y_k, 1.0), (v, y_v, 1.0)):
         assert _relative_error(y, scale * x.double() @ layer.w_deq.t()) < 1e-3, f"seed {seed}"
+    # A caller's output buffer gets the precomputed result copied in.
+    x3 = torch.randn(2, 512, device="cuda").half()
+    q(x3)
+    out = torch.full((2, 64), float("nan"), dtype=torch.float16, device="cuda")
+    hits = hcuda.grouped_hits
+    assert hcuda.lut_linear(v, x3, out) is out and hcuda.grouped_hits == hits + 1
+    assert _relative_error(out, x3.double() @ v.w_deq.t()) < 1e-3, f"seed {seed}"
     # A weight edit between the grouped launch and the sibling's call.
     x2 = torch.randn(2, 512, device="cuda").half()
     q(x2)
@@ -140,6 +151,9 @@ def test_grouped_outputs_follow_input_and_weight_edits() -> None:
 
 @needs_gpu
 def test_grouped_launch_in_a_cuda_graph() -> None:
+    """The default mode: a group's first eager call is grouped (its kernel compiles outside any
+    capture), later eager calls run layer by layer, a capture holds one grouped launch."""
+    assert hcuda.GROUP_MODE == "graph"
     seed = _seed()
     layers = _layers([512, 128, 128], 1024, seed, device="cuda")
     hcuda.group_layers(layers)
@@ -147,7 +161,12 @@ def test_grouped_launch_in_a_cuda_graph() -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        [layer(static_x) for layer in layers]
+        launches = hcuda.grouped_launches
+        for _ in range(3):
+            eager = [layer(static_x) for layer in layers]
+        assert hcuda.grouped_launches == launches + 1, "only the first eager call is grouped"
+        for layer, y in zip(layers, eager, strict=True):
+            assert _relative_error(y, static_x.double() @ layer.w_deq.t()) < 1e-3, f"seed {seed}"
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     launches = hcuda.grouped_launches

@@ -33,14 +33,16 @@ since: nothing that could still be in flight writes them); never on a layer's fi
 inference tensors (no version counter) or with ``HIGGS_CUDA_PDLROT=0``.
 
 Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up, and
-``higgs_rs.load`` and ``patch`` call it) run as one launch: the first of them called on an input
-computes all of their outputs (one rotation, one table build, one split-K tail instead of three),
-and the others' calls on the same input (same view, version and rotation; same graph capture)
-return their precomputed output, provided their codes, scales and grid are still the tensors and
-versions of that launch. Only decode-sized batches group (those ``lut_gemv`` takes: up to 4 rows
-at group size 64), without ``mt``/``splits`` overrides, for tensors with a version counter;
-everything else runs layer by layer.
-``HIGGS_CUDA_GROUP=0`` turns grouping off (for comparisons).
+``higgs_rs.load`` and ``patch`` call it) run as one launch inside CUDA graph captures
+(``GROUP_MODE``): the first of them called on an input computes all of their outputs (one
+rotation, one table build, one split-K tail instead of three), and the others' calls on the same
+input (same view, version and rotation; same graph capture) return their precomputed output,
+provided their codes, scales and grid are still the tensors and versions of that launch. Eager
+calls stay layer by layer (the grouped call's Python costs more than the launches it saves),
+except a group's first eager call per dtype, which compiles its kernel before a capture needs
+it. Only decode-sized batches group (those ``lut_gemv`` takes: up to 4 rows at group size 64),
+without ``mt``/``splits`` overrides, for tensors with a version counter. ``HIGGS_CUDA_GROUP=1``
+groups eager calls too, ``=0`` never groups (for comparisons).
 """
 
 from __future__ import annotations
@@ -98,8 +100,14 @@ _siblings: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDict
 _group_outputs: dict[tuple[int, int], tuple[Any, dict[Any, tuple[Any, Any]]]] = {}
 #: (batch, group size) -> whether such calls launch sibling layers together.
 _groups_launch_cache: dict[tuple[int, int], bool] = {}
-#: ``HIGGS_CUDA_GROUP=0``: every layer launches on its own.
-_GROUP = os.environ.get("HIGGS_CUDA_GROUP", "") != "0"
+#: When sibling layers run as one launch (``HIGGS_CUDA_GROUP``): "graph" (default) inside CUDA
+#: graph captures, where the grouped call's extra Python (~50 µs a group on the device machine's
+#: CPU, more than the launches it saves) is paid once, at capture; "always" (``=1``); "never"
+#: (``=0``).
+GROUP_MODE = {"0": "never", "1": "always"}.get(os.environ.get("HIGGS_CUDA_GROUP", ""), "graph")
+#: Per layer (weakly held): the activation dtypes its grouped kernel ran with eagerly, so a
+#: capture never compiles one (in "graph" mode a group's first eager call on a dtype is grouped).
+_group_warmed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: Grouped launches, and calls answered by one: for tests and benches.
 grouped_launches = 0
 grouped_hits = 0
@@ -573,12 +581,14 @@ def lut_linear(
     x = x.contiguous()
     batch = x.shape[0]
     where = x.device  # a new torch.device object per access
-    if out is None:
-        out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=where)
-    elif out.shape != (batch, layer.out_features) or out.dtype != x.dtype or not out.is_contiguous():
+    if out is not None and (
+        out.shape != (batch, layer.out_features) or out.dtype != x.dtype or not out.is_contiguous()
+    ):
         raise ValueError(
             f"out must be a contiguous {x.dtype} tensor of shape ({batch}, {layer.out_features})"
         )
+    if out is None and (batch == 0 or batch >= dense_min_batch):
+        out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=where)
     if batch == 0:
         return out
     device = where.index or 0
@@ -600,7 +610,7 @@ def lut_linear(
     global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits
     key = (device, stream)
     grouping = (
-        _GROUP
+        GROUP_MODE != "never"
         and mt == 0
         and splits == 0
         and layer in _siblings
@@ -619,10 +629,10 @@ def lut_linear(
             y, state = done[1].pop(layer)
             if _same_weights(state, _weights_state(layer)):
                 grouped_hits += 1
-                if out is None:
-                    return y
-                return out.copy_(y)
-        members = _group_of(layer, x)
+                return y if out is None else out.copy_(y)
+        warmed = _group_warmed.get(layer)
+        eager_ok = GROUP_MODE == "always" or warmed is None or dtype not in warmed
+        members = _group_of(layer, x) if eager_ok or _stream_capturing() else None
         if members is not None:
             sibling_args = [_layer_args(other, x) for other in members[1:]]
             # All tiled or none (a layer whose shape does not tile keeps the stored order), and one
@@ -639,6 +649,8 @@ def lut_linear(
                     (a[0], a[1], y.data_ptr(), other.out_features)
                     for a, y, other in zip(sibling_args, sibling_outs, siblings, strict=True)
                 ]
+    if out is None:
+        out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=where)
     rows = layer.out_features + sum(other.out_features for other in siblings)
     counters = _split_k_counters(where, stream, rows)
     previous = _rotations.pop(key, None)
@@ -680,6 +692,8 @@ def lut_linear(
             overlapped_rotations += rotated and unchanged and not siblings
             if siblings:
                 grouped_launches += 1
+                for member in (layer, *siblings):
+                    _group_warmed.setdefault(member, set()).add(dtype)
                 _group_outputs[key] = (
                     entry,
                     {

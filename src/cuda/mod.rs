@@ -643,6 +643,10 @@ pub fn hadamard_rotate(
         kp: out_width as i32,
         scale: (1.0 / (hadamard_size as f64).sqrt()) as f32,
     };
+    // A programmatic dependent of whatever kernel runs before it on the stream: the kernels wait
+    // (`griddepcontrol.wait`) before touching memory, so only the launch overlaps that kernel's
+    // tail. `HIGGS_CUDA_PDLHAD=0` turns it off.
+    let programmatic = !device::switched_off("PDLHAD");
     if shape.cluster > 0 {
         // One cluster per transform block (`hadamard_cluster`); blocks past `padded` transform
         // zeros, as the one-block kernel's extra tiles do.
@@ -654,18 +658,19 @@ pub fn hadamard_rotate(
             shape.shared_bytes(),
             stream,
             &params,
-            false,
+            programmatic,
             shape.cluster as u32,
         );
     }
     let tiles = out_width.div_ceil(shape.tile) as u32;
-    dev.launch(
+    dev.launch_with(
         &kernel,
         (tiles, batch as u32, 1),
         shape.threads as u32,
         shape.shared_bytes(),
         stream,
         &params,
+        programmatic,
     )
 }
 

@@ -162,6 +162,9 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
 #if __CUDA_ARCH__ >= 900
     // Let the LUT-GEMM launch now: it builds its table and fetches codes, then waits for this grid.
     asm volatile("griddepcontrol.launch_dependents;");
+    // Launched as a programmatic dependent of the kernel before (which wrote x): wait for it
+    // before reading anything. The launch itself and the block setup overlapped its tail.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
@@ -293,6 +296,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_cluster(const
 #if __CUDA_ARCH__ >= 900
     extern __shared__ float buf[];
     asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // as in hadamard_rotate
     constexpr int SPB = HCL_M / HAD_CLUSTER;
     constexpr int L = HAD_POW2;
     constexpr int PER_PART = HCL_M / HCL_Q;
