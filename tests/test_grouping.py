@@ -27,7 +27,7 @@ def _seed() -> int:
 
 
 def _layers(
-    rows: list[int], in_f: int, seed: int, h: int | None = None, device: str = "cpu"
+    rows: list[int], in_f: int, seed: int, h: int | None = None, device: str = "cpu", bits: int = 4
 ) -> list[HiggsLinear]:
     """Layers with one sign seed over the same input width (as one checkpoint's q/k/v); each
     carries its dequantized weights as ``w_deq`` (float64, for references)."""
@@ -35,7 +35,7 @@ def _layers(
     out = []
     for r in rows:
         w = (rng.standard_normal((r, in_f)) * 0.02).astype(np.float32)
-        q = higgs_rs.quantize_tensor(w, bits=4, p=2, hadamard_size=h, group_size=64, seed=seed % 1000)
+        q = higgs_rs.quantize_tensor(w, bits=bits, p=2, hadamard_size=h, group_size=64, seed=seed % 1000)
         layer = HiggsLinear.from_quantized(q).to(device)
         layer.w_deq = torch.from_numpy(higgs_rs.dequantize(q)).double().to(device)
         out.append(layer)
@@ -85,22 +85,24 @@ def test_group_projections_finds_qkv_and_copies_stay_ungrouped() -> None:
 
 @needs_gpu
 @pytest.mark.parametrize(
-    "rows,in_f,h,one_launch",
+    "rows,in_f,h,bits,one_launch",
     [
-        ([512, 128, 128], 1024, None, True),
-        ([256, 256], 1536, None, True),
-        ([208, 64, 48], 576, 64, True),  # padded width 576: no layer tiles
-        ([202, 98, 40], 512, None, True),  # no layer tiles, rows not a multiple of 4
-        ([200, 96, 48], 512, None, False),  # 96 and 48 rows tile, 200 does not: separate launches
+        ([512, 128, 128], 1024, None, 4, True),
+        ([256, 256], 1536, None, 4, True),
+        ([208, 64, 48], 576, 64, 4, True),  # padded width 576: no layer tiles
+        ([202, 98, 40], 512, None, 4, True),  # no layer tiles, rows not a multiple of 4
+        ([200, 96, 48], 512, None, 4, False),  # 96 and 48 rows tile, 200 does not: separate launches
+        ([256, 64, 64], 1024, None, 3, True),
+        ([256, 64, 64], 1024, None, 2, True),
     ],
-    ids=["qkv", "gate_up", "odd_widths", "untiled", "mixed"],
+    ids=["qkv", "gate_up", "odd_widths", "untiled", "mixed", "3bit", "2bit"],
 )
 def test_grouped_launch_matches_float64(
-    rows: list[int], in_f: int, h: int | None, one_launch: bool, monkeypatch: pytest.MonkeyPatch
+    rows: list[int], in_f: int, h: int | None, bits: int, one_launch: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hcuda, "GROUP_MODE", "always")  # eager calls grouped too
     seed = _seed()
-    layers = _layers(rows, in_f, seed, h, device="cuda")
+    layers = _layers(rows, in_f, seed, h, device="cuda", bits=bits)
     hcuda.group_layers(layers)
     for batch in (1, 4, 16, 40, 100):
         x = torch.randn(batch, in_f, device="cuda").half()

@@ -589,9 +589,9 @@ mod tests {
                         if arch == (8, 0) && bits != 4 {
                             continue;
                         }
-                        // Grouped-launch modules (LUT_SEGMENTS) at 4 bits, plain ones everywhere.
+                        // Grouped-launch modules (LUT_SEGMENTS: lut_gemv only) and plain ones.
                         for segments in [false, true] {
-                            if segments && (bits != 4 || kernel == LutKernel::Dequantize) {
+                            if segments && !matches!(kernel, LutKernel::Gemv { .. }) {
                                 continue;
                             }
                             let cubin = compile_cubin(
