@@ -29,7 +29,7 @@ cat /tmp/ptxas_*.txt | tee "$OUT/ptxas.txt"
 fi
 
 echo "== tests"
-timeout 170 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+timeout 240 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py tests/test_grouping.py tests/test_generate.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 
 if [ -n "${VARIANTS:-}" ]; then
 echo "== batch <= 16 layers, kernel variants side by side (HIGGS_CUDA_GEMV / HIGGS_CUDA_TILE / ... switches)"
@@ -79,6 +79,6 @@ fi
 
 echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
 HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py > "$OUT/sanitizer.txt" 2>&1
+  python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py tests/test_grouping.py > "$OUT/sanitizer.txt" 2>&1
 echo "compute-sanitizer exit code $?"
 grep -E "ERROR SUMMARY|passed|failed|Error" "$OUT/sanitizer.txt" | tail -8
