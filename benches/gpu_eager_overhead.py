@@ -6,6 +6,10 @@ Three 4096×4096 layers called in turn on one batch-1 input (the q/k/v pattern),
 loop, one synchronize at the end: at batch 1 the GPU finishes each call faster than Python issues
 the next, so the time per call is the CPU cost of issuing it (the bound on eager decode).
 Shared rotation on and off, interleaved. ``--profile``: a cProfile table of the HIGGS calls.
+
+Then a decoder layer's q, k, v, gate, up (Llama-3-8B shapes, grouped as ``higgs_rs.load`` groups
+them) on a new input per step, with ``higgs_rs.cuda.GROUP_MODE`` alternating in one process
+("never", "graph": the default, "always"): µs of CPU per step's five calls.
 """
 
 from __future__ import annotations
@@ -62,6 +66,28 @@ def main() -> None:
     hcuda._SHARE_ROTATION = True
     for name, values in times.items():
         print(f"{name:24s} µs per call: " + " ".join(f"{v:.1f}" for v in values))
+    rows = (4096, 1024, 1024, 14336, 14336)
+    layer_calls = [gpu_bench.random_layer(out_f, 4096, seed=10 + i) for i, out_f in enumerate(rows)]
+    hcuda.group_layers(layer_calls[:3])
+    hcuda.group_layers(layer_calls[3:])
+    inputs = [torch.randn(1, 4096, dtype=torch.float16, device=gpu_bench.DEVICE) for _ in range(8)]
+    modes: dict[str, list[float]] = {"never": [], "graph": [], "always": []}
+    default_mode = hcuda.GROUP_MODE
+    for _ in range(4):
+        for mode, values in modes.items():
+            hcuda.GROUP_MODE = mode
+            for x_warm in inputs[:2]:
+                [layer(x_warm) for layer in layer_calls]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for step in range(400):
+                x_step = inputs[step % len(inputs)]  # a new input per step, as in decode
+                [layer(x_step) for layer in layer_calls]
+            values.append((time.perf_counter() - start) / 400 * 1e6)
+            torch.cuda.synchronize()
+    hcuda.GROUP_MODE = default_mode
+    for mode, values in modes.items():
+        print(f"grouping {mode:6s}: µs of CPU per q,k,v,gate,up: " + " ".join(f"{v:.0f}" for v in values))
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()

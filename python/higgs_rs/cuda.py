@@ -93,8 +93,10 @@ _TILED_MARK = "_higgs_cuda_tiled"
 #: codes, scales and grid tensors and their versions at its previous fused-path call (see
 #: ``_weights_unchanged``).
 _weights_seen: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
-#: Per layer (weakly held): weak references to the members of its sibling group, in order.
-_siblings: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: Key in a grouped layer's ``__dict__``: its ``_Group`` (left out of pickles and deep copies by
+#: ``HiggsLinear.__getstate__``, so a copy never computes with the original's layers). A plain
+#: attribute: eager calls read it at ~0.1 µs, where a weak-keyed dictionary costs ~1 µs a lookup.
+GROUP_ATTR = "_higgs_cuda_group"
 #: Per (device, stream): the rotation entry of the last grouped launch's input and, per member
 #: not yet called, (its output, its weights' state at the launch).
 _group_outputs: dict[tuple[int, int], tuple[Any, dict[Any, tuple[Any, Any]]]] = {}
@@ -105,9 +107,6 @@ _groups_launch_cache: dict[tuple[int, int], bool] = {}
 #: CPU, more than the launches it saves) is paid once, at capture; "always" (``=1``); "never"
 #: (``=0``).
 GROUP_MODE = {"0": "never", "1": "always"}.get(os.environ.get("HIGGS_CUDA_GROUP", ""), "graph")
-#: Per layer (weakly held): the activation dtypes its grouped kernel ran with eagerly, so a
-#: capture never compiles one (in "graph" mode a group's first eager call on a dtype is grouped).
-_group_warmed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: Grouped launches, and calls answered by one: for tests and benches.
 grouped_launches = 0
 grouped_hits = 0
@@ -464,6 +463,27 @@ def _group_key(layer: Any) -> tuple[Any, ...]:
     )
 
 
+class _Group:
+    """A sibling group: weak references to its members in order, and the activation dtypes its
+    grouped kernel has run with eagerly (so a capture never compiles one: in "graph" mode a
+    group's first eager call on a dtype is grouped)."""
+
+    __slots__ = ("members", "warmed")
+
+    def __init__(self, members: tuple[Any, ...]) -> None:
+        self.members = members
+        self.warmed: set[str] = set()
+
+
+def siblings_of(layer: Any) -> list[Any] | None:
+    """The live members of ``layer``'s group, in order (``layer`` among them), or None."""
+    group = layer.__dict__.get(GROUP_ATTR)
+    if group is None:
+        return None
+    members = [ref() for ref in group.members]
+    return None if any(m is None for m in members) else members
+
+
 def group_layers(layers: Any) -> None:
     """Compute these layers (2 or 3 ``HiggsLinear`` that read the same input, e.g. a decoder
     layer's q/k/v projections) in one launch on a GPU; see the module notes. They must have the
@@ -483,9 +503,9 @@ def group_layers(layers: Any) -> None:
             )
         if not _signs_equal(layers[0], layer):
             raise ValueError("grouped layers must rotate their input alike: their signs differ")
-    refs = tuple(weakref.ref(layer) for layer in layers)
+    group = _Group(tuple(weakref.ref(layer) for layer in layers))
     for layer in layers:
-        _siblings[layer] = refs
+        layer.__dict__[GROUP_ATTR] = group
 
 
 def _signs_equal(a: Any, b: Any) -> bool:
@@ -539,14 +559,11 @@ def _same_weights(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 
-def _group_of(layer: Any, x: torch.Tensor) -> list[Any] | None:
+def _group_of(layer: Any, group: _Group, x: torch.Tensor) -> list[Any] | None:
     """The live members of ``layer``'s group (``layer`` first), where all can run in one launch
     on ``x``'s device, else None."""
-    refs = _siblings.get(layer)
-    if refs is None:
-        return None
     members = [layer]
-    for ref in refs:
+    for ref in group.members:
         other = ref()
         if other is None:
             return None
@@ -609,30 +626,26 @@ def lut_linear(
         return out
     global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits
     key = (device, stream)
-    grouping = (
-        GROUP_MODE != "never"
-        and mt == 0
-        and splits == 0
-        and layer in _siblings
-        and _groups_launch(batch, layer.group_size)
-    )
-    entry = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION or grouping else None
+    group = layer.__dict__.get(GROUP_ATTR) if GROUP_MODE != "never" and mt == 0 and splits == 0 else None
+    if group is not None and not _groups_launch(batch, layer.group_size):
+        group = None
+    entry = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION or group is not None else None
     rotation = entry if _SHARE_ROTATION else None
     siblings: list[Any] = []
     sibling_list: list[tuple[int, int, int, int]] = []
     sibling_outs: list[Any] = []
-    if grouping and entry is not None:
+    if group is not None and entry is not None:
         # The rotation entry names the input (view, version, shape, dtype, capture): a match means
         # the same activations, so the output computed with this layer's weights of then.
         done = _group_outputs.get(key)
-        if done is not None and _same_rotation(done[0], entry) and layer in done[1]:
+        if done is not None and layer in done[1] and _same_rotation(done[0], entry):
             y, state = done[1].pop(layer)
             if _same_weights(state, _weights_state(layer)):
                 grouped_hits += 1
                 return y if out is None else out.copy_(y)
-        warmed = _group_warmed.get(layer)
-        eager_ok = GROUP_MODE == "always" or warmed is None or dtype not in warmed
-        members = _group_of(layer, x) if eager_ok or _stream_capturing() else None
+        # The entry's last field is the capture id (None: an eager call).
+        launch_all = GROUP_MODE == "always" or entry[-1] is not None or dtype not in group.warmed
+        members = _group_of(layer, group, x) if launch_all else None
         if members is not None:
             sibling_args = [_layer_args(other, x) for other in members[1:]]
             # All tiled or none (a layer whose shape does not tile keeps the stored order), and one
@@ -692,8 +705,7 @@ def lut_linear(
             overlapped_rotations += rotated and unchanged and not siblings
             if siblings:
                 grouped_launches += 1
-                for member in (layer, *siblings):
-                    _group_warmed.setdefault(member, set()).add(dtype)
+                group.warmed.add(dtype)
                 _group_outputs[key] = (
                     entry,
                     {

@@ -10,7 +10,7 @@ import torch
 
 from . import dequantize
 from .checkpoint import HiggsCheckpoint
-from .cuda import group_projections
+from .cuda import GROUP_ATTR, group_projections
 
 PathLike = str | os.PathLike[str]
 
@@ -348,10 +348,12 @@ class HiggsLinear(torch.nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling and ``copy.deepcopy`` leave out the CPU plan (a Rust object; rebuilt on use)."""
+        """Pickling and ``copy.deepcopy`` leave out the CPU plan (a Rust object; rebuilt on use) and
+        the sibling group (a copy is not grouped with the original's layers)."""
         state = self.__dict__.copy()
         for slot in _CPU_PLAN_SLOTS:
             state.pop(slot, None)
+        state.pop(GROUP_ATTR, None)
         if state.pop("_higgs_cuda_tiled", None) is not None:
             from .cuda import stored_codes
 
