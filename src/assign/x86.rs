@@ -914,8 +914,8 @@ unsafe fn nearest_in_chunks(points4: &[f32], indices: &[u32], point: &[__m256; 4
 /// elements (8 pairs): for each scale factor `a` of `factors`, (Σ x·q, Σ‖q‖²) into `out`, with
 /// the scalar reference's arithmetic (element i into accumulator i mod 16; multiply, then add;
 /// clamp, truncate; the same folding of the accumulators). With a byte table of codes (grids
-/// of at most 256 points) q is looked up as code, then point: two gathers from 66 KB that
-/// mostly hit L1, instead of one from the 512 KB table of points (the same points). Returns
+/// of at most 256 points) q is looked up as code, then point, with scalar loads from 66 KB that
+/// mostly hit L1, instead of one gather from the 512 KB table of points (the same points). Returns
 /// false (nothing written) without AVX-512F or when the lengths do not fit.
 pub fn scan_pairs_avx512(
     table: &super::PairTable,

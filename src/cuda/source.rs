@@ -355,40 +355,36 @@ pub fn hadamard(shape: &HadamardShape, act: ActType) -> Result<String> {
     let mut s = String::new();
     s.push_str(act.define());
     s.push_str(COMMON);
-    if shape.cluster > 0 {
-        let _ = write!(
-            s,
-            "\n#define HAD_ORDER {}\n#define HAD_LOG2 {}\n#define HAD_POW2 {}\n#define HAD_FAST 1\n#define HAD_SLOW 1\n#define HAD_TILE {}\n#define HAD_THREADS {}\n#define HAD_CLUSTER {}\n#define HCL_M {}\n#define HCL_Q {}\n#define HCL_NCOLP {}\n",
-            shape.order,
-            shape.log2,
-            1usize << shape.log2,
-            shape.tile,
-            shape.threads,
-            shape.cluster,
-            shape.outer,
-            shape.parts,
-            shape.col_pad
-        );
-        s.push_str(&outer_function(shape)?);
-        s.push_str(HADAMARD);
-        return Ok(s);
-    }
+    // The cluster kernel mixes its outer factor itself (`outer_function`): no Paley factors.
+    let (fast, slow) = if shape.cluster > 0 {
+        (1, 1)
+    } else {
+        (shape.fast, shape.slow)
+    };
     let _ = write!(
         s,
         "\n#define HAD_ORDER {}\n#define HAD_LOG2 {}\n#define HAD_POW2 {}\n#define HAD_FAST {}\n#define HAD_SLOW {}\n#define HAD_TILE {}\n#define HAD_THREADS {}\n",
         shape.order,
         shape.log2,
         1usize << shape.log2,
-        shape.fast,
-        shape.slow,
+        fast,
+        slow,
         shape.tile,
         shape.threads
     );
-    if shape.fast > 1 {
-        s.push_str(&paley_functions("paley_fast", shape.fast)?);
+    if shape.cluster > 0 {
+        let _ = write!(
+            s,
+            "#define HAD_CLUSTER {}\n#define HCL_M {}\n#define HCL_Q {}\n#define HCL_NCOLP {}\n",
+            shape.cluster, shape.outer, shape.parts, shape.col_pad
+        );
+        s.push_str(&outer_function(shape)?);
     }
-    if shape.slow > 1 {
-        s.push_str(&paley_functions("paley_slow", shape.slow)?);
+    if fast > 1 {
+        s.push_str(&paley_functions("paley_fast", fast)?);
+    }
+    if slow > 1 {
+        s.push_str(&paley_functions("paley_slow", slow)?);
     }
     s.push_str(HADAMARD);
     Ok(s)

@@ -102,19 +102,12 @@ __device__ __forceinline__ const u16* scale_row(const LutParams& P, int r) {
     return base + (u64)(r - segment_start(P, seg)) * P.groups;
 }
 
-// Where output row r of batch column 0 goes; `stride`: its layer's rows (between batch columns).
-__device__ __forceinline__ u16* out_row(const LutParams& P, int r, int& stride) {
+// Where output row r of batch column b goes (its layer's output: batch x its rows).
+__device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
     const int seg = segment_of(P, r);
     u16* base = seg == 0 ? P.out : seg == 1 ? P.out1 : P.out2;
-    stride = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
-    return base + (r - segment_start(P, seg));
-}
-
-// Where output row r of batch column b goes.
-__device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
-    int stride;
-    u16* row = out_row(P, r, stride);
-    return row + (u64)b * stride;
+    const int rows = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
+    return base + (u64)b * rows + (r - segment_start(P, seg));
 }
 
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
