@@ -261,6 +261,45 @@ def test_tiled_codes_keep_the_stored_order_outside(shape: tuple) -> None:
     assert torch.equal(pickle.loads(pickle.dumps(layer)).codes.cpu(), stored)
 
 
+def _plain_path_outputs(seed: int) -> dict[str, torch.Tensor]:
+    """lut_linear outputs for layers that take lut_gemv's plain refills: rows past a partial last
+    tile (272 rows), 2/3/4 bits, one/two/four scale groups per super-step, f16 and bf16."""
+    outputs = {}
+    for shape in [(272, 4096, 2, 4, None, 64), (256, 1024, 2, 3, None, 128), (96, 2048, 1, 2, None, 32)]:
+        layer, _ = _layer(*shape, seed)
+        rng = torch.Generator().manual_seed(seed)
+        for dtype in (torch.float16, torch.bfloat16):
+            for batch in (1, 2, 3, 4, 8):
+                x = torch.randn(batch, shape[1], generator=rng).to("cuda", dtype)
+                outputs[f"{shape}/{dtype}/{batch}"] = hcuda.lut_linear(layer, x, dense_min_batch=1000).cpu()
+    return outputs
+
+
+@needs_gpu
+def test_plain_refills_give_the_same_bits(tmp_path: Path) -> None:
+    """lut_gemv refills plain layers without per-step checks; the general path
+    (``HIGGS_CUDA_PLAIN=0``, read once per process, so in a child process) computes the same
+    products in the same order: the outputs must be equal bit for bit."""
+    import subprocess
+    import sys
+
+    seed = _seed() % 100000
+    here = Path(__file__).parent
+    script = (
+        f"import sys, torch; sys.path.insert(0, {str(here)!r}); "
+        f"from test_cuda import _plain_path_outputs; torch.save(_plain_path_outputs({seed}), sys.argv[1])"
+    )
+    general = tmp_path / "general.pt"
+    env = dict(os.environ, HIGGS_CUDA_PLAIN="0")
+    subprocess.run([sys.executable, "-c", script, str(general)], env=env, check=True, timeout=300)
+    theirs = torch.load(general)
+    ours = _plain_path_outputs(seed)
+    assert ours.keys() == theirs.keys()
+    for key, y in ours.items():
+        assert torch.isfinite(y.float()).all(), f"{key} seed {seed}"
+        assert torch.equal(y, theirs[key]), f"{key} seed {seed}: plain and general paths differ"
+
+
 @needs_gpu
 def test_cuda_graph_replay() -> None:
     seed = _seed()

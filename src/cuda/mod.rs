@@ -365,6 +365,7 @@ struct LutParams {
     out2: u64,
     seg1: i32,
     seg2: i32,
+    plain_gemv: i32,
 }
 
 #[repr(C)]
@@ -833,20 +834,38 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         // First rows of layers 1 and 2 (the total where there is none).
         seg1: call.shape.out_features as i32,
         seg2: (call.shape.out_features + siblings.first().map_or(0, |s| s.out_features)) as i32,
+        plain_gemv: 0,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;
     let blocks = items.min(resident * dev.sm_count).max(1);
+    let variant = prepare_variant(shape, call.batch, call.tuning);
+    let plain_gemv = match variant {
+        LutKernel::Gemv { cpb } => {
+            let pair_scales = cpb == 1
+                || (layout.groups.is_multiple_of(2)
+                    && call.scales.is_multiple_of(4)
+                    && siblings.iter().all(|s| s.scales.is_multiple_of(4)));
+            vector_codes
+                && call.shape.out_features.is_multiple_of(16)
+                && siblings.iter().all(|s| s.out_features.is_multiple_of(16))
+                && layout.padded_cols.is_multiple_of(KSTEP)
+                && layout.row_bytes * 8 == layout.padded_cols * bits as usize
+                && shape.group_size * cpb == KSTEP
+                && layout.groups * shape.group_size == layout.padded_cols
+                && pair_scales
+                && !device::switched_off("PLAIN")
+        }
+        _ => false,
+    };
     // `lut_mma` with one item per block, all blocks resident together: the split blocks of a row
     // block wait for each other and share the reduction (`HIGGS_CUDA_SPIN=0`: the last block
     // reduces alone, as `lut_gemv` does).
     let params = LutParams {
         spin_reduce: (items <= blocks
-            && matches!(
-                prepare_variant(shape, call.batch, call.tuning),
-                LutKernel::Mma { .. }
-            )
+            && matches!(variant, LutKernel::Mma { .. })
             && !device::switched_off("SPIN")) as i32,
+        plain_gemv: plain_gemv as i32,
         ..params
     };
     dev.launch_with(

@@ -109,6 +109,12 @@ __device__ __forceinline__ u16 load_cached_u16(const u16* p) {
     return r;
 }
 
+__device__ __forceinline__ u32 load_cached_u32(const void* p) {
+    u32 r;
+    asm("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
 // Written by other blocks of this launch: bypass L1, after a fence.
 __device__ __forceinline__ float load_coherent_f32(const float* p) {
     float r;

@@ -78,6 +78,11 @@ struct LutParams {
     u16* out2;
     int seg1;
     int seg2;
+    // lut_gemv: every layer of the launch has a multiple of 16 rows, every chunk of every
+    // super-step is whole and vector-aligned, group_size is 128 / GEMV_CPB with groups *
+    // group_size == padded, and (GEMV_CPB >= 2) each lane's scale pair is 4-byte aligned: a
+    // refill is one address step and one load per row half (gemv_refill_plain).
+    int plain_gemv;
 };
 
 // Which layer of the launch row r belongs to (0: the first), and its first row. Only modules
@@ -713,7 +718,35 @@ __device__ __forceinline__ u32 gemv_scales(const LutParams& P, const u16* srow, 
     return s0 | (s1 << 16);
 }
 
-template <int MT>
+// A plain warp's refill of super-step `step` for one row half: `codes` points at the lane's chunk
+// of super-step 0 (row start + 4 * BITS * t), `scales` at its first scale of super-step 0 (row
+// start + (2t) % CPB): the scale groups of a super-step are consecutive, CPB of them.
+__device__ __forceinline__ void gemv_refill_plain(const LutParams& P, const unsigned char* codes, const u16* scales,
+                                                  int step, bool has_output, u32 (&w)[BITS], u32& s) {
+    const unsigned char* src = codes + (u64)step * P.step_pitch;
+#if BITS == 4
+    const U4 v = load_stream_v4(src);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+#elif BITS == 2
+    load_stream_v2(src, w[0], w[1]);
+#else
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
+#endif
+    if (has_output) {
+        if (GEMV_CPB == 1) {
+            const u32 s0 = load_cached_u16(scales + step);
+            s = s0 | (s0 << 16);
+        } else {
+            s = load_cached_u32(scales + step * GEMV_CPB);
+        }
+    }
+}
+
+template <int MT, bool PLAIN>
 __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     constexpr int RT = 16 * MT;
     constexpr int RB = WARPS * RT;
@@ -761,8 +794,17 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = row0 + mt * 16 + g + 8 * h;
-                crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
-                srow[mt][h] = scale_row(P, r < P.rows ? r : 0);
+                if (PLAIN) {
+                    // The lane's pointers of gemv_refill_plain. A warp past the last row (the
+                    // layer has a multiple of 16 rows) reads rows of the first tile; it writes
+                    // nothing.
+                    const int rr = r < P.rows ? r : r & 15;
+                    crow[mt][h] = code_row(P, rr) + 4 * BITS * t;
+                    srow[mt][h] = scale_row(P, rr) + (GEMV_CPB == 1 ? 0 : (2 * t) % GEMV_CPB);
+                } else {
+                    crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
+                    srow[mt][h] = scale_row(P, r < P.rows ? r : 0);
+                }
             }
 
         u32 ring[D][MT][2][BITS];
@@ -775,7 +817,10 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                 for (int h = 0; h < 2; ++h) {
                     u32 unused;
                     sring[d][mt][h] = 0;
-                    if (step_begin + d < step_end) {
+                    if (PLAIN && step_begin + d < step_end) {
+                        gemv_refill_plain(P, crow[mt][h], srow[mt][h], step_begin + d, has_output, ring[d][mt][h],
+                                          sring[d][mt][h]);
+                    } else if (step_begin + d < step_end) {
                         load_chunk(P, crow[mt][h], srow[mt][h], (step_begin + d) * 4 + t, ring[d][mt][h], unused);
                         if (has_output) sring[d][mt][h] = gemv_scales(P, srow[mt][h], step_begin + d, t);
                     } else {
@@ -838,10 +883,15 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 #pragma unroll
                             for (int h = 0; h < 2; ++h)
                                 if (ahead < step_end) {
-                                    u32 unused;
-                                    load_chunk(P, crow[mt][h], srow[mt][h], ahead * 4 + t, ring[dd][mt][h],
-                                               unused);
-                                    if (has_output) sring[dd][mt][h] = gemv_scales(P, srow[mt][h], ahead, t);
+                                    if (PLAIN) {
+                                        gemv_refill_plain(P, crow[mt][h], srow[mt][h], ahead, has_output,
+                                                          ring[dd][mt][h], sring[dd][mt][h]);
+                                    } else {
+                                        u32 unused;
+                                        load_chunk(P, crow[mt][h], srow[mt][h], ahead * 4 + t, ring[dd][mt][h],
+                                                   unused);
+                                        if (has_output) sring[dd][mt][h] = gemv_scales(P, srow[mt][h], ahead, t);
+                                    }
                                 }
                     }
                 }
@@ -916,7 +966,13 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(const LutParams P) {
     allow_dependents();
-    lut_gemv_body<1>(P);
+    // Two copies of the loop: plain layers refill without per-step checks (the compiler hoists a
+    // branch's address math out of it, so a run-time choice inside one loop saves little).
+    if (P.plain_gemv) {
+        lut_gemv_body<1, true>(P);
+    } else {
+        lut_gemv_body<1, false>(P);
+    }
 }
 
 #endif
