@@ -606,6 +606,19 @@ mod tests {
                                 )
                             });
                             assert!(cubin.starts_with(b"\x7fELF"));
+                            // Both entry points (general and plain) are in the module.
+                            for name in [Some(kernel.name()), kernel.plain_name()]
+                                .into_iter()
+                                .flatten()
+                            {
+                                assert!(
+                                    cubin
+                                        .windows(name.len() + 1)
+                                        .any(|w| w[..name.len()] == *name.as_bytes()
+                                            && w[name.len()] == 0),
+                                    "{name} missing from the {kernel:?} module"
+                                );
+                            }
                         }
                     }
                 }

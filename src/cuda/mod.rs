@@ -365,7 +365,6 @@ struct LutParams {
     out2: u64,
     seg1: i32,
     seg2: i32,
-    plain_gemv: i32,
 }
 
 #[repr(C)]
@@ -444,13 +443,20 @@ fn require_pointers(pointers: &[(&str, u64)]) -> Result<()> {
     Ok(())
 }
 
+/// The module's kernel for a call: the plain layers' own kernel where the module has one and
+/// `plain`, else the general one.
 fn lut_kernel(
     dev: &device::Device,
     bits: u32,
     act: ActType,
     kernel: LutKernel,
     segments: bool,
+    plain: bool,
 ) -> Result<Kernel> {
+    let name = match kernel.plain_name() {
+        Some(name) if plain => name,
+        _ => kernel.name(),
+    };
     dev.kernel(
         ModuleKey::LutGemm {
             bits,
@@ -458,14 +464,50 @@ fn lut_kernel(
             kernel,
             segments,
         },
-        kernel.name(),
+        name,
         || {
+            let names = [Some(kernel.name()), kernel.plain_name()];
             Ok((
                 source::lut_gemm(bits, act, kernel, segments),
-                vec![kernel.name().to_string()],
+                names.into_iter().flatten().map(str::to_string).collect(),
             ))
         },
     )
+}
+
+/// Whether a call's layers are plain (every Llama layer): `lut_mma` needs whole aligned chunks
+/// in every super-step and power-of-two groups; `lut_gemv` also a multiple of 16 rows per layer,
+/// `group_size · cpb = 128` with whole groups, and 4-byte aligned scale pairs (see
+/// `gemv_refill_plain` in `lut_gemm.cu`). `HIGGS_CUDA_PLAIN=0`: never (for comparisons).
+fn is_plain(
+    variant: LutKernel,
+    call: &LinearCall,
+    siblings: &[Sibling],
+    layout: &Layout,
+    bits: u32,
+    vector_codes: bool,
+) -> bool {
+    let whole_chunks = vector_codes
+        && call.shape.group_size.is_power_of_two()
+        && layout.padded_cols.is_multiple_of(KSTEP)
+        && layout.row_bytes * 8 == layout.padded_cols * bits as usize
+        && !device::switched_off("PLAIN");
+    match variant {
+        LutKernel::Mma { .. } => whole_chunks,
+        LutKernel::Gemv { cpb } => {
+            let pair_scales = cpb == 1
+                || (layout.groups.is_multiple_of(2)
+                    && call.scales.is_multiple_of(4)
+                    && siblings.iter().all(|s| s.scales.is_multiple_of(4)));
+            whole_chunks
+                && call.shape.out_features.is_multiple_of(16)
+                && siblings.iter().all(|s| s.out_features.is_multiple_of(16))
+                && call.shape.group_size * cpb == KSTEP
+                && layout.groups * call.shape.group_size == layout.padded_cols
+                && pair_scales
+        }
+        LutKernel::Dequantize => false,
+    }
 }
 
 fn hadamard_kernel(
@@ -544,10 +586,11 @@ fn prepare(
     act: ActType,
     tuning: Tuning,
     segments: bool,
+    plain: bool,
 ) -> Result<(Kernel, LinearPlan, usize)> {
     tile_shape(batch, shape.out_features, tuning)?;
     let variant = prepare_variant(shape, batch, tuning);
-    let kernel = lut_kernel(dev, bits, act, variant, segments)?;
+    let kernel = lut_kernel(dev, bits, act, variant, segments, plain)?;
     let shared = lut_shared_bytes(bits, variant);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
     // The plan's row blocks follow the kernel: `lut_gemv` has one row tile per warp.
@@ -595,6 +638,9 @@ pub fn workspace_bytes(
         act,
         tuning,
         false,
+        // The plain kernels (most layers); a call that takes the general one and needs more
+        // workspace says so (`lut_linear` returns the bytes it needs).
+        true,
     )?
     .1
     .workspace_bytes)
@@ -732,6 +778,21 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         ("scales", call.scales),
         ("grid", call.grid),
     ])?;
+    let alignment = match bits {
+        4 => 16,
+        2 => 8,
+        _ => 4,
+    };
+    let vector_codes = call.codes.is_multiple_of(16)
+        && siblings.iter().all(|s| s.codes.is_multiple_of(16))
+        && layout.row_bytes.is_multiple_of(alignment);
+    if call.tiled && !vector_codes {
+        return Err(HiggsError::invalid(
+            "tiled codes must start at a 16-byte aligned address",
+        ));
+    }
+    let variant = prepare_variant(shape, call.batch, call.tuning);
+    let plain = is_plain(variant, call, &siblings, &layout, bits, vector_codes);
     let dev = device(call.device)?;
     let (kernel, plan, resident) = prepare(
         &dev,
@@ -742,6 +803,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         call.act,
         call.tuning,
         !siblings.is_empty(),
+        plain,
     )?;
     if call.workspace_bytes < plan.workspace_bytes {
         return Ok(plan.workspace_bytes);
@@ -763,19 +825,6 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             "batch {} is too large",
             call.batch
         )));
-    }
-    let alignment = match bits {
-        4 => 16,
-        2 => 8,
-        _ => 4,
-    };
-    let vector_codes = call.codes.is_multiple_of(16)
-        && siblings.iter().all(|s| s.codes.is_multiple_of(16))
-        && layout.row_bytes.is_multiple_of(alignment);
-    if call.tiled && !vector_codes {
-        return Err(HiggsError::invalid(
-            "tiled codes must start at a 16-byte aligned address",
-        ));
     }
     let (row_pitch, step_pitch) = tiled_pitches(shape, bits, call.tiled)?;
     let x_rot = call.workspace + plan.x_rot_offset as u64;
@@ -834,30 +883,10 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         // First rows of layers 1 and 2 (the total where there is none).
         seg1: call.shape.out_features as i32,
         seg2: (call.shape.out_features + siblings.first().map_or(0, |s| s.out_features)) as i32,
-        plain_gemv: 0,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;
     let blocks = items.min(resident * dev.sm_count).max(1);
-    let variant = prepare_variant(shape, call.batch, call.tuning);
-    let plain_gemv = match variant {
-        LutKernel::Gemv { cpb } => {
-            let pair_scales = cpb == 1
-                || (layout.groups.is_multiple_of(2)
-                    && call.scales.is_multiple_of(4)
-                    && siblings.iter().all(|s| s.scales.is_multiple_of(4)));
-            vector_codes
-                && call.shape.out_features.is_multiple_of(16)
-                && siblings.iter().all(|s| s.out_features.is_multiple_of(16))
-                && layout.padded_cols.is_multiple_of(KSTEP)
-                && layout.row_bytes * 8 == layout.padded_cols * bits as usize
-                && shape.group_size * cpb == KSTEP
-                && layout.groups * shape.group_size == layout.padded_cols
-                && pair_scales
-                && !device::switched_off("PLAIN")
-        }
-        _ => false,
-    };
     // `lut_mma` with one item per block, all blocks resident together: the split blocks of a row
     // block wait for each other and share the reduction (`HIGGS_CUDA_SPIN=0`: the last block
     // reduces alone, as `lut_gemv` does).
@@ -865,7 +894,6 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         spin_reduce: (items <= blocks
             && matches!(variant, LutKernel::Mma { .. })
             && !device::switched_off("SPIN")) as i32,
-        plain_gemv: plain_gemv as i32,
         ..params
     };
     dev.launch_with(
@@ -918,7 +946,7 @@ pub fn dequantize_rotated(
         )));
     }
     let dev = device(device_index)?;
-    let kernel = lut_kernel(&dev, bits, act, LutKernel::Dequantize, false)?;
+    let kernel = lut_kernel(&dev, bits, act, LutKernel::Dequantize, false, false)?;
     let params = DequantParams {
         codes,
         scales,

@@ -65,6 +65,16 @@ impl LutKernel {
             LutKernel::Dequantize => "dequantize_rotated",
         }
     }
+
+    /// The kernel for plain layers (whole aligned chunks, power-of-two groups: see
+    /// `lut_gemm.cu`), where the module has one.
+    pub fn plain_name(self) -> Option<&'static str> {
+        match self {
+            LutKernel::Mma { .. } => Some("lut_mma_plain"),
+            LutKernel::Gemv { .. } => Some("lut_gemv_plain"),
+            LutKernel::Dequantize => None,
+        }
+    }
 }
 
 /// Extra `#define`s for the LUT-GEMM modules from `HIGGS_CUDA_DEFINES` (`NAME=VALUE,...`), read

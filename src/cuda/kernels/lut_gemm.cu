@@ -78,11 +78,6 @@ struct LutParams {
     u16* out2;
     int seg1;
     int seg2;
-    // lut_gemv: every layer of the launch has a multiple of 16 rows, every chunk of every
-    // super-step is whole and vector-aligned, group_size is 128 / GEMV_CPB with groups *
-    // group_size == padded, and (GEMV_CPB >= 2) each lane's scale pair is 4-byte aligned: a
-    // refill is one address step and one load per row half (gemv_refill_plain).
-    int plain_gemv;
 };
 
 // Which layer of the launch row r belongs to (0: the first), and its first row. Only modules
@@ -418,7 +413,7 @@ __device__ __forceinline__ void reduce_share(const LutParams& P, int tile, int s
     }
 }
 
-template <int MT, int NT>
+template <int MT, int NT, bool PLAIN>
 __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     constexpr int RT = 16 * MT;        // rows per warp
     constexpr int RB = WARPS * RT;     // rows per block
@@ -451,10 +446,10 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
     int xoff[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) xoff[u] = g * XS_COL_BYTES + ((4 * t + (u ^ swz)) << 4);
-    // Whole rows of aligned, full chunks and power-of-two groups (every Llama layer): codes and
-    // scales are loaded without the bounds and byte-path checks of load_chunk.
-    const bool plain = P.vector_codes && P.group_shift >= 0 && P.padded == P.kp &&
-                       P.full_chunks * 32 == P.padded;
+    // PLAIN (`lut_mma_plain`: whole rows of aligned, full chunks and power-of-two groups, every
+    // Llama layer): codes and scales are loaded without the bounds and byte-path checks of
+    // load_chunk.
+    constexpr bool plain = PLAIN;
 
     // Persistent blocks over work items (row block, split, batch chunk), row block fastest. All
     // warps of a block walk the item's super-steps together (one barrier per super-step).
@@ -718,6 +713,10 @@ __device__ __forceinline__ u32 gemv_scales(const LutParams& P, const u16* srow, 
     return s0 | (s1 << 16);
 }
 
+// Plain layers (`lut_gemv_plain`): every layer of the launch has a multiple of 16 rows, every chunk
+// of every super-step is whole and vector-aligned, group_size is 128 / GEMV_CPB with groups *
+// group_size == padded, and (GEMV_CPB >= 2) each lane's scale pair is 4-byte aligned, so a refill
+// is one address step and one load per row half.
 // A plain warp's refill of super-step `step` for one row half: `codes` points at the lane's chunk
 // of super-step 0 (row start + 4 * BITS * t), `scales` at its first scale of super-step 0 (row
 // start + (2t) % CPB): the scale groups of a super-step are consecutive, CPB of them.
@@ -832,21 +831,19 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
             wait_for_previous_grid();
             waited = true;
         }
+        U4 bq[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) bq[u].x = bq[u].y = bq[u].z = bq[u].w = 0;
         for (int step0 = step_begin; step0 < step_end; step0 += D) {
 #pragma unroll
             for (int d = 0; d < D; ++d) {
                 const int step = step0 + d;
                 if (step >= step_end) break;
                 const int k0 = step * KSTEP;
-                U4 bq[4];
+                // Inactive lanes keep the zeros set once per item (no per-step zeroing).
 #pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    if (x_active) {
-                        bq[u] = load_cached_v4(xrow + k0 + 8 * u);
-                    } else {
-                        bq[u].x = bq[u].y = bq[u].z = bq[u].w = 0;
-                    }
-                }
+                for (int u = 0; u < 4; ++u)
+                    if (x_active) bq[u] = load_cached_v4(xrow + k0 + 8 * u);
                 float c[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f;
@@ -966,13 +963,13 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(const LutParams P) {
     allow_dependents();
-    // Two copies of the loop: plain layers refill without per-step checks (the compiler hoists a
-    // branch's address math out of it, so a run-time choice inside one loop saves little).
-    if (P.plain_gemv) {
-        lut_gemv_body<1, true>(P);
-    } else {
-        lut_gemv_body<1, false>(P);
-    }
+    lut_gemv_body<1, false>(P);
+}
+
+// Plain layers (chosen by the host, see gemv_refill_plain): their own kernel, as lut_mma_plain.
+extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv_plain(const LutParams P) {
+    allow_dependents();
+    lut_gemv_body<1, true>(P);
 }
 
 #endif
@@ -985,7 +982,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(
 #ifdef LUT_MT
 extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma(const LutParams P) {
     allow_dependents();
-    lut_mma_body<LUT_MT, LUT_NT>(P);
+    lut_mma_body<LUT_MT, LUT_NT, false>(P);
+}
+
+// Plain layers (chosen by the host): a kernel of its own, so that neither loop carries the other's
+// address math or registers (a run-time choice inside one loop leaves the general path's address
+// math in the plain one).
+extern "C" __global__ void __launch_bounds__(THREADS, LUT_MIN_BLOCKS) lut_mma_plain(const LutParams P) {
+    allow_dependents();
+    lut_mma_body<LUT_MT, LUT_NT, true>(P);
 }
 #endif
 
