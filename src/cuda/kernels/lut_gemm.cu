@@ -195,6 +195,14 @@ __device__ __noinline__ U4 load_chunk_bytes(const unsigned char* codes, int c, i
     return r;
 }
 
+// A pointer the compiler cannot recompute (so it keeps it in a register instead of redoing its
+// address arithmetic inside a loop).
+__device__ __forceinline__ const void* opaque_pointer(const void* p) {
+    u64 v;
+    asm volatile("mov.b64 %0, %1;" : "=l"(v) : "l"(p));
+    return (const void*)v;
+}
+
 // Codes of row r. Canonical layout (as stored on disk): rows of row_bytes, row_pitch = row_bytes,
 // step_pitch = 16 * BITS. Tiled layout (repacked at load time by higgs_rs.cuda when rows % 16 == 0
 // and the padded width is a multiple of 128): 16-row x 128-k tiles of 64 * BITS contiguous bytes,
@@ -483,8 +491,14 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
             for (int h = 0; h < 2; ++h) {
                 const int r = row0 + mt * 16 + g + 8 * h;
                 const int rc = r < P.rows ? r : P.rows - 1;
-                crow[mt][h] = r < P.rows || plain ? code_row(P, rc) : (const unsigned char*)0;
-                srow[mt][h] = scale_row(P, rc);
+                if (plain) {
+                    // Opaque: kept in registers, not recomputed from P at every refill.
+                    crow[mt][h] = (const unsigned char*)opaque_pointer(code_row(P, rc) + t * (4 * BITS));
+                    srow[mt][h] = (const u16*)opaque_pointer(scale_row(P, rc));
+                } else {
+                    crow[mt][h] = r < P.rows ? code_row(P, rc) : (const unsigned char*)0;
+                    srow[mt][h] = scale_row(P, rc);
+                }
             }
         u32 ring[D][MT][2][BITS];
         u32 sring[D][MT][2];
@@ -497,7 +511,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const unsigned char* src = crow[mt][h] + step * P.step_pitch + t * (4 * BITS);
+                        const unsigned char* src = crow[mt][h] + step * P.step_pitch;
 #if BITS == 4
                         const U4 v = load_stream_v4(src);
                         ring[d][mt][h][0] = v.x;
@@ -798,8 +812,9 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                     // layer has a multiple of 16 rows) reads rows of the first tile; it writes
                     // nothing.
                     const int rr = r < P.rows ? r : r & 15;
-                    crow[mt][h] = code_row(P, rr) + 4 * BITS * t;
-                    srow[mt][h] = scale_row(P, rr) + (GEMV_CPB == 1 ? 0 : (2 * t) % GEMV_CPB);
+                    // Opaque copies: kept in registers, not recomputed from P at every refill.
+                    crow[mt][h] = (const unsigned char*)opaque_pointer(code_row(P, rr) + 4 * BITS * t);
+                    srow[mt][h] = (const u16*)opaque_pointer(scale_row(P, rr) + (GEMV_CPB == 1 ? 0 : (2 * t) % GEMV_CPB));
                 } else {
                     crow[mt][h] = r < P.rows ? code_row(P, r) : (const unsigned char*)0;
                     srow[mt][h] = scale_row(P, r < P.rows ? r : 0);
