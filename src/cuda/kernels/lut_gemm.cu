@@ -218,6 +218,22 @@ __device__ __forceinline__ const unsigned char* code_row(const LutParams& P, int
     return base + (u64)(r >> 4) * (16 * (u64)P.row_bytes) + (u64)((r & 15) * P.row_pitch);
 }
 
+// One whole, aligned 32-value chunk of codes (4 * BITS bytes at `src`), streamed.
+__device__ __forceinline__ void load_chunk_vector(const unsigned char* src, u32 (&w)[BITS]) {
+#if BITS == 4
+    const U4 v = load_stream_v4(src);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+#elif BITS == 2
+    load_stream_v2(src, w[0], w[1]);
+#else
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
+#endif
+}
+
 // Issue the loads of chunk `c` (the 32 k-values [32c, 32c + 32)) of a row: packed codes into w,
 // the f16 scale into s. `codes` and `scales` point at the row (null: a row past the end, which
 // gets zero codes and scale 0, so its values are 0). Chunks past `padded` get zeros too;
@@ -231,18 +247,7 @@ __device__ __forceinline__ void load_chunk(const LutParams& P, const unsigned ch
     if (!codes || kl >= P.padded) return;
     if (P.vector_codes && c < P.full_chunks) {
         const unsigned char* src = codes + (c >> 2) * P.step_pitch + (c & 3) * (4 * BITS);
-#if BITS == 4
-        const U4 v = load_stream_v4(src);
-        w[0] = v.x;
-        w[1] = v.y;
-        w[2] = v.z;
-        w[3] = v.w;
-#elif BITS == 2
-        load_stream_v2(src, w[0], w[1]);
-#else
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
-#endif
+        load_chunk_vector(src, w);
     } else {
         const U4 v = load_chunk_bytes(codes, c, P.row_bytes);
         w[0] = v.x;
@@ -511,19 +516,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const unsigned char* src = crow[mt][h] + step * P.step_pitch;
-#if BITS == 4
-                        const U4 v = load_stream_v4(src);
-                        ring[d][mt][h][0] = v.x;
-                        ring[d][mt][h][1] = v.y;
-                        ring[d][mt][h][2] = v.z;
-                        ring[d][mt][h][3] = v.w;
-#elif BITS == 2
-                        load_stream_v2(src, ring[d][mt][h][0], ring[d][mt][h][1]);
-#else
-#pragma unroll
-                        for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = load_stream_u32(src + 4 * i);
-#endif
+                        load_chunk_vector(crow[mt][h] + step * P.step_pitch, ring[d][mt][h]);
                         sring[d][mt][h] = load_cached_u16(srow[mt][h] + group);
                     }
             } else {
@@ -736,19 +729,7 @@ __device__ __forceinline__ u32 gemv_scales(const LutParams& P, const u16* srow, 
 // start + (2t) % CPB): the scale groups of a super-step are consecutive, CPB of them.
 __device__ __forceinline__ void gemv_refill_plain(const LutParams& P, const unsigned char* codes, const u16* scales,
                                                   int step, bool has_output, u32 (&w)[BITS], u32& s) {
-    const unsigned char* src = codes + (u64)step * P.step_pitch;
-#if BITS == 4
-    const U4 v = load_stream_v4(src);
-    w[0] = v.x;
-    w[1] = v.y;
-    w[2] = v.z;
-    w[3] = v.w;
-#elif BITS == 2
-    load_stream_v2(src, w[0], w[1]);
-#else
-#pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = load_stream_u32(src + 4 * i);
-#endif
+    load_chunk_vector(codes + (u64)step * P.step_pitch, w);
     if (has_output) {
         if (GEMV_CPB == 1) {
             const u32 s0 = load_cached_u16(scales + step);
