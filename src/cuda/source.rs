@@ -404,21 +404,29 @@ pub fn hadamard(shape: &HadamardShape, act: ActType) -> Result<String> {
 mod tests {
     use super::*;
 
-    /// The factorization and index layout the kernel uses, replayed on the CPU in f64:
-    /// Sylvester stages on the fastest index, then the fast and slow Paley factors.
-    fn emulate(shape: &HadamardShape, x: &[f32]) -> Vec<f32> {
-        let n = shape.order;
-        let pow2 = 1usize << shape.log2;
-        let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
-        for s in 0..shape.log2 {
-            let d = 1usize << s;
-            for i in 0..n {
+    /// The unnormalized Sylvester (Walsh–Hadamard) transform of a power-of-two block, in f64.
+    fn sylvester_f64(v: &mut [f64]) {
+        let mut d = 1;
+        while d < v.len() {
+            for i in 0..v.len() {
                 if i & d == 0 {
                     let (a, b) = (v[i], v[i + d]);
                     v[i] = a + b;
                     v[i + d] = a - b;
                 }
             }
+            d *= 2;
+        }
+    }
+
+    /// The factorization and index layout the kernel uses, replayed on the CPU in f64:
+    /// Sylvester stages on the fastest index, then the fast and slow Paley factors.
+    fn emulate(shape: &HadamardShape, x: &[f32]) -> Vec<f32> {
+        let n = shape.order;
+        let pow2 = 1usize << shape.log2;
+        let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+        for segment in v.chunks_mut(pow2) {
+            sylvester_f64(segment);
         }
         for (size, stride) in [(shape.fast, pow2), (shape.slow, shape.fast * pow2)] {
             if size == 1 {
@@ -514,16 +522,7 @@ mod tests {
             hadamard::forward(&mut expected, order).unwrap();
             let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
             for segment in v.chunks_mut(seg) {
-                for s in 0..shape.log2 {
-                    let d = 1usize << s;
-                    for i in 0..seg {
-                        if i & d == 0 {
-                            let (a, b) = (segment[i], segment[i + d]);
-                            segment[i] = a + b;
-                            segment[i + d] = a - b;
-                        }
-                    }
-                }
+                sylvester_f64(segment);
             }
             let h = shape.outer_matrix().unwrap();
             let m = shape.outer;
