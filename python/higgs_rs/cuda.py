@@ -210,13 +210,13 @@ def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
 
 
 def _split_k_counters(device: torch.device, stream: int, out_features: int) -> torch.Tensor:
-    """The zero-filled split-K counters of a stream: 16 bytes per 128 output rows bound what any
-    call needs (one block of 8 warps covers at least 128 rows)."""
+    """The zero-filled split-K counters of a stream: 16 bytes per 16 output rows bound what any
+    call needs (a block covers at least 16 rows: one row tile, with in-block K slices)."""
     import torch
 
     key = (device.index or 0, stream)
     counters = _counters.get(key)
-    need = -(-out_features // 128) * 16
+    need = -(-out_features // 16) * 16
     if counters is None or counters.numel() < need:
         counters = torch.zeros(max(need, 1 << 16), dtype=torch.uint8, device=device)
         _counters[key] = counters

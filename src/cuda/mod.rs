@@ -133,8 +133,12 @@ pub struct LinearPlan {
     /// Row-tile multiplier (rows per block = 16·mt) and batch tiles of 8 per warp.
     pub mt: usize,
     pub nt: usize,
+    /// Row blocks of `16 · mt · 8 / kslices` rows.
     pub row_tiles: usize,
     pub splits: usize,
+    /// `lut_gemv`: warps of a block that share their rows, each taking a slice of the item's
+    /// super-steps (summed in shared memory: no split-K tail). 1 elsewhere.
+    pub kslices: usize,
     pub steps_per_split: usize,
     pub total_steps: usize,
     pub batch_chunks: usize,
@@ -162,7 +166,8 @@ fn align256(x: usize) -> usize {
 fn lut_shared_bytes(bits: u32, kernel: LutKernel) -> usize {
     let table = (1usize << (2 * bits)) * 256;
     match kernel {
-        LutKernel::Gemv { .. } => table,
+        // Then the in-block K slices' sums: 4 floats per lane.
+        LutKernel::Gemv { .. } => table + WARPS * 32 * 4 * 4,
         LutKernel::Mma { nt, .. } => table + source::XS_STAGES * 8 * nt * KSTEP * 2,
         LutKernel::Dequantize => 0,
     }
@@ -209,6 +214,8 @@ pub fn tile_shape(batch: usize, rows: usize, tuning: Tuning) -> Result<(usize, u
 
 /// The plan for `batch` rows through a layer of `rows` outputs and `padded` rotated inputs on a
 /// GPU with `sm_count` multiprocessors, each holding `blocks_per_sm` blocks of the kernel.
+/// `gemv`: the plan is for `lut_gemv` (one row tile per warp; in-block K slices allowed).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_linear(
     batch: usize,
     rows: usize,
@@ -217,27 +224,46 @@ pub fn plan_linear(
     sm_count: usize,
     blocks_per_sm: usize,
     tuning: Tuning,
+    gemv: bool,
 ) -> Result<LinearPlan> {
     let (mt, nt) = tile_shape(batch, rows, tuning)?;
+    let mt = if gemv { 1 } else { mt };
     let kp = padded.next_multiple_of(KSTEP);
     let total_steps = kp / KSTEP;
     let batch_chunks = batch.div_ceil(MAX_COLS);
-    let row_tiles = rows.div_ceil(WARPS * 16 * mt);
     let slots = sm_count * blocks_per_sm.max(1);
-    let splits = if batch_chunks > 1 {
-        1
+    let row_tiles_of = |kslices: usize| rows.div_ceil(WARPS / kslices * 16 * mt);
+    let (kslices, splits) = if batch_chunks > 1 {
+        (1, 1)
     } else if tuning.splits > 0 {
-        tuning.splits
+        (1, tuning.splits)
     } else {
-        // Fewest waves × (super-steps per item + about two for filling the pipeline): the
-        // critical path; each warp keeps at least two super-steps, ties go to fewer splits.
+        // Fewest waves × (super-steps per warp + about two for filling the pipeline), plus about
+        // three for a split-K tail: the critical path. Each warp keeps at least two super-steps;
+        // ties go to fewer splits, then fewer slices.
         let max_splits = (total_steps / 2).clamp(1, MAX_SPLITS);
-        (1..=max_splits)
-            .min_by_key(|&s| {
-                (row_tiles * s).div_ceil(slots) * (total_steps.div_ceil(s) + 2) * 64 + s
+        // `HIGGS_CUDA_KSLICES=0`: no slices, and the split choice of before them.
+        let sliced = gemv && !device::switched_off("KSLICES");
+        let slice_counts: &[usize] = if sliced { &[1, 2, 4, 8] } else { &[1] };
+        let mut options = Vec::new();
+        for &k in slice_counts {
+            for s in 1..=max_splits {
+                let per_warp = total_steps.div_ceil(s).div_ceil(k);
+                if per_warp >= 2 || (k == 1 && s == 1) {
+                    options.push((k, s, per_warp));
+                }
+            }
+        }
+        options
+            .into_iter()
+            .min_by_key(|&(k, s, per_warp)| {
+                let waves = (row_tiles_of(k) * s).div_ceil(slots);
+                let tail = if s > 1 && sliced { 3 } else { 0 };
+                ((waves * (per_warp + 2) + tail) * 64 + s) * 16 + k
             })
-            .unwrap_or(1)
+            .map_or((1, 1), |(k, s, _)| (k, s))
     };
+    let row_tiles = row_tiles_of(kslices);
     let steps_per_split = total_steps.div_ceil(splits);
     let splits = total_steps.div_ceil(steps_per_split);
     // Four u32 per row block (split-K arrivals and give-ups, departures; see `lut_gemm.cu`).
@@ -256,6 +282,7 @@ pub fn plan_linear(
         nt,
         row_tiles,
         splits,
+        kslices,
         steps_per_split,
         total_steps,
         batch_chunks,
@@ -357,6 +384,7 @@ struct LutParams {
     row_pitch: i32,
     step_pitch: i32,
     spin_reduce: i32,
+    kslices: i32,
     codes1: u64,
     codes2: u64,
     scales1: u64,
@@ -593,10 +621,10 @@ fn prepare(
     let kernel = lut_kernel(dev, bits, act, variant, segments, plain)?;
     let shared = lut_shared_bytes(bits, variant);
     let resident = dev.blocks_per_sm(&kernel, (WARPS * 32) as u32, shared)?;
-    // The plan's row blocks follow the kernel: `lut_gemv` has one row tile per warp.
-    let plan_tuning = match variant {
-        LutKernel::Mma { mt, .. } => Tuning { mt, ..tuning },
-        _ => Tuning { mt: 1, ..tuning },
+    // The plan's row blocks follow the kernel (`lut_gemv`: one row tile per warp).
+    let (plan_tuning, gemv) = match variant {
+        LutKernel::Mma { mt, .. } => (Tuning { mt, ..tuning }, false),
+        _ => (tuning, true),
     };
     let mut plan = plan_linear(
         batch,
@@ -606,6 +634,7 @@ fn prepare(
         dev.sm_count,
         resident,
         plan_tuning,
+        gemv,
     )?;
     plan.shared_bytes = shared;
     Ok((kernel, plan, resident))
@@ -874,6 +903,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         row_pitch,
         step_pitch,
         spin_reduce: 0,
+        kslices: plan.kslices as i32,
         codes1: siblings.first().map_or(0, |s| s.codes),
         codes2: siblings.get(1).map_or(0, |s| s.codes),
         scales1: siblings.first().map_or(0, |s| s.scales),
@@ -1075,7 +1105,8 @@ mod tests {
             tile_shape(8, 100, Tuning { mt: 1, splits: 0 }).unwrap(),
             (1, 1)
         );
-        assert_eq!(lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }), 65536);
+        // The table, then the K slices' sums.
+        assert_eq!(lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }), 65536 + 4096);
         assert_eq!(
             lut_shared_bytes(4, LutKernel::Mma { mt: 1, nt: 1 }),
             65536 + source::XS_STAGES * 8 * 256
@@ -1142,16 +1173,20 @@ mod tests {
 
     #[test]
     fn plans_cover_every_step_and_row() {
-        for (batch, rows, padded) in [
-            (1, 4096, 4096),
-            (1, 1024, 4096),
-            (16, 14336, 4096),
-            (64, 4096, 14336),
-            (3, 1000, 576),
-            (200, 100, 128),
+        for (batch, rows, padded, gemv) in [
+            (1, 4096, 4096, true),
+            (1, 1024, 4096, true),
+            (1, 4096, 14336, true),
+            (4, 28672, 4096, true),
+            (1, 4096, 4096, false),
+            (16, 14336, 4096, false),
+            (64, 4096, 14336, false),
+            (3, 1000, 576, true),
+            (3, 1000, 576, false),
+            (200, 100, 128, false),
         ] {
-            let p = plan_linear(batch, rows, padded, 4, 132, 3, Tuning::default()).unwrap();
-            assert!(p.row_tiles * WARPS * 16 * p.mt >= rows);
+            let p = plan_linear(batch, rows, padded, 4, 132, 3, Tuning::default(), gemv).unwrap();
+            assert!(p.row_tiles * WARPS / p.kslices * 16 * p.mt >= rows);
             assert!(p.splits * p.steps_per_split >= p.total_steps);
             assert!((p.splits - 1) * p.steps_per_split < p.total_steps, "{p:?}");
             assert!(p.kp >= padded && p.kp.is_multiple_of(KSTEP));
@@ -1161,7 +1196,7 @@ mod tests {
             );
             assert!(p.counters_bytes >= p.row_tiles * 16);
             // Python sizes the counters buffer by this bound.
-            assert!(p.counters_bytes <= (rows.div_ceil(128) * 16).next_multiple_of(256));
+            assert!(p.counters_bytes <= (rows.div_ceil(16) * 16).next_multiple_of(256));
             assert!(p.x_rot_offset == 0 && p.partials_offset >= batch * p.kp * 2);
             assert!(
                 p.workspace_bytes
@@ -1171,23 +1206,39 @@ mod tests {
             if p.batch_chunks > 1 {
                 assert_eq!(p.splits, 1);
             }
+            assert!(gemv || p.kslices == 1);
+            assert!(WARPS.is_multiple_of(p.kslices));
+            // Every warp keeps at least two super-steps (unless the whole row has fewer).
+            assert!(
+                p.steps_per_split.div_ceil(p.kslices) >= 2.min(p.total_steps),
+                "{p:?}"
+            );
         }
+        // Decode-sized layers of Llama-3-8B on an H100 (132 SMs, 2 lut_gemv blocks each): the
+        // few-row layers fill the GPU with in-block slices instead of split-K.
+        let h100 = |rows, padded| plan_linear(1, rows, padded, 4, 132, 2, Tuning::default(), true);
+        let o = h100(4096, 4096).unwrap();
+        assert_eq!((o.kslices, o.splits), (8, 1), "{o:?}");
+        let down = h100(4096, 14336).unwrap();
+        assert_eq!((down.kslices, down.splits), (8, 1), "{down:?}");
+        let gate_up = h100(28672, 4096).unwrap();
+        assert_eq!((gate_up.kslices, gate_up.splits), (1, 1), "{gate_up:?}");
         // Few rows: split-K fills the GPU; many rows and few slots: no split.
-        let few = plan_linear(1, 1024, 4096, 4, 132, 4, Tuning::default()).unwrap();
+        let few = plan_linear(1, 1024, 4096, 4, 132, 4, Tuning::default(), false).unwrap();
         assert!(few.splits > 1 && few.steps_per_split >= 2, "{few:?}");
         assert_eq!(
-            plan_linear(1, 14336, 4096, 4, 8, 1, Tuning::default())
+            plan_linear(1, 14336, 4096, 4, 8, 1, Tuning::default(), true)
                 .unwrap()
                 .splits,
             1
         );
         assert_eq!(
-            plan_linear(1, 4096, 4096, 4, 132, 3, Tuning { mt: 1, splits: 5 })
+            plan_linear(1, 4096, 4096, 4, 132, 3, Tuning { mt: 1, splits: 5 }, true)
                 .unwrap()
                 .splits,
             5
         );
-        assert!(plan_linear(0, 8, 128, 4, 132, 1, Tuning::default()).is_err());
-        assert!(plan_linear(1, 8, 128, 4, 132, 1, Tuning { mt: 3, splits: 0 }).is_err());
+        assert!(plan_linear(0, 8, 128, 4, 132, 1, Tuning::default(), false).is_err());
+        assert!(plan_linear(1, 8, 128, 4, 132, 1, Tuning { mt: 3, splits: 0 }, false).is_err());
     }
 }

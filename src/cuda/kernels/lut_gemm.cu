@@ -67,6 +67,8 @@ struct LutParams {
     int row_pitch;               // bytes between rows inside a 16-row tile (see code_row)
     int step_pitch;              // bytes between a row's 128-k super-steps
     int spin_reduce;             // lut_mma: every block holds one item, all resident (see below)
+    int kslices;                 // lut_gemv: warps of a block sharing rows, each a slice of the
+                                 // item's super-steps (1, 2, 4, 8; see lut_gemv_body)
     // Sibling layers computed by the same launch (same input, rotation and shape but their rows):
     // rows [seg1, seg2) and [seg2, rows) are layers 1 and 2 with their own codes, scales and
     // output (batch x their rows). Without siblings seg1 = seg2 = rows.
@@ -165,6 +167,18 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 #endif
 }
+
+#ifdef LUT_TRACE
+__device__ __forceinline__ u64 trace_now() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define TRACE(i) \
+    if (tid == 0 && item == blockIdx.x) tr[i] = trace_now()
+#else
+#define TRACE(i)
+#endif
 
 __device__ __forceinline__ u32 scale_pair(u16 s) {
 #ifdef ACT_BF16
@@ -740,10 +754,14 @@ __device__ __forceinline__ void gemv_refill_plain(const LutParams& P, const unsi
     }
 }
 
+// In-block K slices (P.kslices = KS > 1): the block's 8 warps are 8 / KS row tiles times KS
+// slices of the item's super-steps; after the loop each warp leaves its sums in shared memory (after
+// the table) and the slice-0 warp of each row tile adds the others' in slice order. For layers with
+// few rows this fills the GPU without global split-K, whose tail (partials, fence, counter, the
+// last block's pass) costs ~2 µs on an H100.
 template <int MT, bool PLAIN>
 __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     constexpr int RT = 16 * MT;
-    constexpr int RB = WARPS * RT;
     constexpr int D = GEMV_D;
     constexpr int NB = 8 / GEMV_CPB;  // batch items per launch
     extern __shared__ u32 lut[];      // LUT_N * GEMV_ENTRY_BYTES bytes
@@ -754,8 +772,16 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     const int g = lane >> 2;
     const int t = lane & 3;
     const u32 lane4 = (u32)lane * 4;
+#ifdef LUT_TRACE
+    u64 tr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int item = blockIdx.x;
+    TRACE(0);
+#endif
     build_lut<GEMV_ENTRY_BYTES / 4>(P, lut);
     __syncthreads();
+#ifdef LUT_TRACE
+    TRACE(1);
+#endif
     bool waited = false;
 
     // B operand: this lane supplies column g (batch item g / CPB, group slot g % CPB) for its chunk
@@ -765,14 +791,22 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     // Accumulator columns 2t, 2t + 1 of this lane: batch item (2t) / CPB for both when CPB >= 2.
     const bool has_output = (2 * t) / GEMV_CPB < P.batch;
 
+    const int kslices = P.kslices;
+    const int kslice = warp % kslices;
+    const int RB = (WARPS / kslices) * RT;  // rows per block
+    float* slice_sums = (float*)(lut + LUT_N * (GEMV_ENTRY_BYTES / 4));  // WARPS x 4 x 32
+
     const int items = P.row_tiles * P.splits;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item % P.row_tiles;
         const int split = item / P.row_tiles;
-        const int row0 = tile * RB + warp * RT;
-        const int step_begin = split * P.steps_per_split;
-        const int step_end = step_begin + P.steps_per_split < P.total_steps ? step_begin + P.steps_per_split
+        const int row0 = tile * RB + (warp / kslices) * RT;
+        const int item_begin = split * P.steps_per_split;
+        const int item_end = item_begin + P.steps_per_split < P.total_steps ? item_begin + P.steps_per_split
                                                                             : P.total_steps;
+        const int per_slice = (item_end - item_begin + kslices - 1) / kslices;
+        const int step_begin = item_begin + kslice * per_slice;
+        const int step_end = step_begin + per_slice < item_end ? step_begin + per_slice : item_end;
         const u16* xrow = P.x_rot + (u64)(x_active ? xb : 0) * P.kp + 32 * t;
 
         float acc[MT][2][2];
@@ -823,10 +857,12 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         for (int i = 0; i < BITS; ++i) ring[d][mt][h][i] = 0;
                     }
                 }
+        TRACE(2);
         if (!waited) {
             wait_for_previous_grid();
             waited = true;
         }
+        TRACE(3);
         U4 bq[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) bq[u].x = bq[u].y = bq[u].z = bq[u].w = 0;
@@ -856,6 +892,9 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         mma_16816(c[mt], a0, a1, a2, a3, b0, b1);
                     }
                 }
+#ifdef LUT_TRACE
+                if (step == step_begin) TRACE(4);
+#endif
                 // Column j of row half h: scale of its group, applied once per super-step.
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -891,10 +930,24 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
             }
         }
 
+        static_assert(MT == 1, "slice_sums holds one row tile per warp");
+        if (kslices > 1) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) slice_sums[(warp * 4 + j) * 32 + lane] = acc[0][j >> 1][j & 1];
+            __syncthreads();
+            if (kslice == 0) {
+                for (int sl = 1; sl < kslices; ++sl)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[0][j >> 1][j & 1] += slice_sums[((warp + sl) * 4 + j) * 32 + lane];
+            }
+            // The next item's sums overwrite these.
+            __syncthreads();
+        }
         // Lane (g, t) holds rows g, g + 8 for columns 2t, 2t + 1: batch items 2t, 2t + 1 (CPB 1), or
         // both slots of item t (CPB 2), or two of the four slots of item t / 2 (CPB 4: the other two
-        // are on lane t ^ 1).
+        // are on lane t ^ 1). With K slices only slice 0 holds the row tile's sums.
         const bool split_mode = P.splits > 1;
+        TRACE(5);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -918,7 +971,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     const int b = b0 + j;
-                    if (j < nv && r < P.rows && b < P.batch) {
+                    if (j < nv && kslice == 0 && r < P.rows && b < P.batch) {
                         if (split_mode) {
                             P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = v[j];
                         } else {
@@ -953,8 +1006,17 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
             }
             __syncthreads();
         }
+        TRACE(6);
     }
     if (!waited) wait_for_previous_grid();
+#ifdef LUT_TRACE
+    if (tid == 0) {
+        u32 smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        printf("LT %d %d %d %d %u %llu %llu %llu %llu %llu %llu %llu\n", P.rows, P.splits, (int)gridDim.x,
+               (int)blockIdx.x, smid, tr[0], tr[1], tr[2], tr[3], tr[4], tr[5], tr[6]);
+    }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, GEMV_MIN_BLOCKS) lut_gemv(const LutParams P) {
