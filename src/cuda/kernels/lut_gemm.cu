@@ -115,29 +115,35 @@ __device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
 // Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
 // 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
 // Entries are ENTRY_WORDS apart (WIDE_ENTRY_BYTES / 4 = 64: 32 copies, then padding).
+// Table entry e (< LUT_N): the pair code's two values, packed.
+__device__ __forceinline__ u32 lut_entry(const LutParams& P, int e) {
+    float lo, hi;
+    if (P.p == 2) {
+        lo = P.grid[2 * e];
+        hi = P.grid[2 * e + 1];
+    } else {
+        lo = P.grid[e & ((1 << BITS) - 1)];
+        hi = P.grid[e >> BITS];
+    }
+    return pack_act2(lo, hi);
+}
+
+// The warp writes the 32 copies of entries base .. base + 31, lane j holding entry base + j (`v`).
+template <int ENTRY_WORDS>
+__device__ __forceinline__ void store_lut_entries(u32* lut, int base, u32 v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+        const u32 vj = __shfl_sync(0xffffffffu, v, j);
+        if (base + j < LUT_N) lut[(base + j) * ENTRY_WORDS + lane] = vj;
+    }
+}
+
 template <int ENTRY_WORDS = 32>
 __device__ __forceinline__ void build_lut(const LutParams& P, u32* lut) {
     const int lane = threadIdx.x & 31;
-    for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS) {
-        const int e = base + lane;
-        u32 v = 0;
-        if (e < LUT_N) {
-            float lo, hi;
-            if (P.p == 2) {
-                lo = P.grid[2 * e];
-                hi = P.grid[2 * e + 1];
-            } else {
-                lo = P.grid[e & ((1 << BITS) - 1)];
-                hi = P.grid[e >> BITS];
-            }
-            v = pack_act2(lo, hi);
-        }
-#pragma unroll 8
-        for (int j = 0; j < 32; ++j) {
-            const u32 vj = __shfl_sync(0xffffffffu, v, j);
-            if (base + j < LUT_N) lut[(base + j) * ENTRY_WORDS + lane] = vj;
-        }
-    }
+    for (int base = (threadIdx.x >> 5) * 32; base < LUT_N; base += THREADS)
+        store_lut_entries<ENTRY_WORDS>(lut, base, base + lane < LUT_N ? lut_entry(P, base + lane) : 0u);
 }
 
 // Scale group of the k-range starting at kl (clamped: k past `padded` only meets zero activations).
@@ -754,6 +760,33 @@ __device__ __forceinline__ void gemv_refill_plain(const LutParams& P, const unsi
     }
 }
 
+// Ask L2 for the codes and scales of this warp's first GEMV_D super-steps before the table is
+// built: the first data of a launch otherwise arrives ~3 µs after the ring loads that follow the
+// table (H100). Tiled plain layers only, where a warp's super-step is 256 * BITS contiguous bytes.
+__device__ __forceinline__ void gemv_prefetch_first_steps(const LutParams& P) {
+#ifndef GEMV_NO_PREFETCH
+    if (P.step_pitch != 256 * BITS || (int)blockIdx.x >= P.row_tiles * P.splits) return;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int tile = blockIdx.x % P.row_tiles;
+    const int split = blockIdx.x / P.row_tiles;
+    const int kslices = P.kslices;
+    const int row0 = tile * (WARPS / kslices) * 16 + (warp / kslices) * 16;
+    if (row0 >= P.rows) return;
+    const int item_begin = split * P.steps_per_split;
+    const int item_end = min(item_begin + P.steps_per_split, P.total_steps);
+    const int per_slice = (item_end - item_begin + kslices - 1) / kslices;
+    const int begin = item_begin + (warp % kslices) * per_slice;
+    const int steps = min(min(per_slice, item_end - begin), GEMV_D);
+    constexpr int LINES = 2 * BITS;  // 128-byte lines per super-step
+    const unsigned char* codes = code_row(P, row0) + (u64)begin * P.step_pitch;
+    for (int i = lane; i < steps * LINES; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(codes + i * 128));
+    // The 16 rows' scales of those steps (CPB per step: within one or two lines per row).
+    if (lane < 16 && steps > 0)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(scale_row(P, row0 + lane) + begin * GEMV_CPB));
+#endif
+}
+
 // In-block K slices (P.kslices = KS > 1): the block's 8 warps are 8 / KS row tiles times KS
 // slices of the item's super-steps; after the loop each warp leaves its sums in shared memory (after
 // the table) and the slice-0 warp of each row tile adds the others' in slice order. For layers with
@@ -777,7 +810,12 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     int item = blockIdx.x;
     TRACE(0);
 #endif
-    build_lut<GEMV_ENTRY_BYTES / 4>(P, lut);
+    // One table entry per thread: its grid values are asked for before the prefetch, which would
+    // otherwise queue ahead of them (the table build took 2.3-2.9 µs instead of ~1.1 µs).
+    static_assert(LUT_N <= THREADS, "one table entry per thread");
+    const u32 entry = tid < LUT_N ? lut_entry(P, tid) : 0u;
+    if (PLAIN) gemv_prefetch_first_steps(P);
+    store_lut_entries<GEMV_ENTRY_BYTES / 4>(lut, warp * 32, entry);
     __syncthreads();
 #ifdef LUT_TRACE
     TRACE(1);
