@@ -4,7 +4,8 @@
 //
 // Defines: BITS (2, 3, 4: bits per weight), ACT_BF16 (bfloat16 instead of float16); for timing
 // experiments (HIGGS_CUDA_DEFINES): LUT_MIN_BLOCKS, MMA_D (lut_mma), GEMV_D, GEMV_G, ... (lut_gemv),
-// LUT_NO_TRIGGER (no early launch of programmatic dependents, see allow_dependents).
+// LUT_NO_TRIGGER (no early launch of programmatic dependents, see allow_dependents), LUT_TRACE
+// (phase timestamps, see TRACE), GEMV_NO_PREFETCH (see gemv_prefetch_first_steps).
 //
 // Every pair of consecutive weights (k, k+1) of a row is one "pair code" of 2*BITS bits: a p = 2
 // code, or two p = 1 codes (LSB-first, so the lower code is the lower k). A shared table maps a
@@ -174,6 +175,8 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// LUT_TRACE (benches/gpu_trace.py): lut_gemv's thread 0 records %globaltimer at the phases of its
+// first item (TRACE(i)) and prints them at exit.
 #ifdef LUT_TRACE
 __device__ __forceinline__ u64 trace_now() {
     u64 t;
@@ -817,9 +820,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
     if (PLAIN) gemv_prefetch_first_steps(P);
     store_lut_entries<GEMV_ENTRY_BYTES / 4>(lut, warp * 32, entry);
     __syncthreads();
-#ifdef LUT_TRACE
     TRACE(1);
-#endif
     bool waited = false;
 
     // B operand: this lane supplies column g (batch item g / CPB, group slot g % CPB) for its chunk
