@@ -1106,7 +1106,10 @@ mod tests {
             (1, 1)
         );
         // The table, then the K slices' sums.
-        assert_eq!(lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }), 65536 + 4096);
+        assert_eq!(
+            lut_shared_bytes(4, LutKernel::Gemv { cpb: 2 }),
+            65536 + 4096
+        );
         assert_eq!(
             lut_shared_bytes(4, LutKernel::Mma { mt: 1, nt: 1 }),
             65536 + source::XS_STAGES * 8 * 256
