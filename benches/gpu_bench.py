@@ -344,6 +344,20 @@ def quantize_blocks(model: TinyLlama) -> None:
         torch.cuda.empty_cache()
 
 
+def warm_and_capture(model: TinyLlama, inputs: tuple, graph: torch.cuda.CUDAGraph | None) -> None:
+    """Three decode steps on a side stream (the lazy setup, as graph capture wants), then one step
+    captured into ``graph`` when given."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    if graph is not None:
+        with torch.cuda.graph(graph):
+            model(*inputs)
+
+
 def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float:
     max_len = model.blocks[0].k_cache.shape[2]
     token = torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -357,16 +371,9 @@ def decode_tokens_per_second(model: TinyLlama, steps: int, graph: bool) -> float
 
     with torch.no_grad():
         set_step(0)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(token, pos, mask)
-        torch.cuda.current_stream().wait_stream(side)
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                model(token, pos, mask)
+        g = torch.cuda.CUDAGraph() if graph else None
+        warm_and_capture(model, (token, pos, mask), g)
+        if g is not None:
             run = g.replay
         else:
             def run() -> None:

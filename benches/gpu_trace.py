@@ -27,7 +27,7 @@ os.environ["HIGGS_CUDA_DEFINES"] = ",".join(
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from gpu_bench import DEVICE, TinyLlama, quantize_blocks  # noqa: E402
+from gpu_bench import DEVICE, TinyLlama, quantize_blocks, warm_and_capture  # noqa: E402
 
 PHASES = ["table", "loads issued", "waited", "first step", "loop", "tail"]
 
@@ -86,19 +86,12 @@ def main() -> None:
     mask[..., 1:] = float("-inf")
     graph = torch.cuda.CUDAGraph()
 
-    def warm_and_capture() -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(token, pos, mask)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            model(token, pos, mask)
+    def warm() -> None:
+        warm_and_capture(model, (token, pos, mask), graph)
         graph.replay()
 
     with torch.no_grad():
-        device_output(warm_and_capture)
+        device_output(warm)
         text = device_output(graph.replay)
     print("rows splits blocks | µs since the launch's first block (median / max): ", end="")
     print(", ".join(PHASES) + " | span")

@@ -113,11 +113,9 @@ __device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
     return base + (u64)b * rows + (r - segment_start(P, seg));
 }
 
-// Lane l of a warp computes entry base + l once (one load of the grid), then the warp writes the
-// 32 copies of each of its 32 entries: 32 consecutive words per store, no bank conflicts.
-// Entries are ENTRY_WORDS apart (WIDE_ENTRY_BYTES / 4 = 64: 32 copies, then padding).
-// Table entry e (< LUT_N): the pair code's two values, packed.
-__device__ __forceinline__ u32 lut_entry(const LutParams& P, int e) {
+// Table entry e (< LUT_N): the pair code's two values, packed (LutParams or DequantParams).
+template <class Params>
+__device__ __forceinline__ u32 lut_entry(const Params& P, int e) {
     float lo, hi;
     if (P.p == 2) {
         lo = P.grid[2 * e];
@@ -129,7 +127,9 @@ __device__ __forceinline__ u32 lut_entry(const LutParams& P, int e) {
     return pack_act2(lo, hi);
 }
 
-// The warp writes the 32 copies of entries base .. base + 31, lane j holding entry base + j (`v`).
+// The warp writes the 32 copies of entries base .. base + 31, lane j holding entry base + j (`v`):
+// 32 consecutive words per store, no bank conflicts. Entries are ENTRY_WORDS apart
+// (WIDE_ENTRY_BYTES / 4 = 64: 32 copies, then padding).
 template <int ENTRY_WORDS>
 __device__ __forceinline__ void store_lut_entries(u32* lut, int base, u32 v) {
     const int lane = threadIdx.x & 31;
@@ -1147,17 +1147,7 @@ __device__ __forceinline__ void dequant_pair(const DequantParams& P, const u32* 
 
 extern "C" __global__ void __launch_bounds__(256) dequantize_rotated(const DequantParams P) {
     __shared__ u32 lut[LUT_N];
-    for (int e = threadIdx.x; e < LUT_N; e += blockDim.x) {
-        float lo, hi;
-        if (P.p == 2) {
-            lo = P.grid[2 * e];
-            hi = P.grid[2 * e + 1];
-        } else {
-            lo = P.grid[e & ((1 << BITS) - 1)];
-            hi = P.grid[e >> BITS];
-        }
-        lut[e] = pack_act2(lo, hi);
-    }
+    for (int e = threadIdx.x; e < LUT_N; e += blockDim.x) lut[e] = lut_entry(P, e);
     __syncthreads();
     const int pairs = P.padded >> 1;
     const long long threads = (long long)gridDim.x * blockDim.x;
