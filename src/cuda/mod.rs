@@ -1224,6 +1224,8 @@ mod tests {
         assert_eq!((o.kslices, o.splits), (8, 1), "{o:?}");
         let down = h100(4096, 14336).unwrap();
         assert_eq!((down.kslices, down.splits), (8, 1), "{down:?}");
+        let qkv = h100(6144, 4096).unwrap();
+        assert_eq!((qkv.kslices, qkv.splits), (4, 1), "{qkv:?}");
         let gate_up = h100(28672, 4096).unwrap();
         assert_eq!((gate_up.kslices, gate_up.splits), (1, 1), "{gate_up:?}");
         // Few rows: split-K fills the GPU; many rows and few slots: no split.

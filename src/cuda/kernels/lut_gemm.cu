@@ -766,6 +766,9 @@ __device__ __forceinline__ void gemv_refill_plain(const LutParams& P, const unsi
 // Ask L2 for the codes and scales of this warp's first GEMV_D super-steps before the table is
 // built: the first data of a launch otherwise arrives ~3 µs after the ring loads that follow the
 // table (H100). Tiled plain layers only, where a warp's super-step is 256 * BITS contiguous bytes.
+// The warp's rows and steps are those of its first item in lut_gemv_body's loop (same formulas,
+// written out here: sharing one helper with the loop changed the loop's SASS, 105 -> 103
+// registers, and that version was never timed).
 __device__ __forceinline__ void gemv_prefetch_first_steps(const LutParams& P) {
 #ifndef GEMV_NO_PREFETCH
     if (P.step_pitch != 256 * BITS || (int)blockIdx.x >= P.row_tiles * P.splits) return;
