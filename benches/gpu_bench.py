@@ -30,7 +30,7 @@ import torch
 import higgs_rs
 import higgs_rs.cuda as higgs_cuda
 from higgs_rs import cuda as hcuda
-from higgs_rs.torch import HiggsLinear
+from higgs_rs.torch import HiggsLinear, fuse_norms
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 BATCHES = [1, 4, 16, 64]
@@ -394,10 +394,15 @@ def bench_decode(quick: bool, results: dict, layers: int, vocab: int, fused_too:
         with torch.device(DEVICE):
             model = TinyLlama(layers, vocab, max_len, fused).half().eval()
         # "unshared": every projection runs its own Hadamard kernel (HIGGS_CUDA_SHARE_ROT=0);
-        # otherwise q/k/v and gate/up share one rotation of their input.
-        for label in ("fp16", "higgs 4-bit", "higgs 4-bit unshared"):
+        # otherwise q/k/v and gate/up share one rotation of their input. "fused norms": the norms
+        # before them are HiggsRMSNorm (norm and rotation in one kernel, as higgs_rs.load sets up).
+        for label in ("fp16", "higgs 4-bit", "higgs 4-bit unshared", "higgs 4-bit fused norms"):
             if label == "higgs 4-bit":
                 quantize_blocks(model)
+            if label == "higgs 4-bit fused norms":
+                readers = ("qkv", "gate_up") if fused else ("q", "gate")
+                for block in model.blocks:
+                    fuse_norms(block, pairs=(("norm1", readers[0]), ("norm2", readers[1])))
             sharing = higgs_cuda._SHARE_ROTATION
             higgs_cuda._SHARE_ROTATION = sharing and not label.endswith("unshared")
             for graph in (False, True):

@@ -910,9 +910,14 @@ fn cuda_groups_launch(batch: usize, group_size: usize) -> bool {
 }
 
 /// Launch the activation rotation alone: `out[b, :]` (`batch × out_width`, zeros past the padded
-/// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it.
+/// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it. With
+/// `norm_weight` (a pointer, 0: none), each row is RMS-normalized first (`norm_weight ⊙ x /
+/// sqrt(mean(x²) + eps)`, written to `norm_out`, `batch × in_features`) and the normalized row is
+/// rotated.
 #[cfg(feature = "cuda")]
 #[pyfunction]
+#[pyo3(signature = (x, out, signs, batch, in_features, hadamard_size, out_width, dtype, stream, device,
+    norm_weight=0, norm_out=0, eps=0.0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_hadamard(
     py: Python<'_>,
@@ -926,8 +931,16 @@ fn cuda_hadamard(
     dtype: &str,
     stream: u64,
     device: usize,
+    norm_weight: u64,
+    norm_out: u64,
+    eps: f32,
 ) -> PyResult<()> {
     let act = crate::cuda::ActType::parse(dtype)?;
+    let norm = (norm_weight != 0).then_some(crate::cuda::RmsNorm {
+        weight: norm_weight,
+        out: norm_out,
+        eps,
+    });
     py.detach(|| {
         crate::cuda::hadamard_rotate(
             x,
@@ -940,6 +953,7 @@ fn cuda_hadamard(
             act,
             stream,
             device,
+            norm,
         )
     })
     .map_err(cuda_err)

@@ -180,6 +180,9 @@ def cuda_hadamard(
     dtype: str,
     stream: int,
     device: int,
+    norm_weight: int = 0,
+    norm_out: int = 0,
+    eps: float = 0.0,
 ) -> None: ...
 def cuda_dequantize_rotated(
     codes: int,

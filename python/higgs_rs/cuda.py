@@ -32,6 +32,14 @@ previous call here, with the same in-place versions (no repack, no ``copy_``/``l
 since: nothing that could still be in flight writes them); never on a layer's first call, for
 inference tensors (no version counter) or with ``HIGGS_CUDA_PDLROT=0``.
 
+A decoder layer's RMSNorm before such layers (``fuse_norms``; ``HiggsRMSNorm``) normalizes and
+rotates in one kernel: it writes the normalized rows (its output, as usual) and their rotation for
+the layers it feeds into the workspace, remembered as the rotation of its output, so the q/k/v (or
+gate/up) call that follows launches only its LUT-GEMM. Nothing is assumed: the call checks the
+rotation entry as for any shared rotation, and rotates itself when it does not match (another
+input, other signs, a regrown workspace). ``HIGGS_CUDA_FUSE_NORM=0`` normalizes with PyTorch
+(for comparisons).
+
 Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up, and
 ``higgs_rs.load`` and ``patch`` call it) run as one launch inside CUDA graph captures
 (``GROUP_MODE``): the first of them called on an input computes all of their outputs (one
@@ -83,6 +91,10 @@ _SIGNS_MARK = "_higgs_cuda_signs_id"
 _captured_streams: set[tuple[int, int]] = set()
 #: ``cuStreamGetCaptureInfo`` through ctypes (None: not looked up yet, False: unavailable).
 _capture_info: Any = None
+#: ``HIGGS_CUDA_FUSE_NORM=0``: ``rms_norm_rotate`` declines, the norm runs in PyTorch.
+_FUSE_NORM = os.environ.get("HIGGS_CUDA_FUSE_NORM", "") != "0"
+#: Fused norm launches (``rms_norm_rotate``): for tests and benches.
+fused_norms = 0
 #: ``HIGGS_CUDA_TILE=0``: leave the codes in their stored order on the GPU.
 _TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
 #: Key in a layer's ``__dict__``: (weak reference to the codes tensor, its version) when that
@@ -667,8 +679,13 @@ def lut_linear(
     rows = layer.out_features + sum(other.out_features for other in siblings)
     counters = _split_k_counters(where, stream, rows)
     previous = _rotations.pop(key, None)
-    # Only a call that may reuse the rotation can overlap (and pays for the check).
-    unchanged = rotation is not None and previous is not None and _weights_unchanged(layer)
+    # Only a call that may reuse the rotation can overlap (and pays for the check): every layer
+    # of the launch must be unchanged (its LUT-GEMM reads their weights before it waits).
+    unchanged = (
+        rotation is not None
+        and previous is not None
+        and all([_weights_unchanged(m) for m in (layer, *siblings)])
+    )
     ws = _workspaces.get(key)
     for _ in range(2):
         # The workspace holds this rotation when the last call on the stream wrote it into this
@@ -697,12 +714,12 @@ def lut_linear(
             counters=counters.data_ptr(),
             counters_bytes=counters.numel(),
             rotated=rotated,
-            rotated_overlap=rotated and unchanged and not siblings,
+            rotated_overlap=rotated and unchanged,
             siblings=sibling_list,
         )
         if need == 0:
             shared_rotations += rotated
-            overlapped_rotations += rotated and unchanged and not siblings
+            overlapped_rotations += rotated and unchanged
             if siblings:
                 grouped_launches += 1
                 group.warmed.add(dtype)
@@ -752,3 +769,68 @@ def hadamard(
         x.device.index or 0,
     )
     return out
+
+
+def rms_norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, consumer: Any) -> torch.Tensor | None:
+    """``weight ⊙ x / sqrt(mean(x²) + eps)`` over the last dimension (transformers' Llama rounding:
+    ``x · inv`` rounded to ``x``'s dtype, then times ``weight``) in one kernel that also rotates the
+    result for ``consumer`` (a ``HiggsLinear`` that reads it next) into the stream's workspace, so
+    that call and its siblings' skip their Hadamard kernel (see the module notes). Returns the
+    normalized tensor, or None where this path does not apply (not float16/bfloat16 on the
+    consumer's GPU, a weight of another dtype or shape, a batch the dense path takes, tensors
+    without a version counter, ``HIGGS_CUDA_FUSE_NORM=0``): the caller normalizes as usual."""
+    import torch
+
+    global fused_norms
+    hidden = consumer.in_features
+    if (
+        not (_FUSE_NORM and _SHARE_ROTATION)
+        or not x.is_cuda
+        or x.dtype not in (torch.float16, torch.bfloat16)
+        or x.shape[-1] != hidden
+        or weight.shape != (hidden,)
+        or weight.dtype != x.dtype
+        or weight.device != x.device
+        or consumer._buffers["codes"].device != x.device
+    ):
+        return None
+    batch = x.numel() // hidden
+    if not 0 < batch < DENSE_MIN_BATCH:
+        return None
+    _require_kernels()
+    dtype = _dtype_name(x.dtype)
+    args = _layer_args(consumer, x)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    y = torch.empty_like(x)
+    # The view the consumer's forward makes (``reshape(-1, in_features)``): the rotation entry
+    # names it as that call will.
+    y_rows = y.reshape(-1, hidden)
+    where = x.device
+    stream = _current_stream(where)
+    key = (where.index or 0, stream)
+    entry = _rotation_entry(consumer, y_rows, dtype, key)
+    if entry is None:
+        return None
+    # The LUT-GEMM reads the rotation as batch rows of the padded width rounded up to 128.
+    kp = -(-consumer.padded_in_features // 128) * 128
+    ws = _workspace(where, stream, batch * kp * x.element_size())
+    _core.cuda_hadamard(
+        x.data_ptr(),
+        ws.data_ptr(),
+        args[3],
+        batch,
+        hidden,
+        consumer.hadamard_size,
+        kp,
+        dtype,
+        stream,
+        key[0],
+        norm_weight=weight.data_ptr(),
+        norm_out=y.data_ptr(),
+        eps=float(eps),
+    )
+    # Holds the output (its root tensor) alive: its address cannot be reused meanwhile.
+    _rotations[key] = (ws, entry, y_rows)
+    fused_norms += 1
+    return y

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,8 @@ def load(
     activation and plain-weight dtype (default: float16 on CUDA; on the CPU the checkpoint's own
     dtype, as transformers' ``dtype="auto"``, except that float16 becomes bfloat16 (the fast CPU
     path); float32 for exact comparisons). The q/k/v and gate/up projections are grouped
-    (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch.
+    (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch, and the RMSNorm
+    before each group normalizes and rotates in one kernel (``fuse_norms``).
     """
     device = torch.device(device)
     ckpt = HiggsCheckpoint(path)
@@ -139,6 +141,7 @@ def load(
             state[f"{name}.signs"] = signs[: spec.padded_in_features].to(device)
     model = _finish(model, state, path).to(device)
     group_projections(model)
+    fuse_norms(model)
     return model
 
 
@@ -223,8 +226,9 @@ def patch(
     threads: int | None = None,
 ) -> torch.nn.Module:
     """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
-    of ``skip``), replacing each with a ``HiggsLinear`` on the same device, and groups the q/k/v and
-    gate/up projections (one launch each on a GPU). Returns the model."""
+    of ``skip``), replacing each with a ``HiggsLinear`` on the same device, groups the q/k/v and
+    gate/up projections (one launch each on a GPU) and fuses the norms before them
+    (``fuse_norms``). Returns the model."""
     from . import quantize_tensor
 
     targets = [
@@ -248,6 +252,7 @@ def patch(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     group_projections(model)
+    fuse_norms(model)
     return model
 
 
@@ -497,3 +502,93 @@ class HiggsLinear(torch.nn.Module):
         from .cuda import lut_linear
 
         return lut_linear(self, x)
+
+
+#: RMSNorm classes computed as ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``
+#: (transformers' Llama family), which ``fuse_norms`` replaces. Gemma's (``1 + weight``) is not one.
+LLAMA_STYLE_NORMS = frozenset(
+    {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+)
+#: (norm, the module reading its output) child paths in transformers' decoder layers.
+NORM_CONSUMERS = (("input_layernorm", "self_attn.q_proj"), ("post_attention_layernorm", "mlp.gate_proj"))
+#: Key in a ``HiggsRMSNorm``'s ``__dict__``: a weak reference to the ``HiggsLinear`` it feeds.
+_CONSUMER_ATTR = "_higgs_norm_consumer"
+
+
+class HiggsRMSNorm(torch.nn.Module):
+    """An RMSNorm whose output feeds HIGGS layers: ``weight ⊙ x / sqrt(mean(x²) + eps)`` over the
+    last dimension, rounded as transformers' Llama norm does (``x · inv`` in float32, rounded to
+    ``x``'s dtype, then times ``weight``). On a GPU one kernel normalizes and also rotates the
+    result for the layer it feeds (``higgs_rs.cuda.rms_norm_rotate``), whose call (with its
+    siblings) then skips its own Hadamard kernel; elsewhere, and where that path does not apply,
+    it computes the same formula with PyTorch. Its state dict is the norm's (``weight``)."""
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float | None, consumer: HiggsLinear) -> None:
+        super().__init__()
+        self.weight = weight
+        #: None: the machine epsilon of the input's dtype (as ``torch.nn.RMSNorm``).
+        self.eps = eps
+        self.__dict__[_CONSUMER_ATTR] = weakref.ref(consumer)
+
+    @property
+    def variance_epsilon(self) -> float | None:
+        """transformers' name for ``eps``."""
+        return self.eps
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles and deep copies leave out the link to the layer it feeds (a weak reference):
+        a copy normalizes with PyTorch until ``fuse_norms`` links it again."""
+        state = self.__dict__.copy()
+        state.pop(_CONSUMER_ATTR, None)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        ref = self.__dict__.get(_CONSUMER_ATTR)
+        consumer = None if ref is None else ref()
+        if x.is_cuda and consumer is not None:
+            from .cuda import rms_norm_rotate
+
+            y = rms_norm_rotate(x, self.weight, eps, consumer)
+            if y is not None:
+                return y
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return self.weight * h.to(dtype)
+
+
+def _is_llama_style_norm(module: Any) -> bool:
+    if type(module).__name__ in LLAMA_STYLE_NORMS:
+        return isinstance(getattr(module, "variance_epsilon", None), float)
+    return (
+        type(module) is torch.nn.RMSNorm and module.weight is not None and len(module.normalized_shape) == 1
+    )
+
+
+def fuse_norms(model: torch.nn.Module, pairs: tuple[tuple[str, str], ...] = NORM_CONSUMERS) -> int:
+    """Replace each Llama-style RMSNorm of ``model`` whose output feeds a ``HiggsLinear`` (``pairs``:
+    (norm, reader) child paths of one module, by default a transformers decoder layer's two norms
+    and the q and gate projections) with a ``HiggsRMSNorm`` holding the same weight, so that on a
+    GPU the norm and the rotation for its readers run as one kernel. Returns how many were
+    replaced. ``torch.nn.RMSNorm`` is computed in float32 and rounded once; its replacement
+    rounds as transformers' Llama norm does (at most one unit in the last place apart)."""
+    count = 0
+    for module in list(model.modules()):
+        for norm_name, reader_name in pairs:
+            norm = module._modules.get(norm_name)
+            if norm is None or not _is_llama_style_norm(norm):
+                continue
+            try:
+                reader = module.get_submodule(reader_name)
+            except AttributeError:
+                continue
+            if not isinstance(reader, HiggsLinear) or norm.weight.shape != (reader.in_features,):
+                continue
+            eps = getattr(norm, "variance_epsilon", None) if type(norm) is not torch.nn.RMSNorm else norm.eps
+            setattr(module, norm_name, HiggsRMSNorm(norm.weight, eps, reader))
+            count += 1
+    return count

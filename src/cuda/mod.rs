@@ -404,6 +404,21 @@ struct HadamardParams {
     in_features: i32,
     kp: i32,
     scale: f32,
+    norm_weight: u64,
+    norm_out: u64,
+    eps: f32,
+}
+
+/// An RMSNorm applied to each activation row before it is rotated ([`hadamard_rotate`]): `out =
+/// weight ⊙ x / sqrt(mean(x²) + eps)` in transformers' Llama order (`x · inv` rounded to the
+/// activation type, then times the weight), `weight` and `out` in the activation type.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNorm {
+    /// `in_features` weights.
+    pub weight: u64,
+    /// `batch × in_features`: the normalized rows.
+    pub out: u64,
+    pub eps: f32,
 }
 
 #[repr(C)]
@@ -676,7 +691,8 @@ pub fn workspace_bytes(
 }
 
 /// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
-/// zeros past `padded_cols`).
+/// zeros past `padded_cols`); with `norm`, the rows are normalized first (and written to
+/// `norm.out`) and the rotation takes the normalized rows.
 #[allow(clippy::too_many_arguments)]
 pub fn hadamard_rotate(
     x: u64,
@@ -689,8 +705,18 @@ pub fn hadamard_rotate(
     act: ActType,
     stream: u64,
     device_index: usize,
+    norm: Option<RmsNorm>,
 ) -> Result<()> {
     require_pointers(&[("activation", x), ("output", out)])?;
+    if let Some(norm) = norm {
+        require_pointers(&[("norm weight", norm.weight), ("norm output", norm.out)])?;
+        if !(norm.eps.is_finite() && norm.eps >= 0.0) {
+            return Err(HiggsError::invalid(format!(
+                "the RMSNorm epsilon must be finite and >= 0; got {}",
+                norm.eps
+            )));
+        }
+    }
     // Checks the order before anything touches the device.
     source::HadamardShape::new(hadamard_size)?;
     let padded = in_features.div_ceil(hadamard_size) * hadamard_size;
@@ -705,11 +731,16 @@ pub fn hadamard_rotate(
         )));
     }
     let dev = device(device_index)?;
-    let shape = hadamard_shape(
-        &dev,
-        hadamard_size,
-        batch * out_width.div_ceil(hadamard_size),
-    )?;
+    // The norm runs in the one-block kernel only (a row's sum of squares stays in its block).
+    let shape = if norm.is_some() {
+        source::HadamardShape::new(hadamard_size)?
+    } else {
+        hadamard_shape(
+            &dev,
+            hadamard_size,
+            batch * out_width.div_ceil(hadamard_size),
+        )?
+    };
     let kernel = hadamard_kernel(&dev, &shape, act)?;
     let params = HadamardParams {
         x,
@@ -718,6 +749,9 @@ pub fn hadamard_rotate(
         in_features: in_features as i32,
         kp: out_width as i32,
         scale: (1.0 / (hadamard_size as f64).sqrt()) as f32,
+        norm_weight: norm.map_or(0, |n| n.weight),
+        norm_out: norm.map_or(0, |n| n.out),
+        eps: norm.map_or(0.0, |n| n.eps),
     };
     // A programmatic dependent of whatever kernel runs before it on the stream: the kernels wait
     // (`griddepcontrol.wait`) before touching memory, so only the launch overlaps that kernel's
@@ -869,6 +903,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             call.act,
             call.stream,
             call.device,
+            None,
         )?;
     }
     let params = LutParams {

@@ -9,6 +9,10 @@
 // out[b, :kp] in the activation dtype; positions in [padded, kp) come out as zeros because
 // their inputs are zeros.
 //
+// With `norm_weight` set (hadamard_rotate only) the kernel first applies an RMSNorm to each row and
+// rotates the normalized row, which it also writes to `norm_out` (see front_stages / norm_value):
+// a decoder layer's norm and its projections' rotation in one launch.
+//
 // With HAD_CLUSTER defined (sm_90, orders m * 2^k with k >= 8 whose outer factor is a Paley
 // matrix or a Sylvester one) the module holds `hadamard_cluster` instead: a thread-block cluster
 // of HAD_CLUSTER blocks per transform block, see there.
@@ -20,7 +24,50 @@ struct HadamardParams {
     int in_features;
     int kp;
     float scale;         // 1 / sqrt(HAD_ORDER)
+    const u16* norm_weight;  // in_features RMSNorm weights, or null: rotate x as it is
+    u16* norm_out;           // batch x in_features: the normalized x (when norm_weight is set)
+    float eps;               // the RMSNorm's epsilon
 };
+
+// The sum of every thread's `v` over the block, in a fixed order (warps by shuffles, then the warp
+// sums in order), returned to all threads. Once per kernel (one shared array).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[HAD_THREADS / 32];
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < HAD_THREADS / 32; ++w) total += warp_sums[w];
+    return total;
+}
+
+// 1 / sqrt(ss / in_features + eps) for the row's sum of squares `ss`.
+__device__ __forceinline__ float inv_rms(const HadamardParams& P, float ss) {
+    return 1.f / sqrtf(ss / (float)P.in_features + P.eps);
+}
+
+// The row's sum of squares read from memory: for blocks whose tile is not the whole row (every
+// block of the row computes the same value); a whole-row tile sums the values it loaded instead.
+__device__ __forceinline__ float row_sum_of_squares(const HadamardParams& P, const u16* xrow) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < P.in_features; i += HAD_THREADS) {
+        const float v = act_to_f32(xrow[i]);
+        ss = fmaf(v, v, ss);
+    }
+    return block_sum(ss);
+}
+
+// Element gi (< in_features) of the normalized row, in transformers' Llama order: x * inv rounded
+// to the activation type, then times the weight `w`, rounded again. Written to `nrow`, returned in
+// f32.
+__device__ __forceinline__ float norm_value(u16* nrow, float v, u16 w, int gi, float inv) {
+    const float n = act_to_f32(f32_to_act(v * inv));
+    const u16 y = f32_to_act(n * act_to_f32(w));
+    nrow[gi] = y;
+    return act_to_f32(y);
+}
 
 // Stages [S, S + R_LOG) of the Sylvester transform over the whole tile, in registers: each
 // thread takes groups of 2^R_LOG values that differ only in those index bits.
@@ -95,61 +142,95 @@ __device__ __forceinline__ void sylvester_passes(float* buf) {
 // of the Sylvester transform without shared memory or barriers: a thread loads 8 consecutive
 // values (stages 0-2 in registers) and the lanes of a warp hold 256 consecutive values (stages
 // 3-7 by shuffles); one store to shared memory. The caller syncs, then runs the other stages.
-__device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf, const u16* xrow, int start) {
+// NORM (hadamard_rotate): normalize the row first (norm_value, written to `nrow`). Every load of
+// the block (values, weights) is issued before the first use.
+template <bool NORM>
+__device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf, const u16* xrow, int start,
+                                             u16* nrow = nullptr) {
     const int last = P.in_features - 1;
-    {
-        const int lane = threadIdx.x & 31;
-        constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the test below is warp-uniform
+    const int lane = threadIdx.x & 31;
+    constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the tests below are warp-uniform
+    constexpr int J = (GROUPS + HAD_THREADS - 1) / HAD_THREADS;
+    float v[J][8];
+    u16 w[J][8];
 #pragma unroll
-        for (int j = 0; j < (GROUPS + HAD_THREADS - 1) / HAD_THREADS; ++j) {
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int gi = start + 8 * (threadIdx.x + j * HAD_THREADS) + e;
+            v[j][e] = act_to_f32(xrow[gi < last ? gi : last]);
+            if constexpr (NORM) w[j][e] = P.norm_weight[gi < last ? gi : last];
+        }
+    if constexpr (NORM) {
+        float ss = 0.f;
+        if (start == 0 && HAD_TILE >= P.in_features) {
+            // The tile is the whole row: sum what was loaded.
+#pragma unroll
+            for (int j = 0; j < J; ++j) {
+                const int q = threadIdx.x + j * HAD_THREADS;
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && 8 * q + e <= last) ss = fmaf(v[j][e], v[j][e], ss);
+            }
+            ss = block_sum(ss);
+        } else {
+            ss = row_sum_of_squares(P, xrow);
+        }
+        const float inv = inv_rms(P, ss);
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
             const int q = threadIdx.x + j * HAD_THREADS;
-            if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
-                float v[8];
-                float sg[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int gi = start + 8 * q + e;
+                if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && gi <= last)
+                    v[j][e] = norm_value(nrow, v[j][e], w[j][e], gi, inv);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int q = threadIdx.x + j * HAD_THREADS;
+        if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
+            float sg[8];
+            if (P.signs) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     const int gi = start + 8 * q + e;
-                    v[e] = act_to_f32(xrow[gi < last ? gi : last]);
+                    sg[e] = P.signs[gi < last ? gi : last];
                 }
-                if (P.signs) {
+            } else {
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        const int gi = start + 8 * q + e;
-                        sg[e] = P.signs[gi < last ? gi : last];
+                for (int e = 0; e < 8; ++e) sg[e] = 1.f;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[j][e] = start + 8 * q + e <= last ? v[j][e] * sg[e] : 0.f;
+#pragma unroll
+            for (int h = 1; h < 8; h <<= 1)
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    if ((e & h) == 0) {
+                        const float a = v[j][e], c = v[j][e + h];
+                        v[j][e] = a + c;
+                        v[j][e + h] = a - c;
                     }
-                } else {
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) sg[e] = 1.f;
+            for (int m = 1; m < 32; m <<= 1) {
+                const bool upper = (lane & m) != 0;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float o = __shfl_xor_sync(0xffffffffu, v[j][e], m);
+                    v[j][e] = upper ? o - v[j][e] : v[j][e] + o;
                 }
+            }
 #pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] = start + 8 * q + e <= last ? v[e] * sg[e] : 0.f;
-#pragma unroll
-                for (int h = 1; h < 8; h <<= 1)
-#pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                        if ((e & h) == 0) {
-                            const float a = v[e], c = v[e + h];
-                            v[e] = a + c;
-                            v[e + h] = a - c;
-                        }
-#pragma unroll
-                for (int m = 1; m < 32; m <<= 1) {
-                    const bool upper = (lane & m) != 0;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
-                        v[e] = upper ? o - v[e] : v[e] + o;
-                    }
-                }
-#pragma unroll
-                for (int e = 0; e < 8; e += 4) {
-                    U4 w;
-                    w.x = float_bits(v[e]);
-                    w.y = float_bits(v[e + 1]);
-                    w.z = float_bits(v[e + 2]);
-                    w.w = float_bits(v[e + 3]);
-                    *(U4*)(buf + 8 * q + e) = w;
-                }
+            for (int e = 0; e < 8; e += 4) {
+                U4 u;
+                u.x = float_bits(v[j][e]);
+                u.y = float_bits(v[j][e + 1]);
+                u.z = float_bits(v[j][e + 2]);
+                u.w = float_bits(v[j][e + 3]);
+                *(U4*)(buf + 8 * q + e) = u;
             }
         }
     }
@@ -169,8 +250,14 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     const int b = blockIdx.y;
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
+    const bool norm = P.norm_weight != nullptr;
+    u16* nrow = P.norm_out + (u64)b * P.in_features;
 #if HAD_LOG2 >= 8
-    front_stages(P, buf, xrow, start);
+    if (norm) {
+        front_stages<true>(P, buf, xrow, start, nrow);
+    } else {
+        front_stages<false>(P, buf, xrow, start);
+    }
     __syncthreads();
     sylvester_passes<8>(buf);
 #else
@@ -180,10 +267,33 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     constexpr int PER_THREAD = (HAD_TILE + HAD_THREADS - 1) / HAD_THREADS;
     float xv[PER_THREAD];
     float sv[PER_THREAD];
+    u16 wv[PER_THREAD];
 #pragma unroll
     for (int j = 0; j < PER_THREAD; ++j) {
         const int gi = start + threadIdx.x + j * HAD_THREADS;
         xv[j] = act_to_f32(xrow[gi < last ? gi : last]);
+        if (norm) wv[j] = P.norm_weight[gi < last ? gi : last];
+    }
+    if (norm) {
+        float ss = 0.f;
+        if (start == 0 && HAD_TILE >= P.in_features) {
+            // The tile is the whole row: sum what was loaded.
+#pragma unroll
+            for (int j = 0; j < PER_THREAD; ++j) {
+                const int i = threadIdx.x + j * HAD_THREADS;
+                if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && i <= last) ss = fmaf(xv[j], xv[j], ss);
+            }
+            ss = block_sum(ss);
+        } else {
+            ss = row_sum_of_squares(P, xrow);
+        }
+        const float inv = inv_rms(P, ss);
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = threadIdx.x + j * HAD_THREADS;
+            const int gi = start + i;
+            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = norm_value(nrow, xv[j], wv[j], gi, inv);
+        }
     }
     if (P.signs) {
 #pragma unroll
@@ -304,7 +414,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_cluster(const
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
     const int tile_start = (int)(blockIdx.x / HAD_CLUSTER) * HAD_ORDER;
     const u16* xrow = P.x + (u64)blockIdx.y * P.in_features;
-    front_stages(P, buf, xrow, tile_start + (int)rank * HAD_TILE);
+    front_stages<false>(P, buf, xrow, tile_start + (int)rank * HAD_TILE);
     __syncthreads();
     sylvester_passes<8>(buf);
     // Every block's segments are in its shared memory, visible to the cluster.

@@ -1,0 +1,203 @@
+"""``HiggsRMSNorm`` and ``fuse_norms``: the formula and the module swap on any machine; on a GPU the
+fused norm + rotation kernel against PyTorch and against the Hadamard kernel it replaces."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import higgs_rs  # noqa: E402
+from higgs_rs import cuda as hcuda  # noqa: E402
+from higgs_rs.torch import HiggsLinear, HiggsRMSNorm, fuse_norms  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and higgs_rs.cuda_available()),
+    reason="needs a CUDA GPU and a CUDA build of higgs_rs",
+)
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _layer(rows: int, in_f: int, seed: int, h: int | None = None, device: str = "cpu") -> HiggsLinear:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, in_f)) * 0.02).astype(np.float32)
+    q = higgs_rs.quantize_tensor(w, bits=4, p=2, hadamard_size=h, group_size=64, seed=seed % 1000)
+    layer = HiggsLinear.from_quantized(q).to(device)
+    layer.w_deq = torch.from_numpy(higgs_rs.dequantize(q)).double().to(device)
+    return layer
+
+
+def _llama_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm.forward, written out."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class _Block(torch.nn.Module):
+    """A decoder layer's attention input: a norm, then q/k/v reading its output."""
+
+    def __init__(self, norm: torch.nn.Module, q: HiggsLinear, k: HiggsLinear, v: HiggsLinear) -> None:
+        super().__init__()
+        self.input_layernorm = norm
+        self.self_attn = torch.nn.Module()
+        self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj = q, k, v
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.input_layernorm(x)
+        a = self.self_attn
+        return [a.q_proj(h), a.k_proj(h), a.v_proj(h)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_forward_is_the_llama_norm(dtype: torch.dtype) -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert transformers is not None
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(256, eps=1e-5).to(dtype)
+    ref.weight.data.uniform_(0.5, 1.5)
+    norm = HiggsRMSNorm(ref.weight, 1e-5, _layer(32, 256, 1))
+    x = (torch.randn(3, 5, 256) * 4).to(dtype)
+    assert torch.equal(norm(x), ref(x))
+    assert norm.variance_epsilon == 1e-5
+
+
+def test_fuse_norms_swaps_llama_norms_and_keeps_the_state_dict() -> None:
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.data.uniform_(0.5, 1.5)
+    keys = set(model.state_dict())
+    higgs_rs.patch(model, bits=4, p=2, group_size=64, seed=0)
+    norms = [m for m in model.modules() if isinstance(m, HiggsRMSNorm)]
+    assert len(norms) == 4, "two norms per decoder layer; the final norm feeds the fp head"
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"
+    # The swap keeps every key; the quantized layers changed theirs.
+    norm_keys = {k for k in keys if "layernorm" in k}
+    assert norm_keys <= set(model.state_dict())
+    assert fuse_norms(model) == 0, "fused norms are not swapped again"
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        got = model(ids).logits
+        # The same model with plain norms again (same weights): the same logits on the CPU.
+        plain = copy.deepcopy(model)
+        for layer in plain.model.layers:
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                fused = getattr(layer, name)
+                from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+                back = LlamaRMSNorm(256, eps=fused.eps)
+                back.weight = fused.weight
+                setattr(layer, name, back)
+        assert torch.equal(plain(ids).logits, got)
+        # Copies keep working (their norms lose the link to the original's layers).
+        clone = pickle.loads(pickle.dumps(model))
+        assert clone.model.layers[0].input_layernorm.__dict__.get("_higgs_norm_consumer") is None
+        assert torch.equal(clone(ids).logits, got)
+
+
+def test_torch_rmsnorm_is_fused_with_named_pairs() -> None:
+    q, k, v = (_layer(r, 256, 3) for r in (64, 32, 32))
+    block = _Block(torch.nn.RMSNorm(256, eps=1e-6), q, k, v)
+    assert fuse_norms(block, pairs=(("input_layernorm", "self_attn.q_proj"),)) == 1
+    assert isinstance(block.input_layernorm, HiggsRMSNorm)
+    x = torch.randn(2, 256)
+    ref = torch.nn.functional.rms_norm(x, (256,), block.input_layernorm.weight, 1e-6)
+    torch.testing.assert_close(block.input_layernorm(x), ref)
+    # A norm without a weight, or of another width than its reader, stays.
+    other = _Block(torch.nn.RMSNorm(256, elementwise_affine=False), q, k, v)
+    assert fuse_norms(other, pairs=(("input_layernorm", "self_attn.q_proj"),)) == 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("in_f", "h", "batch"), [(4096, None, 1), (4096, 1024, 3), (576, 64, 2), (1536, 512, 1)]
+)
+def test_fused_norm_feeds_the_next_call(dtype: torch.dtype, in_f: int, h: int | None, batch: int) -> None:
+    seed = _seed()
+    torch.manual_seed(seed)
+    layer = _layer(256, in_f, seed, h, device="cuda")
+    weight = torch.nn.Parameter((torch.rand(in_f, device="cuda") + 0.5).to(dtype))
+    norm = HiggsRMSNorm(weight, 1e-5, layer)
+    x = (torch.randn(batch, 1, in_f, device="cuda") * 3).to(dtype)
+    fused = hcuda.fused_norms
+    with torch.no_grad():
+        y = norm(x)
+        assert hcuda.fused_norms == fused + 1
+        ref = _llama_norm(x, weight, 1e-5)
+        # The sum of squares is ordered differently: at most a unit in the last place apart.
+        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+        diff = (y.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
+        assert float(diff.max()) <= ulp * 1.01, f"seed {seed}: {float(diff.max())}"
+        shared = hcuda.shared_rotations
+        out = layer(y)
+        assert hcuda.shared_rotations == shared + 1, "the call should reuse the fused rotation"
+        # The same rotation as the Hadamard kernel of a fresh call on the same values.
+        assert torch.equal(out, layer(y.clone())), f"seed {seed}"
+        # An in-place edit of the norm's output: the call rotates again.
+        norm(x)
+        y2 = norm(x)
+        y2.mul_(2)
+        shared = hcuda.shared_rotations
+        assert torch.equal(layer(y2), layer(y2.clone())), f"seed {seed}"
+        assert hcuda.shared_rotations == shared
+
+
+@needs_gpu
+def test_fused_norm_in_a_cuda_graph() -> None:
+    seed = _seed()
+    torch.manual_seed(seed)
+    q, k, v = (_layer(r, 1024, seed, device="cuda") for r in (512, 128, 128))
+    weight = torch.nn.Parameter((torch.rand(1024, device="cuda") + 0.5).half())
+    block = _Block(torch.nn.RMSNorm(1024, eps=1e-5).cuda().half(), q, k, v)
+    block.input_layernorm.weight = weight
+    hcuda.group_projections(block)
+    assert fuse_norms(block) == 1
+    deq = [m.w_deq for m in (q, k, v)]
+    static_x = torch.randn(1, 1, 1024, device="cuda").half()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                block(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        fused, shared = hcuda.fused_norms, hcuda.shared_rotations
+        with torch.cuda.graph(graph):
+            static_ys = block(static_x)
+        assert hcuda.fused_norms == fused + 1
+        assert hcuda.shared_rotations == shared + 1, "the grouped q/k/v launch should reuse the rotation"
+        for _ in range(3):
+            fresh = torch.randn(1, 1, 1024, device="cuda").half()
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            h = _llama_norm(fresh, weight, 1e-5).double().view(1, -1)
+            for i, (y, w) in enumerate(zip(static_ys, deq, strict=True)):
+                ref = h @ w.t()
+                err = float((y.double().view(1, -1) - ref).norm() / ref.norm())
+                assert err < 1e-3, f"layer {i} seed {seed}: {err}"
