@@ -30,7 +30,7 @@ import torch
 import higgs_rs
 import higgs_rs.cuda as higgs_cuda
 from higgs_rs import cuda as hcuda
-from higgs_rs.torch import HiggsLinear, fuse_norms
+from higgs_rs.torch import HiggsLinear, fuse_mlps, fuse_norms
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 BATCHES = [1, 4, 16, 64]
@@ -268,6 +268,20 @@ def bench_layers(
     return rows
 
 
+class Mlp(torch.nn.Module):
+    """transformers' LlamaMLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden: int, mlp: int) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, mlp, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, mlp, bias=False)
+        self.down_proj = torch.nn.Linear(mlp, hidden, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(torch.nn.Module):
     """One Llama decoder layer for single-token decode over a static KV cache (no RoPE: it does not
     change the linear layers' cost, which is what is measured). ``fused``: q/k/v as one projection
@@ -283,10 +297,10 @@ class Block(torch.nn.Module):
         self.o = lin(hidden, hidden)
         if fused:
             self.qkv, self.gate_up = lin(hidden, hidden + 2 * kv), lin(hidden, 2 * mlp)
+            self.down = lin(mlp, hidden)
         else:
             self.q, self.k, self.v = lin(hidden, hidden), lin(hidden, kv), lin(hidden, kv)
-            self.gate, self.up = lin(hidden, mlp), lin(hidden, mlp)
-        self.down = lin(mlp, hidden)
+            self.mlp = Mlp(hidden, mlp)
         self.norm1 = torch.nn.RMSNorm(hidden)
         self.norm2 = torch.nn.RMSNorm(hidden)
         self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
@@ -310,9 +324,8 @@ class Block(torch.nn.Module):
         x = self.norm2(h)
         if self.fused:
             gate, up = self.gate_up(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate(x), self.up(x)
-        return h + self.down(torch.nn.functional.silu(gate) * up)
+            return h + self.down(torch.nn.functional.silu(gate) * up)
+        return h + self.mlp(x)
 
 
 class TinyLlama(torch.nn.Module):
@@ -334,14 +347,25 @@ def quantize_blocks(model: TinyLlama) -> None:
     """Replace every projection of the blocks with a random-code 4-bit HiggsLinear, and group
     q/k/v and gate/up as ``higgs_rs.load`` does (one launch each; ``HIGGS_CUDA_GROUP=0``: not)."""
     for i, block in enumerate(model.blocks):
-        for j, (name, old) in enumerate(list(block.named_children())):
+        for j, (name, old) in enumerate(list(block.named_modules())):
             if isinstance(old, torch.nn.Linear):
-                setattr(block, name, random_layer(old.out_features, old.in_features, seed=16 * i + j))
+                parent, _, child = name.rpartition(".")
+                layer = random_layer(old.out_features, old.in_features, seed=16 * i + j)
+                setattr(block.get_submodule(parent) if parent else block, child, layer)
                 del old
         if not block.fused:
             hcuda.group_layers([block.q, block.k, block.v])
-            hcuda.group_layers([block.gate, block.up])
+            hcuda.group_layers([block.mlp.gate_proj, block.mlp.up_proj])
         torch.cuda.empty_cache()
+
+
+def fuse_block_prologues(model: TinyLlama) -> None:
+    """What ``higgs_rs.load`` does for a transformers model: each norm and MLP activation computed
+    in one kernel with the rotation for the layers that read it (``fuse_norms``, ``fuse_mlps``)."""
+    for block in model.blocks:
+        readers = ("qkv", "gate_up") if block.fused else ("q", "mlp.gate_proj")
+        fuse_norms(block, pairs=(("norm1", readers[0]), ("norm2", readers[1])))
+    fuse_mlps(model, classes=frozenset({"Mlp"}))
 
 
 def warm_and_capture(model: TinyLlama, inputs: tuple, graph: torch.cuda.CUDAGraph | None) -> None:
@@ -394,15 +418,14 @@ def bench_decode(quick: bool, results: dict, layers: int, vocab: int, fused_too:
         with torch.device(DEVICE):
             model = TinyLlama(layers, vocab, max_len, fused).half().eval()
         # "unshared": every projection runs its own Hadamard kernel (HIGGS_CUDA_SHARE_ROT=0);
-        # otherwise q/k/v and gate/up share one rotation of their input. "fused norms": the norms
-        # before them are HiggsRMSNorm (norm and rotation in one kernel, as higgs_rs.load sets up).
-        for label in ("fp16", "higgs 4-bit", "higgs 4-bit unshared", "higgs 4-bit fused norms"):
+        # otherwise q/k/v and gate/up share one rotation of their input. "fused": the norms before
+        # them are HiggsRMSNorm and the MLPs HiggsGatedMLP (norm or activation and the rotation in
+        # one kernel, as higgs_rs.load sets up; the fused-projection model: the norms only).
+        for label in ("fp16", "higgs 4-bit", "higgs 4-bit unshared", "higgs 4-bit fused"):
             if label == "higgs 4-bit":
                 quantize_blocks(model)
-            if label == "higgs 4-bit fused norms":
-                readers = ("qkv", "gate_up") if fused else ("q", "gate")
-                for block in model.blocks:
-                    fuse_norms(block, pairs=(("norm1", readers[0]), ("norm2", readers[1])))
+            if label == "higgs 4-bit fused":
+                fuse_block_prologues(model)
             sharing = higgs_cuda._SHARE_ROTATION
             higgs_cuda._SHARE_ROTATION = sharing and not label.endswith("unshared")
             for graph in (False, True):

@@ -910,14 +910,14 @@ fn cuda_groups_launch(batch: usize, group_size: usize) -> bool {
 }
 
 /// Launch the activation rotation alone: `out[b, :]` (`batch × out_width`, zeros past the padded
-/// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it. With
-/// `norm_weight` (a pointer, 0: none), each row is RMS-normalized first (`norm_weight ⊙ x /
-/// sqrt(mean(x²) + eps)`, written to `norm_out`, `batch × in_features`) and the normalized row is
-/// rotated.
+/// width) = Hadamard blocks of `signs ⊙ pad(x[b, :])`, as the LUT-GEMM consumes it. A prologue
+/// (pointers, 0: none) may compute the rows to rotate, written to `pre_out` (`batch ×
+/// in_features`) too: with `norm_weight` the RMSNorm `norm_weight ⊙ x / sqrt(mean(x²) + eps)`,
+/// with `up` the SiLU-gated product `silu(x) ⊙ up` (`batch × in_features`).
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, signs, batch, in_features, hadamard_size, out_width, dtype, stream, device,
-    norm_weight=0, norm_out=0, eps=0.0))]
+    norm_weight=0, up=0, pre_out=0, eps=0.0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_hadamard(
     py: Python<'_>,
@@ -932,15 +932,26 @@ fn cuda_hadamard(
     stream: u64,
     device: usize,
     norm_weight: u64,
-    norm_out: u64,
+    up: u64,
+    pre_out: u64,
     eps: f32,
 ) -> PyResult<()> {
+    use crate::cuda::Prologue;
     let act = crate::cuda::ActType::parse(dtype)?;
-    let norm = (norm_weight != 0).then_some(crate::cuda::RmsNorm {
-        weight: norm_weight,
-        out: norm_out,
-        eps,
-    });
+    let prologue = match (norm_weight, up) {
+        (0, 0) => None,
+        (weight, 0) => Some(Prologue::RmsNorm {
+            weight,
+            eps,
+            out: pre_out,
+        }),
+        (0, up) => Some(Prologue::SiluGate { up, out: pre_out }),
+        _ => {
+            return Err(PyValueError::new_err(
+                "the rotation takes one prologue: norm_weight or up, not both",
+            ))
+        }
+    };
     py.detach(|| {
         crate::cuda::hadamard_rotate(
             x,
@@ -953,7 +964,7 @@ fn cuda_hadamard(
             act,
             stream,
             device,
-            norm,
+            prologue,
         )
     })
     .map_err(cuda_err)

@@ -1,5 +1,6 @@
-"""``HiggsRMSNorm`` and ``fuse_norms``: the formula and the module swap on any machine; on a GPU the
-fused norm + rotation kernel against PyTorch and against the Hadamard kernel it replaces."""
+"""``HiggsRMSNorm``/``fuse_norms`` and ``HiggsGatedMLP``/``fuse_mlps``: the formulas and the module
+swaps on any machine; on a GPU the fused prologue + rotation kernels against PyTorch and against the
+Hadamard kernel they replace."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 import higgs_rs  # noqa: E402
 from higgs_rs import cuda as hcuda  # noqa: E402
-from higgs_rs.torch import HiggsLinear, HiggsRMSNorm, fuse_norms  # noqa: E402
+from higgs_rs.torch import HiggsGatedMLP, HiggsLinear, HiggsRMSNorm, fuse_mlps, fuse_norms  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and higgs_rs.cuda_available()),
@@ -57,6 +58,17 @@ class _Block(torch.nn.Module):
         return [a.q_proj(h), a.k_proj(h), a.v_proj(h)]
 
 
+class _Mlp(torch.nn.Module):
+    """transformers' LlamaMLP."""
+
+    def __init__(self, gate: HiggsLinear, up: HiggsLinear, down: HiggsLinear) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate, up, down, torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_forward_is_the_llama_norm(dtype: torch.dtype) -> None:
     transformers = pytest.importorskip("transformers")
@@ -93,17 +105,21 @@ def test_fuse_norms_swaps_llama_norms_and_keeps_the_state_dict() -> None:
     higgs_rs.patch(model, bits=4, p=2, group_size=64, seed=0)
     norms = [m for m in model.modules() if isinstance(m, HiggsRMSNorm)]
     assert len(norms) == 4, "two norms per decoder layer; the final norm feeds the fp head"
+    assert sum(isinstance(m, HiggsGatedMLP) for m in model.modules()) == 2
     assert type(model.model.norm).__name__ == "LlamaRMSNorm"
     # The swap keeps every key; the quantized layers changed theirs.
     norm_keys = {k for k in keys if "layernorm" in k}
     assert norm_keys <= set(model.state_dict())
-    assert fuse_norms(model) == 0, "fused norms are not swapped again"
+    assert set(model.state_dict()) == set(higgs_state_keys(model)), "the swaps keep every key"
+    assert fuse_norms(model) == 0 and fuse_mlps(model) == 0, "fused modules are not swapped again"
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         got = model(ids).logits
-        # The same model with plain norms again (same weights): the same logits on the CPU.
+        # The same model with plain norms and MLPs again (same weights): the same logits on the CPU.
         plain = copy.deepcopy(model)
         for layer in plain.model.layers:
+            mlp = _Mlp(layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            layer.mlp = mlp
             for name in ("input_layernorm", "post_attention_layernorm"):
                 fused = getattr(layer, name)
                 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -116,6 +132,16 @@ def test_fuse_norms_swaps_llama_norms_and_keeps_the_state_dict() -> None:
         clone = pickle.loads(pickle.dumps(model))
         assert clone.model.layers[0].input_layernorm.__dict__.get("_higgs_norm_consumer") is None
         assert torch.equal(clone(ids).logits, got)
+
+
+def higgs_state_keys(model: torch.nn.Module) -> list[str]:
+    """The state dict keys of ``model`` with its fused modules swapped back to plain ones."""
+    plain = copy.deepcopy(model)
+    for module in list(plain.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, HiggsGatedMLP):
+                setattr(module, name, _Mlp(child.gate_proj, child.up_proj, child.down_proj))
+    return list(plain.state_dict())
 
 
 def test_torch_rmsnorm_is_fused_with_named_pairs() -> None:
@@ -143,10 +169,10 @@ def test_fused_norm_feeds_the_next_call(dtype: torch.dtype, in_f: int, h: int | 
     weight = torch.nn.Parameter((torch.rand(in_f, device="cuda") + 0.5).to(dtype))
     norm = HiggsRMSNorm(weight, 1e-5, layer)
     x = (torch.randn(batch, 1, in_f, device="cuda") * 3).to(dtype)
-    fused = hcuda.fused_norms
+    fused = hcuda.fused_prologues
     with torch.no_grad():
         y = norm(x)
-        assert hcuda.fused_norms == fused + 1
+        assert hcuda.fused_prologues == fused + 1
         ref = _llama_norm(x, weight, 1e-5)
         # The sum of squares is ordered differently: at most a unit in the last place apart.
         ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
@@ -186,10 +212,10 @@ def test_fused_norm_in_a_cuda_graph() -> None:
                 block(static_x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        fused, shared = hcuda.fused_norms, hcuda.shared_rotations
+        fused, shared = hcuda.fused_prologues, hcuda.shared_rotations
         with torch.cuda.graph(graph):
             static_ys = block(static_x)
-        assert hcuda.fused_norms == fused + 1
+        assert hcuda.fused_prologues == fused + 1
         assert hcuda.shared_rotations == shared + 1, "the grouped q/k/v launch should reuse the rotation"
         for _ in range(3):
             fresh = torch.randn(1, 1, 1024, device="cuda").half()
@@ -201,3 +227,67 @@ def test_fused_norm_in_a_cuda_graph() -> None:
                 ref = h @ w.t()
                 err = float((y.double().view(1, -1) - ref).norm() / ref.norm())
                 assert err < 1e-3, f"layer {i} seed {seed}: {err}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("mlp", "h", "batch"), [(14336, None, 1), (14336, None, 2), (1536, None, 3), (4096, 1024, 1)]
+)
+def test_fused_gate_feeds_the_down_projection(
+    dtype: torch.dtype, mlp: int, h: int | None, batch: int
+) -> None:
+    """silu(gate) * up and its rotation in one kernel: 14336 runs the cluster kernel at batch 1-2,
+    1536 (12 * 128) the small-order path, 4096 with Hadamard 1024 several tiles a row."""
+    seed = _seed()
+    torch.manual_seed(seed)
+    down = _layer(512, mlp, seed, h, device="cuda")
+    gate = (torch.randn(batch, 1, mlp, device="cuda") * 3).to(dtype)
+    up = torch.randn(batch, 1, mlp, device="cuda").to(dtype)
+    fused = hcuda.fused_prologues
+    with torch.no_grad():
+        product = hcuda.silu_mul_rotate(gate, up, down)
+        assert product is not None and hcuda.fused_prologues == fused + 1
+        ref = torch.nn.functional.silu(gate) * up
+        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+        diff = (product.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
+        assert float(diff.max()) <= ulp * 1.01, f"seed {seed}: {float(diff.max())}"
+        shared = hcuda.shared_rotations
+        out = down(product)
+        assert hcuda.shared_rotations == shared + 1, "the call should reuse the fused rotation"
+        assert torch.equal(out, down(product.clone())), f"seed {seed}"
+        assert hcuda.silu_mul_rotate(gate, up[..., :-1], down) is None
+
+
+@needs_gpu
+def test_fused_mlp_in_a_cuda_graph() -> None:
+    seed = _seed()
+    torch.manual_seed(seed)
+    gate, up = (_layer(1536, 512, seed, device="cuda") for _ in range(2))
+    down = _layer(512, 1536, seed + 1, device="cuda")
+    mlp = torch.nn.ModuleDict({"mlp": _Mlp(gate, up, down)})
+    hcuda.group_layers([gate, up])
+    assert fuse_mlps(mlp, classes=frozenset({"_Mlp"})) == 1
+    static_x = torch.randn(1, 1, 512, device="cuda").half()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                mlp["mlp"](static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        fused = hcuda.fused_prologues
+        with torch.cuda.graph(graph):
+            static_y = mlp["mlp"](static_x)
+        assert hcuda.fused_prologues == fused + 1
+        for _ in range(3):
+            fresh = torch.randn(1, 1, 512, device="cuda").half()
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            x = fresh.double().view(1, -1)
+            hidden = torch.nn.functional.silu(x @ gate.w_deq.t()) * (x @ up.w_deq.t())
+            ref = hidden @ down.w_deq.t()
+            err = float((static_y.double().view(1, -1) - ref).norm() / ref.norm())
+            assert err < 2e-3, f"seed {seed}: {err}"

@@ -181,7 +181,8 @@ def cuda_hadamard(
     stream: int,
     device: int,
     norm_weight: int = 0,
-    norm_out: int = 0,
+    up: int = 0,
+    pre_out: int = 0,
     eps: float = 0.0,
 ) -> None: ...
 def cuda_dequantize_rotated(

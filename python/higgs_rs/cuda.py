@@ -37,8 +37,9 @@ rotates in one kernel: it writes the normalized rows (its output, as usual) and 
 the layers it feeds into the workspace, remembered as the rotation of its output, so the q/k/v (or
 gate/up) call that follows launches only its LUT-GEMM. Nothing is assumed: the call checks the
 rotation entry as for any shared rotation, and rotates itself when it does not match (another
-input, other signs, a regrown workspace). ``HIGGS_CUDA_FUSE_NORM=0`` normalizes with PyTorch
-(for comparisons).
+input, other signs, a regrown workspace). Likewise an MLP's ``silu(gate) * up`` and the rotation
+for its down projection (``fuse_mlps``; ``HiggsGatedMLP``). ``HIGGS_CUDA_FUSE_NORM=0`` computes
+both with PyTorch (for comparisons).
 
 Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up, and
 ``higgs_rs.load`` and ``patch`` call it) run as one launch inside CUDA graph captures
@@ -91,10 +92,11 @@ _SIGNS_MARK = "_higgs_cuda_signs_id"
 _captured_streams: set[tuple[int, int]] = set()
 #: ``cuStreamGetCaptureInfo`` through ctypes (None: not looked up yet, False: unavailable).
 _capture_info: Any = None
-#: ``HIGGS_CUDA_FUSE_NORM=0``: ``rms_norm_rotate`` declines, the norm runs in PyTorch.
+#: ``HIGGS_CUDA_FUSE_NORM=0``: ``rms_norm_rotate`` and ``silu_mul_rotate`` decline, the norm and
+#: the MLP activation run in PyTorch.
 _FUSE_NORM = os.environ.get("HIGGS_CUDA_FUSE_NORM", "") != "0"
-#: Fused norm launches (``rms_norm_rotate``): for tests and benches.
-fused_norms = 0
+#: Fused launches (``rms_norm_rotate``, ``silu_mul_rotate``): for tests and benches.
+fused_prologues = 0
 #: ``HIGGS_CUDA_TILE=0``: leave the codes in their stored order on the GPU.
 _TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
 #: Key in a layer's ``__dict__``: (weak reference to the codes tensor, its version) when that
@@ -779,18 +781,35 @@ def rms_norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, consumer:
     normalized tensor, or None where this path does not apply (not float16/bfloat16 on the
     consumer's GPU, a weight of another dtype or shape, a batch the dense path takes, tensors
     without a version counter, ``HIGGS_CUDA_FUSE_NORM=0``): the caller normalizes as usual."""
+    hidden = consumer.in_features
+    if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.device != x.device:
+        return None
+    return _prologue_rotate(x, consumer, norm_weight=weight.contiguous(), eps=float(eps))
+
+
+def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, consumer: Any) -> torch.Tensor | None:
+    """``silu(gate) ⊙ up`` (rounded as PyTorch's two kernels do) in one kernel that also rotates the
+    product for ``consumer`` (the MLP's down projection) into the stream's workspace, as
+    ``rms_norm_rotate`` does for a norm. None where this path does not apply (then compute it as
+    usual): ``up`` of another shape, dtype or device, or what ``rms_norm_rotate`` declines."""
+    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
+        return None
+    return _prologue_rotate(gate, consumer, up=up.contiguous())
+
+
+def _prologue_rotate(x: torch.Tensor, consumer: Any, **prologue: Any) -> torch.Tensor | None:
+    """The rows the rotation kernel's ``prologue`` computes from ``x`` (``cuda_hadamard``'s
+    ``norm_weight``/``eps`` or ``up``), rotated for ``consumer`` into the workspace and remembered
+    as the rotation of the returned tensor; None where the fused path does not apply."""
     import torch
 
-    global fused_norms
+    global fused_prologues
     hidden = consumer.in_features
     if (
         not (_FUSE_NORM and _SHARE_ROTATION)
         or not x.is_cuda
         or x.dtype not in (torch.float16, torch.bfloat16)
         or x.shape[-1] != hidden
-        or weight.shape != (hidden,)
-        or weight.dtype != x.dtype
-        or weight.device != x.device
         or consumer._buffers["codes"].device != x.device
     ):
         return None
@@ -801,7 +820,6 @@ def rms_norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, consumer:
     dtype = _dtype_name(x.dtype)
     args = _layer_args(consumer, x)
     x = x.contiguous()
-    weight = weight.contiguous()
     y = torch.empty_like(x)
     # The view the consumer's forward makes (``reshape(-1, in_features)``): the rotation entry
     # names it as that call will.
@@ -815,6 +833,7 @@ def rms_norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, consumer:
     # The LUT-GEMM reads the rotation as batch rows of the padded width rounded up to 128.
     kp = -(-consumer.padded_in_features // 128) * 128
     ws = _workspace(where, stream, batch * kp * x.element_size())
+    pointers = {k: v.data_ptr() if isinstance(v, torch.Tensor) else v for k, v in prologue.items()}
     _core.cuda_hadamard(
         x.data_ptr(),
         ws.data_ptr(),
@@ -826,11 +845,10 @@ def rms_norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, consumer:
         dtype,
         stream,
         key[0],
-        norm_weight=weight.data_ptr(),
-        norm_out=y.data_ptr(),
-        eps=float(eps),
+        pre_out=y.data_ptr(),
+        **pointers,
     )
     # Holds the output (its root tensor) alive: its address cannot be reused meanwhile.
     _rotations[key] = (ws, entry, y_rows)
-    fused_norms += 1
+    fused_prologues += 1
     return y

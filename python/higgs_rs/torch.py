@@ -100,7 +100,8 @@ def load(
     dtype, as transformers' ``dtype="auto"``, except that float16 becomes bfloat16 (the fast CPU
     path); float32 for exact comparisons). The q/k/v and gate/up projections are grouped
     (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch, and the RMSNorm
-    before each group normalizes and rotates in one kernel (``fuse_norms``).
+    before each group normalizes and rotates in one kernel (``fuse_norms``), as does each MLP's
+    activation for its down projection (``fuse_mlps``).
     """
     device = torch.device(device)
     ckpt = HiggsCheckpoint(path)
@@ -142,6 +143,7 @@ def load(
     model = _finish(model, state, path).to(device)
     group_projections(model)
     fuse_norms(model)
+    fuse_mlps(model)
     return model
 
 
@@ -227,8 +229,8 @@ def patch(
 ) -> torch.nn.Module:
     """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
     of ``skip``), replacing each with a ``HiggsLinear`` on the same device, groups the q/k/v and
-    gate/up projections (one launch each on a GPU) and fuses the norms before them
-    (``fuse_norms``). Returns the model."""
+    gate/up projections (one launch each on a GPU) and fuses the norms before them and the MLP
+    activations (``fuse_norms``, ``fuse_mlps``). Returns the model."""
     from . import quantize_tensor
 
     targets = [
@@ -253,6 +255,7 @@ def patch(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     group_projections(model)
     fuse_norms(model)
+    fuse_mlps(model)
     return model
 
 
@@ -590,5 +593,59 @@ def fuse_norms(model: torch.nn.Module, pairs: tuple[tuple[str, str], ...] = NORM
                 continue
             eps = getattr(norm, "variance_epsilon", None) if type(norm) is not torch.nn.RMSNorm else norm.eps
             setattr(module, norm_name, HiggsRMSNorm(norm.weight, eps, reader))
+            count += 1
+    return count
+
+
+#: MLP classes computed as ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (transformers' Llama
+#: family), which ``fuse_mlps`` replaces when ``act_fn`` is SiLU.
+GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+
+
+class HiggsGatedMLP(torch.nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` with HIGGS projections: on a GPU one kernel
+    computes ``silu(gate) * up`` and rotates it for ``down_proj`` (``higgs_rs.cuda.silu_mul_rotate``),
+    whose call then skips its own Hadamard kernel; elsewhere PyTorch computes the product. The
+    same children (and state dict) as the MLP it replaces."""
+
+    def __init__(
+        self, gate_proj: HiggsLinear, up_proj: HiggsLinear, down_proj: HiggsLinear, act_fn: Any
+    ) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.is_cuda:
+            from .cuda import silu_mul_rotate
+
+            product = silu_mul_rotate(gate, up, self.down_proj)
+            if product is not None:
+                return self.down_proj(product)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def _is_silu(module: Any) -> bool:
+    return isinstance(module, torch.nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def fuse_mlps(model: torch.nn.Module, classes: frozenset[str] = GATED_MLPS) -> int:
+    """Replace each MLP of ``model`` whose class is in ``classes`` (computed as
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``), whose three projections are ``HiggsLinear``
+    and whose ``act_fn`` is SiLU, with a ``HiggsGatedMLP`` over the same modules. Returns how many
+    were replaced."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if child is None or type(child).__name__ not in classes:
+                continue
+            parts = [child._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+            act = child._modules.get("act_fn", getattr(child, "act_fn", None))
+            if not all(isinstance(p, HiggsLinear) for p in parts) or not _is_silu(act):
+                continue
+            gate, up, down = parts
+            if gate.out_features != up.out_features or down.in_features != gate.out_features:
+                continue
+            setattr(module, name, HiggsGatedMLP(gate, up, down, act))
             count += 1
     return count

@@ -405,20 +405,20 @@ struct HadamardParams {
     kp: i32,
     scale: f32,
     norm_weight: u64,
-    norm_out: u64,
+    up: u64,
+    pre_out: u64,
     eps: f32,
 }
 
-/// An RMSNorm applied to each activation row before it is rotated ([`hadamard_rotate`]): `out =
-/// weight ⊙ x / sqrt(mean(x²) + eps)` in transformers' Llama order (`x · inv` rounded to the
-/// activation type, then times the weight), `weight` and `out` in the activation type.
+/// What [`hadamard_rotate`] computes from `x` before rotating it; the computed rows (`batch ×
+/// in_features`, activation type) are also written to `out`.
 #[derive(Clone, Copy, Debug)]
-pub struct RmsNorm {
-    /// `in_features` weights.
-    pub weight: u64,
-    /// `batch × in_features`: the normalized rows.
-    pub out: u64,
-    pub eps: f32,
+pub enum Prologue {
+    /// `weight ⊙ x / sqrt(mean(x²) + eps)` per row, in transformers' Llama order (`x · inv`
+    /// rounded to the activation type, then times the `in_features` weights).
+    RmsNorm { weight: u64, eps: f32, out: u64 },
+    /// `silu(x) ⊙ up` (`up`: `batch × in_features`), rounded as PyTorch's two kernels do.
+    SiluGate { up: u64, out: u64 },
 }
 
 #[repr(C)]
@@ -691,8 +691,8 @@ pub fn workspace_bytes(
 }
 
 /// Rotate `batch` activation rows into `out` (`batch × out_width`, `out_width >= padded_cols`,
-/// zeros past `padded_cols`); with `norm`, the rows are normalized first (and written to
-/// `norm.out`) and the rotation takes the normalized rows.
+/// zeros past `padded_cols`); with a `prologue`, the rows it computes from `x` are rotated (and
+/// written to its `out`).
 #[allow(clippy::too_many_arguments)]
 pub fn hadamard_rotate(
     x: u64,
@@ -705,18 +705,25 @@ pub fn hadamard_rotate(
     act: ActType,
     stream: u64,
     device_index: usize,
-    norm: Option<RmsNorm>,
+    prologue: Option<Prologue>,
 ) -> Result<()> {
     require_pointers(&[("activation", x), ("output", out)])?;
-    if let Some(norm) = norm {
-        require_pointers(&[("norm weight", norm.weight), ("norm output", norm.out)])?;
-        if !(norm.eps.is_finite() && norm.eps >= 0.0) {
-            return Err(HiggsError::invalid(format!(
-                "the RMSNorm epsilon must be finite and >= 0; got {}",
-                norm.eps
-            )));
+    let (norm_weight, up, pre_out, eps) = match prologue {
+        None => (0, 0, 0, 0.0),
+        Some(Prologue::RmsNorm { weight, eps, out }) => {
+            require_pointers(&[("norm weight", weight), ("norm output", out)])?;
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(HiggsError::invalid(format!(
+                    "the RMSNorm epsilon must be finite and >= 0; got {eps}"
+                )));
+            }
+            (weight, 0, out, eps)
         }
-    }
+        Some(Prologue::SiluGate { up, out }) => {
+            require_pointers(&[("up activations", up), ("gated output", out)])?;
+            (0, up, out, 0.0)
+        }
+    };
     // Checks the order before anything touches the device.
     source::HadamardShape::new(hadamard_size)?;
     let padded = in_features.div_ceil(hadamard_size) * hadamard_size;
@@ -732,7 +739,7 @@ pub fn hadamard_rotate(
     }
     let dev = device(device_index)?;
     // The norm runs in the one-block kernel only (a row's sum of squares stays in its block).
-    let shape = if norm.is_some() {
+    let shape = if norm_weight != 0 {
         source::HadamardShape::new(hadamard_size)?
     } else {
         hadamard_shape(
@@ -749,9 +756,10 @@ pub fn hadamard_rotate(
         in_features: in_features as i32,
         kp: out_width as i32,
         scale: (1.0 / (hadamard_size as f64).sqrt()) as f32,
-        norm_weight: norm.map_or(0, |n| n.weight),
-        norm_out: norm.map_or(0, |n| n.out),
-        eps: norm.map_or(0.0, |n| n.eps),
+        norm_weight,
+        up,
+        pre_out,
+        eps,
     };
     // A programmatic dependent of whatever kernel runs before it on the stream: the kernels wait
     // (`griddepcontrol.wait`) before touching memory, so only the launch overlaps that kernel's

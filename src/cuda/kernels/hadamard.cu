@@ -9,9 +9,10 @@
 // out[b, :kp] in the activation dtype; positions in [padded, kp) come out as zeros because
 // their inputs are zeros.
 //
-// With `norm_weight` set (hadamard_rotate only) the kernel first applies an RMSNorm to each row and
-// rotates the normalized row, which it also writes to `norm_out` (see front_stages / norm_value):
-// a decoder layer's norm and its projections' rotation in one launch.
+// A prologue may compute the rows to rotate (written to `pre_out` as well): with `norm_weight`
+// (hadamard_rotate only) an RMSNorm of each row of x (norm_value), with `up` the SiLU-gated product
+// silu(x) * up (gated_value). So a decoder layer's norm, or its MLP's activation, and the
+// rotation for the layers that read the result run in one launch.
 //
 // With HAD_CLUSTER defined (sm_90, orders m * 2^k with k >= 8 whose outer factor is a Paley
 // matrix or a Sylvester one) the module holds `hadamard_cluster` instead: a thread-block cluster
@@ -24,8 +25,9 @@ struct HadamardParams {
     int in_features;
     int kp;
     float scale;         // 1 / sqrt(HAD_ORDER)
-    const u16* norm_weight;  // in_features RMSNorm weights, or null: rotate x as it is
-    u16* norm_out;           // batch x in_features: the normalized x (when norm_weight is set)
+    const u16* norm_weight;  // in_features RMSNorm weights, or null
+    const u16* up;           // batch x in_features: rotate silu(x) * up instead of x, or null
+    u16* pre_out;            // batch x in_features: the prologue's rows (the normalized x, the product)
     float eps;               // the RMSNorm's epsilon
 };
 
@@ -60,14 +62,27 @@ __device__ __forceinline__ float row_sum_of_squares(const HadamardParams& P, con
 }
 
 // Element gi (< in_features) of the normalized row, in transformers' Llama order: x * inv rounded
-// to the activation type, then times the weight `w`, rounded again. Written to `nrow`, returned in
+// to the activation type, then times the weight `w`, rounded again. Written to `prow`, returned in
 // f32.
-__device__ __forceinline__ float norm_value(u16* nrow, float v, u16 w, int gi, float inv) {
+__device__ __forceinline__ float norm_value(u16* prow, float v, u16 w, int gi, float inv) {
     const float n = act_to_f32(f32_to_act(v * inv));
     const u16 y = f32_to_act(n * act_to_f32(w));
-    nrow[gi] = y;
+    prow[gi] = y;
     return act_to_f32(y);
 }
+
+// Element gi of silu(x) * up, rounded as PyTorch's two kernels do (silu(x) to the activation type,
+// then the product). Written to `prow`, returned in f32.
+__device__ __forceinline__ float gated_value(u16* prow, float g, u16 u, int gi) {
+    const float s = act_to_f32(f32_to_act(g / (1.f + expf(-g))));
+    const u16 y = f32_to_act(s * act_to_f32(u));
+    prow[gi] = y;
+    return act_to_f32(y);
+}
+
+#define PRE_NONE 0
+#define PRE_NORM 1
+#define PRE_GATE 2
 
 // Stages [S, S + R_LOG) of the Sylvester transform over the whole tile, in registers: each
 // thread takes groups of 2^R_LOG values that differ only in those index bits.
@@ -142,11 +157,12 @@ __device__ __forceinline__ void sylvester_passes(float* buf) {
 // of the Sylvester transform without shared memory or barriers: a thread loads 8 consecutive
 // values (stages 0-2 in registers) and the lanes of a warp hold 256 consecutive values (stages
 // 3-7 by shuffles); one store to shared memory. The caller syncs, then runs the other stages.
-// NORM (hadamard_rotate): normalize the row first (norm_value, written to `nrow`). Every load of
-// the block (values, weights) is issued before the first use.
-template <bool NORM>
+// PRE: the prologue (PRE_NORM: norm_value with the weights at `aux`; PRE_GATE: gated_value with
+// the row of up at `aux`), whose rows go to `prow`. Every load of the block is issued before the
+// first use.
+template <int PRE>
 __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf, const u16* xrow, int start,
-                                             u16* nrow = nullptr) {
+                                             const u16* aux = nullptr, u16* prow = nullptr) {
     const int last = P.in_features - 1;
     const int lane = threadIdx.x & 31;
     constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the tests below are warp-uniform
@@ -159,9 +175,21 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
         for (int e = 0; e < 8; ++e) {
             const int gi = start + 8 * (threadIdx.x + j * HAD_THREADS) + e;
             v[j][e] = act_to_f32(xrow[gi < last ? gi : last]);
-            if constexpr (NORM) w[j][e] = P.norm_weight[gi < last ? gi : last];
+            if constexpr (PRE != PRE_NONE) w[j][e] = aux[gi < last ? gi : last];
         }
-    if constexpr (NORM) {
+    if constexpr (PRE == PRE_GATE) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int q = threadIdx.x + j * HAD_THREADS;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int gi = start + 8 * q + e;
+                if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && gi <= last)
+                    v[j][e] = gated_value(prow, v[j][e], w[j][e], gi);
+            }
+        }
+    }
+    if constexpr (PRE == PRE_NORM) {
         float ss = 0.f;
         if (start == 0 && HAD_TILE >= P.in_features) {
             // The tile is the whole row: sum what was loaded.
@@ -184,7 +212,7 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
             for (int e = 0; e < 8; ++e) {
                 const int gi = start + 8 * q + e;
                 if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && gi <= last)
-                    v[j][e] = norm_value(nrow, v[j][e], w[j][e], gi, inv);
+                    v[j][e] = norm_value(prow, v[j][e], w[j][e], gi, inv);
             }
         }
     }
@@ -251,12 +279,16 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     const int start = blockIdx.x * HAD_TILE;
     const u16* xrow = P.x + (u64)b * P.in_features;
     const bool norm = P.norm_weight != nullptr;
-    u16* nrow = P.norm_out + (u64)b * P.in_features;
+    const bool gate = P.up != nullptr;
+    u16* prow = P.pre_out + (u64)b * P.in_features;
+    const u16* aux = gate ? P.up + (u64)b * P.in_features : P.norm_weight;
 #if HAD_LOG2 >= 8
     if (norm) {
-        front_stages<true>(P, buf, xrow, start, nrow);
+        front_stages<PRE_NORM>(P, buf, xrow, start, aux, prow);
+    } else if (gate) {
+        front_stages<PRE_GATE>(P, buf, xrow, start, aux, prow);
     } else {
-        front_stages<false>(P, buf, xrow, start);
+        front_stages<PRE_NONE>(P, buf, xrow, start);
     }
     __syncthreads();
     sylvester_passes<8>(buf);
@@ -272,7 +304,15 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
     for (int j = 0; j < PER_THREAD; ++j) {
         const int gi = start + threadIdx.x + j * HAD_THREADS;
         xv[j] = act_to_f32(xrow[gi < last ? gi : last]);
-        if (norm) wv[j] = P.norm_weight[gi < last ? gi : last];
+        if (norm || gate) wv[j] = aux[gi < last ? gi : last];
+    }
+    if (gate) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = threadIdx.x + j * HAD_THREADS;
+            const int gi = start + i;
+            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = gated_value(prow, xv[j], wv[j], gi);
+        }
     }
     if (norm) {
         float ss = 0.f;
@@ -292,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = threadIdx.x + j * HAD_THREADS;
             const int gi = start + i;
-            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = norm_value(nrow, xv[j], wv[j], gi, inv);
+            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = norm_value(prow, xv[j], wv[j], gi, inv);
         }
     }
     if (P.signs) {
@@ -414,7 +454,12 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_cluster(const
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
     const int tile_start = (int)(blockIdx.x / HAD_CLUSTER) * HAD_ORDER;
     const u16* xrow = P.x + (u64)blockIdx.y * P.in_features;
-    front_stages<false>(P, buf, xrow, tile_start + (int)rank * HAD_TILE);
+    if (P.up) {
+        front_stages<PRE_GATE>(P, buf, xrow, tile_start + (int)rank * HAD_TILE, P.up + (u64)blockIdx.y * P.in_features,
+                               P.pre_out + (u64)blockIdx.y * P.in_features);
+    } else {
+        front_stages<PRE_NONE>(P, buf, xrow, tile_start + (int)rank * HAD_TILE);
+    }
     __syncthreads();
     sylvester_passes<8>(buf);
     // Every block's segments are in its shared memory, visible to the cluster.
