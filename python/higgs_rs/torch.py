@@ -548,6 +548,9 @@ class HiggsRMSNorm(torch.nn.Module):
         state.pop(_CONSUMER_ATTR, None)
         return state
 
+    # Not traced by torch.compile (the fused kernel is opaque to dynamo), like HiggsLinear.forward:
+    # one graph break instead of a trace through the launch's Python.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         ref = self.__dict__.get(_CONSUMER_ATTR)
@@ -614,6 +617,8 @@ class HiggsGatedMLP(torch.nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
 
+    # As HiggsRMSNorm.forward: one graph break under torch.compile.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.is_cuda:
