@@ -43,6 +43,15 @@ def _llama_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return weight * h.to(x.dtype)
 
 
+def _assert_close_in_ulps(got: torch.Tensor, ref: torch.Tensor, seed: int) -> None:
+    """At least 99% of the values equal, none more than two units in the last place apart."""
+    ulp = 2.0**-10 if got.dtype == torch.float16 else 2.0**-7
+    diff = (got.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
+    assert float(diff.max()) <= 2 * ulp, f"seed {seed}: {float(diff.max())}"
+    equal = float((got == ref).float().mean())
+    assert equal >= 0.99, f"seed {seed}: {equal:.4f} equal"
+
+
 class _Block(torch.nn.Module):
     """A decoder layer's attention input: a norm, then q/k/v reading its output."""
 
@@ -174,10 +183,9 @@ def test_fused_norm_feeds_the_next_call(dtype: torch.dtype, in_f: int, h: int | 
         y = norm(x)
         assert hcuda.fused_prologues == fused + 1
         ref = _llama_norm(x, weight, 1e-5)
-        # The sum of squares is ordered differently: at most a unit in the last place apart.
-        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
-        diff = (y.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
-        assert float(diff.max()) <= ulp * 1.01, f"seed {seed}: {float(diff.max())}"
+        # The sum of squares is ordered differently, so x * inv may round the other way: almost all
+        # equal, the rest at most two units in the last place apart (two roundings).
+        _assert_close_in_ulps(y, ref, seed)
         shared = hcuda.shared_rotations
         out = layer(y)
         assert hcuda.shared_rotations == shared + 1, "the call should reuse the fused rotation"
@@ -248,10 +256,7 @@ def test_fused_gate_feeds_the_down_projection(
     with torch.no_grad():
         product = hcuda.silu_mul_rotate(gate, up, down)
         assert product is not None and hcuda.fused_prologues == fused + 1
-        ref = torch.nn.functional.silu(gate) * up
-        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
-        diff = (product.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
-        assert float(diff.max()) <= ulp * 1.01, f"seed {seed}: {float(diff.max())}"
+        _assert_close_in_ulps(product, torch.nn.functional.silu(gate) * up, seed)
         shared = hcuda.shared_rotations
         out = down(product)
         assert hcuda.shared_rotations == shared + 1, "the call should reuse the fused rotation"

@@ -168,6 +168,7 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
     constexpr int GROUPS = HAD_TILE / 8;  // a multiple of 32: the tests below are warp-uniform
     constexpr int J = (GROUPS + HAD_THREADS - 1) / HAD_THREADS;
     float v[J][8];
+    float sg[J][8];
     u16 w[J][8];
 #pragma unroll
     for (int j = 0; j < J; ++j)
@@ -176,6 +177,8 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
             const int gi = start + 8 * (threadIdx.x + j * HAD_THREADS) + e;
             v[j][e] = act_to_f32(xrow[gi < last ? gi : last]);
             if constexpr (PRE != PRE_NONE) w[j][e] = aux[gi < last ? gi : last];
+            // The signs with the values (a prologue would otherwise wait for them afterwards).
+            sg[j][e] = P.signs ? P.signs[gi < last ? gi : last] : 1.f;
         }
     if constexpr (PRE == PRE_GATE) {
 #pragma unroll
@@ -220,19 +223,8 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
     for (int j = 0; j < J; ++j) {
         const int q = threadIdx.x + j * HAD_THREADS;
         if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
-            float sg[8];
-            if (P.signs) {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const int gi = start + 8 * q + e;
-                    sg[e] = P.signs[gi < last ? gi : last];
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) sg[e] = 1.f;
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[j][e] = start + 8 * q + e <= last ? v[j][e] * sg[e] : 0.f;
+            for (int e = 0; e < 8; ++e) v[j][e] = start + 8 * q + e <= last ? v[j][e] * sg[j][e] : 0.f;
 #pragma unroll
             for (int h = 1; h < 8; h <<= 1)
 #pragma unroll
@@ -305,6 +297,7 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         const int gi = start + threadIdx.x + j * HAD_THREADS;
         xv[j] = act_to_f32(xrow[gi < last ? gi : last]);
         if (norm || gate) wv[j] = aux[gi < last ? gi : last];
+        sv[j] = P.signs ? P.signs[gi < last ? gi : last] : 1.f;
     }
     if (gate) {
 #pragma unroll
@@ -334,16 +327,6 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
             const int gi = start + i;
             if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = norm_value(prow, xv[j], wv[j], gi, inv);
         }
-    }
-    if (P.signs) {
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) {
-            const int gi = start + threadIdx.x + j * HAD_THREADS;
-            sv[j] = P.signs[gi < last ? gi : last];
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) sv[j] = 1.f;
     }
 #pragma unroll
     for (int j = 0; j < PER_THREAD; ++j) {
