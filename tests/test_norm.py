@@ -153,6 +153,21 @@ def higgs_state_keys(model: torch.nn.Module) -> list[str]:
     return list(plain.state_dict())
 
 
+def test_phi3_fused_projections_take_the_fused_norms() -> None:
+    pytest.importorskip("transformers")
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    layer = torch.nn.Module()
+    layer.input_layernorm = Phi3RMSNorm(256, eps=1e-5)
+    layer.post_attention_layernorm = Phi3RMSNorm(256, eps=1e-5)
+    layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    layer.self_attn.qkv_proj = _layer(96, 256, 4)
+    layer.mlp.gate_up_proj = _layer(128, 256, 4)
+    assert fuse_norms(layer) == 2
+    assert layer.input_layernorm.__dict__["_higgs_norm_consumer"]() is layer.self_attn.qkv_proj
+    assert layer.post_attention_layernorm.__dict__["_higgs_norm_consumer"]() is layer.mlp.gate_up_proj
+
+
 def test_torch_rmsnorm_is_fused_with_named_pairs() -> None:
     q, k, v = (_layer(r, 256, 3) for r in (64, 32, 32))
     block = _Block(torch.nn.RMSNorm(256, eps=1e-6), q, k, v)

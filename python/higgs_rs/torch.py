@@ -512,8 +512,14 @@ class HiggsLinear(torch.nn.Module):
 LLAMA_STYLE_NORMS = frozenset(
     {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 )
-#: (norm, the module reading its output) child paths in transformers' decoder layers.
-NORM_CONSUMERS = (("input_layernorm", "self_attn.q_proj"), ("post_attention_layernorm", "mlp.gate_proj"))
+#: (norm, the module reading its output) child paths in transformers' decoder layers (Phi-3 stores
+#: q/k/v and gate/up as one projection each).
+NORM_CONSUMERS = (
+    ("input_layernorm", "self_attn.q_proj"),
+    ("input_layernorm", "self_attn.qkv_proj"),
+    ("post_attention_layernorm", "mlp.gate_proj"),
+    ("post_attention_layernorm", "mlp.gate_up_proj"),
+)
 #: Key in a ``HiggsRMSNorm``'s ``__dict__``: a weak reference to the ``HiggsLinear`` it feeds.
 _CONSUMER_ATTR = "_higgs_norm_consumer"
 
