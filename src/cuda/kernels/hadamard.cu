@@ -61,23 +61,64 @@ __device__ __forceinline__ float row_sum_of_squares(const HadamardParams& P, con
     return block_sum(ss);
 }
 
-// Element gi (< in_features) of the normalized row, in transformers' Llama order: x * inv rounded
-// to the activation type, then times the weight `w`, rounded again. Written to `prow`, returned in
-// f32.
-__device__ __forceinline__ float norm_value(u16* prow, float v, u16 w, int gi, float inv) {
+// An element of the normalized row, in transformers' Llama order: x * inv rounded to the
+// activation type, then times the weight `w`, rounded again.
+__device__ __forceinline__ u16 norm_value(float v, u16 w, float inv) {
     const float n = act_to_f32(f32_to_act(v * inv));
-    const u16 y = f32_to_act(n * act_to_f32(w));
-    prow[gi] = y;
-    return act_to_f32(y);
+    return f32_to_act(n * act_to_f32(w));
 }
 
-// Element gi of silu(x) * up, rounded as PyTorch's two kernels do (silu(x) to the activation type,
-// then the product). Written to `prow`, returned in f32.
-__device__ __forceinline__ float gated_value(u16* prow, float g, u16 u, int gi) {
+// An element of silu(x) * up, rounded as PyTorch's two kernels do (silu(x) to the activation type,
+// then the product).
+__device__ __forceinline__ u16 gated_value(float g, u16 u) {
     const float s = act_to_f32(f32_to_act(g / (1.f + expf(-g))));
-    const u16 y = f32_to_act(s * act_to_f32(u));
-    prow[gi] = y;
-    return act_to_f32(y);
+    return f32_to_act(s * act_to_f32(u));
+}
+
+// The 8 values of a row from gi0 (a multiple of 8): one 16-byte access where they all lie before
+// `last` and the address is aligned, else one by one (loads clamped to `last`, stores up to it).
+// A lane's 8 consecutive values one by one would make 8 accesses 16 bytes apart per warp each.
+__device__ __forceinline__ bool whole_piece(const void* p, int gi0, int last) {
+    return gi0 + 7 <= last && (reinterpret_cast<u64>(p) & 15) == 0;
+}
+
+__device__ __forceinline__ void load8(const u16* row, int gi0, int last, u16 (&out)[8]) {
+    if (whole_piece(row + gi0, gi0, last)) {
+        const U4 u = *(const U4*)(row + gi0);
+        const u32 words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = (u16)(words[e >> 1] >> (16 * (e & 1)));
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = row[gi0 + e < last ? gi0 + e : last];
+    }
+}
+
+__device__ __forceinline__ void load8(const float* row, int gi0, int last, float (&out)[8]) {
+    if (whole_piece(row + gi0, gi0, last)) {
+        const U4 a = *(const U4*)(row + gi0);
+        const U4 b = *(const U4*)(row + gi0 + 4);
+        out[0] = bits_float(a.x), out[1] = bits_float(a.y), out[2] = bits_float(a.z), out[3] = bits_float(a.w);
+        out[4] = bits_float(b.x), out[5] = bits_float(b.y), out[6] = bits_float(b.z), out[7] = bits_float(b.w);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = row[gi0 + e < last ? gi0 + e : last];
+    }
+}
+
+__device__ __forceinline__ void store8(u16* row, int gi0, int last, const u16 (&y)[8]) {
+    if (whole_piece(row + gi0, gi0, last)) {
+        U4 u;
+        u.x = (u32)y[0] | ((u32)y[1] << 16);
+        u.y = (u32)y[2] | ((u32)y[3] << 16);
+        u.z = (u32)y[4] | ((u32)y[5] << 16);
+        u.w = (u32)y[6] | ((u32)y[7] << 16);
+        *(U4*)(row + gi0) = u;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (gi0 + e <= last) row[gi0 + e] = y[e];
+    }
 }
 
 #define PRE_NONE 0
@@ -171,24 +212,33 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
     float sg[J][8];
     u16 w[J][8];
 #pragma unroll
-    for (int j = 0; j < J; ++j)
+    for (int j = 0; j < J; ++j) {
+        const int gi0 = start + 8 * (threadIdx.x + j * HAD_THREADS);
+        u16 x8[8];
+        load8(xrow, gi0, last, x8);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int gi = start + 8 * (threadIdx.x + j * HAD_THREADS) + e;
-            v[j][e] = act_to_f32(xrow[gi < last ? gi : last]);
-            if constexpr (PRE != PRE_NONE) w[j][e] = aux[gi < last ? gi : last];
-            // The signs with the values (a prologue would otherwise wait for them afterwards).
-            sg[j][e] = P.signs ? P.signs[gi < last ? gi : last] : 1.f;
+        for (int e = 0; e < 8; ++e) v[j][e] = act_to_f32(x8[e]);
+        if constexpr (PRE != PRE_NONE) load8(aux, gi0, last, w[j]);
+        // The signs with the values (a prologue would otherwise wait for them afterwards).
+        if (P.signs) {
+            load8(P.signs, gi0, last, sg[j]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sg[j][e] = 1.f;
         }
+    }
     if constexpr (PRE == PRE_GATE) {
 #pragma unroll
         for (int j = 0; j < J; ++j) {
             const int q = threadIdx.x + j * HAD_THREADS;
+            if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
+                u16 y[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int gi = start + 8 * q + e;
-                if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && gi <= last)
-                    v[j][e] = gated_value(prow, v[j][e], w[j][e], gi);
+                for (int e = 0; e < 8; ++e) {
+                    y[e] = gated_value(v[j][e], w[j][e]);
+                    v[j][e] = act_to_f32(y[e]);
+                }
+                store8(prow, start + 8 * q, last, y);
             }
         }
     }
@@ -211,11 +261,14 @@ __device__ __forceinline__ void front_stages(const HadamardParams& P, float* buf
 #pragma unroll
         for (int j = 0; j < J; ++j) {
             const int q = threadIdx.x + j * HAD_THREADS;
+            if (GROUPS % HAD_THREADS == 0 || q < GROUPS) {
+                u16 y[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int gi = start + 8 * q + e;
-                if ((GROUPS % HAD_THREADS == 0 || q < GROUPS) && gi <= last)
-                    v[j][e] = norm_value(prow, v[j][e], w[j][e], gi, inv);
+                for (int e = 0; e < 8; ++e) {
+                    y[e] = norm_value(v[j][e], w[j][e], inv);
+                    v[j][e] = act_to_f32(y[e]);
+                }
+                store8(prow, start + 8 * q, last, y);
             }
         }
     }
@@ -304,7 +357,11 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = threadIdx.x + j * HAD_THREADS;
             const int gi = start + i;
-            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = gated_value(prow, xv[j], wv[j], gi);
+            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) {
+                const u16 y = gated_value(xv[j], wv[j]);
+                prow[gi] = y;
+                xv[j] = act_to_f32(y);
+            }
         }
     }
     if (norm) {
@@ -325,7 +382,11 @@ extern "C" __global__ void __launch_bounds__(HAD_THREADS) hadamard_rotate(const 
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = threadIdx.x + j * HAD_THREADS;
             const int gi = start + i;
-            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) xv[j] = norm_value(prow, xv[j], wv[j], gi, inv);
+            if ((HAD_TILE % HAD_THREADS == 0 || i < HAD_TILE) && gi <= last) {
+                const u16 y = norm_value(xv[j], wv[j], inv);
+                prow[gi] = y;
+                xv[j] = act_to_f32(y);
+            }
         }
     }
 #pragma unroll
