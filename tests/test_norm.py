@@ -311,3 +311,20 @@ def test_fused_mlp_in_a_cuda_graph() -> None:
             ref = hidden @ down.w_deq.t()
             err = float((static_y.double().view(1, -1) - ref).norm() / ref.norm())
             assert err < 2e-3, f"seed {seed}: {err}"
+
+
+@needs_gpu
+def test_fused_norm_leaves_autograd_to_pytorch() -> None:
+    """With gradients wanted the norm runs in PyTorch (the kernel keeps no graph)."""
+    layer = _layer(128, 1024, 5, device="cuda")
+    weight = torch.nn.Parameter(torch.ones(1024, device="cuda").half())
+    norm = HiggsRMSNorm(weight, 1e-5, layer)
+    x = torch.randn(1, 1024, device="cuda").half()
+    fused = hcuda.fused_prologues
+    y = norm(x)
+    assert hcuda.fused_prologues == fused and y.grad_fn is not None
+    y.float().sum().backward()
+    assert weight.grad is not None
+    with torch.no_grad():
+        norm(x)
+    assert hcuda.fused_prologues == fused + 1

@@ -561,7 +561,9 @@ class HiggsRMSNorm(torch.nn.Module):
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         ref = self.__dict__.get(_CONSUMER_ATTR)
         consumer = None if ref is None else ref()
-        if x.is_cuda and consumer is not None:
+        # The kernel keeps no autograd graph: where gradients are wanted, PyTorch computes it.
+        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.is_cuda and consumer is not None and not tracked:
             from .cuda import rms_norm_rotate
 
             y = rms_norm_rotate(x, self.weight, eps, consumer)
