@@ -682,7 +682,8 @@ def lut_linear(
     counters = _split_k_counters(where, stream, rows)
     previous = _rotations.pop(key, None)
     # Only a call that may reuse the rotation can overlap (and pays for the check): every layer
-    # of the launch must be unchanged (its LUT-GEMM reads their weights before it waits).
+    # of the launch must be unchanged (its LUT-GEMM reads their weights before it waits). A list,
+    # not a generator: every member records its state for its next call.
     unchanged = (
         rotation is not None
         and previous is not None

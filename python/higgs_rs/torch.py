@@ -589,7 +589,8 @@ def fuse_norms(model: torch.nn.Module, pairs: tuple[tuple[str, str], ...] = NORM
     and the q and gate projections) with a ``HiggsRMSNorm`` holding the same weight, so that on a
     GPU the norm and the rotation for its readers run as one kernel. Returns how many were
     replaced. ``torch.nn.RMSNorm`` is computed in float32 and rounded once; its replacement
-    rounds as transformers' Llama norm does (at most one unit in the last place apart)."""
+    rounds as transformers' Llama norm does (at most two units in the last place apart,
+    as ``tests/test_norm.py`` checks)."""
     count = 0
     for module in list(model.modules()):
         for norm_name, reader_name in pairs:
