@@ -291,6 +291,7 @@ class Block(torch.nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
         self.fused = fused
+        self.residual_fused = False
         kv = kv_heads * self.head_dim
         self.sizes = (hidden, kv, kv)
         lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
@@ -320,12 +321,16 @@ class Block(torch.nn.Module):
         a = torch.nn.functional.scaled_dot_product_attention(
             q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True
         )
-        h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
+        a = a.transpose(1, 2).reshape(1, 1, -1)
+        # With the residual adds fused (HiggsLinear / HiggsGatedMLP take the residual, as in a
+        # decoder layer after higgs_rs.fuse_residuals), the projections' kernels add it.
+        h = self.o(a, residual=h) if self.residual_fused else h + self.o(a)
         x = self.norm2(h)
         if self.fused:
             gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return h + self.down(torch.nn.functional.silu(gate) * up)
-        return h + self.mlp(x)
+            product = torch.nn.functional.silu(gate) * up
+            return self.down(product, residual=h) if self.residual_fused else h + self.down(product)
+        return self.mlp(x, residual=h) if self.residual_fused else h + self.mlp(x)
 
 
 class TinyLlama(torch.nn.Module):
@@ -361,10 +366,12 @@ def quantize_blocks(model: TinyLlama) -> None:
 
 def fuse_block_prologues(model: TinyLlama) -> None:
     """What ``higgs_rs.load`` does for a transformers model: each norm and MLP activation computed
-    in one kernel with the rotation for the layers that read it (``fuse_norms``, ``fuse_mlps``)."""
+    in one kernel with the rotation for the layers that read it (``fuse_norms``, ``fuse_mlps``),
+    and the residual adds by the o and down projections (``fuse_residuals``)."""
     for block in model.blocks:
         readers = ("qkv", "gate_up") if block.fused else ("q", "mlp.gate_proj")
         fuse_norms(block, pairs=(("norm1", readers[0]), ("norm2", readers[1])))
+        block.residual_fused = True
     fuse_mlps(model, classes=frozenset({"Mlp"}))
 
 

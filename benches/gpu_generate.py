@@ -27,7 +27,7 @@ import transformers
 import higgs_rs
 from higgs_rs.cuda import group_projections
 from higgs_rs.generation import generate
-from higgs_rs.torch import fuse_mlps, fuse_norms
+from higgs_rs.torch import fuse_mlps, fuse_norms, fuse_residuals
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import random_layer  # noqa: E402
@@ -64,10 +64,12 @@ def quantize_projections(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
     # As higgs_rs.load and patch do: q/k/v and gate/up run as one launch each (HIGGS_CUDA_GROUP=0: not),
     # the norms and the MLP activations compute in one kernel with the rotation for the layers after
-    # them (HIGGS_CUDA_FUSE_NORM=0: in PyTorch).
+    # them (HIGGS_CUDA_FUSE_NORM=0: in PyTorch), and the residual adds in the o and down projections'
+    # kernels (HIGGS_CUDA_FUSE_RESIDUAL=0: in PyTorch).
     group_projections(model)
     fuse_norms(model)
     fuse_mlps(model)
+    fuse_residuals(model)
 
 
 def seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -813,12 +813,13 @@ fn cuda_err(err: HiggsError) -> PyErr {
 /// it (only when nothing in flight writes this layer's codes, scales or grid). `mt`/`splits`
 /// override the launch heuristics. `siblings`: up to two more layers with the same input and
 /// shape but their rows, as `(codes, scales, out, out_features)`, computed by the same launch
-/// (the counters then cover all their rows).
+/// (the counters then cover all their rows). `addend`: a `batch × out_features` tensor (same
+/// dtype) added to the output as `addend + layer(x)` rounds in PyTorch (not with `siblings`).
 #[cfg(feature = "cuda")]
 #[pyfunction]
 #[pyo3(signature = (x, out, workspace, workspace_bytes, batch, in_features, out_features, codes, scales, grid, signs,
     row_bytes, groups, p, n, hadamard_size, group_size, dtype, stream, device, mt=0, splits=0, tiled=false,
-    counters=0, counters_bytes=0, rotated=false, rotated_overlap=false, siblings=Vec::new()))]
+    counters=0, counters_bytes=0, rotated=false, rotated_overlap=false, siblings=Vec::new(), addend=0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_lut_linear(
     py: Python<'_>,
@@ -850,6 +851,7 @@ fn cuda_lut_linear(
     rotated: bool,
     rotated_overlap: bool,
     siblings: Vec<(u64, u64, u64, usize)>,
+    addend: u64,
 ) -> PyResult<usize> {
     use crate::cuda;
     if siblings.len() > 2 {
@@ -897,6 +899,7 @@ fn cuda_lut_linear(
         tuning: cuda::Tuning { mt, splits },
         tiled,
         siblings: sibling_slots,
+        addend,
     };
     py.detach(|| cuda::lut_linear(&call)).map_err(cuda_err)
 }

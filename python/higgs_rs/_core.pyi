@@ -168,6 +168,7 @@ def cuda_lut_linear(
     rotated: bool = False,
     rotated_overlap: bool = False,
     siblings: list[tuple[int, int, int, int]] = ...,
+    addend: int = 0,
 ) -> int: ...
 def cuda_hadamard(
     x: int,
@@ -216,6 +217,7 @@ def allocate(
     """One option per layer minimizing Σ errors under Σ costs <= budget (and the second budget):
     {"choices", "cost", "error", "lower_bound", "exact", "unit"}."""
     ...
+
 def stored_bits(
     rows: int, cols: int, p: int, n: int, hadamard_size: int | None = None, group_size: int = 64
 ) -> int: ...

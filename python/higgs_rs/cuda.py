@@ -39,7 +39,9 @@ gate/up) call that follows launches only its LUT-GEMM. Nothing is assumed: the c
 rotation entry as for any shared rotation, and rotates itself when it does not match (another
 input, other signs, a regrown workspace). Likewise an MLP's ``silu(gate) * up`` and the rotation
 for its down projection (``fuse_mlps``; ``HiggsGatedMLP``). ``HIGGS_CUDA_FUSE_NORM=0`` computes
-both with PyTorch (for comparisons).
+both with PyTorch (for comparisons). A decoder layer's residual adds (``fuse_residuals``) are
+added by the o and down projections' LUT-GEMMs as they write their outputs (``lut_linear``'s
+``addend``; ``HIGGS_CUDA_FUSE_RESIDUAL=0``: PyTorch adds them).
 
 Sibling layers (``group_layers``; ``group_projections`` finds q/k/v and gate/up, and
 ``higgs_rs.load`` and ``patch`` call it) run as one launch inside CUDA graph captures
@@ -97,6 +99,10 @@ _capture_info: Any = None
 _FUSE_NORM = os.environ.get("HIGGS_CUDA_FUSE_NORM", "") != "0"
 #: Fused launches (``rms_norm_rotate``, ``silu_mul_rotate``): for tests and benches.
 fused_prologues = 0
+#: ``HIGGS_CUDA_FUSE_RESIDUAL=0``: ``HiggsLinear`` adds a residual with PyTorch, not in the kernel.
+_FUSE_RESIDUAL = os.environ.get("HIGGS_CUDA_FUSE_RESIDUAL", "") != "0"
+#: LUT-GEMM launches that added an ``addend`` (a residual): for tests and benches.
+fused_residuals = 0
 #: ``HIGGS_CUDA_TILE=0``: leave the codes in their stored order on the GPU.
 _TILE_CODES = os.environ.get("HIGGS_CUDA_TILE", "") != "0"
 #: Key in a layer's ``__dict__``: (weak reference to the codes tensor, its version) when that
@@ -597,10 +603,14 @@ def lut_linear(
     mt: int = 0,
     splits: int = 0,
     dense_min_batch: int = DENSE_MIN_BATCH,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for a ``HiggsLinear`` whose buffers are on a GPU; ``x`` is ``batch × in_features``
     float16/bfloat16 on the same device. Writes into ``out`` (``batch × out_features``, same
-    dtype, contiguous) when given. ``mt``/``splits`` override the kernel's launch heuristics."""
+    dtype, contiguous) when given. ``mt``/``splits`` override the kernel's launch heuristics.
+    ``addend`` (``batch × out_features``, same dtype and device): returns ``addend + x @ W.T``
+    with PyTorch's two roundings, the sum computed by the LUT-GEMM as it writes its output (a
+    decoder layer's residual add without a kernel of its own)."""
     import torch
 
     if x.dim() != 2 or x.shape[1] != layer.in_features:
@@ -618,6 +628,14 @@ def lut_linear(
         raise ValueError(
             f"out must be a contiguous {x.dtype} tensor of shape ({batch}, {layer.out_features})"
         )
+    if addend is not None:
+        shape = (batch, layer.out_features)
+        if addend.shape != shape or addend.dtype != x.dtype or addend.device != x.device:
+            raise ValueError(
+                f"addend must be a {x.dtype} tensor of shape ({batch}, {layer.out_features}) on "
+                f"{x.device}; got {addend.dtype} {tuple(addend.shape)} on {addend.device}"
+            )
+        addend = addend.contiguous()
     if out is None and (batch == 0 or batch >= dense_min_batch):
         out = torch.empty(batch, layer.out_features, dtype=x.dtype, device=where)
     if batch == 0:
@@ -636,12 +654,14 @@ def lut_linear(
             *args[:3], w_rot.data_ptr(), padded, layer.in_features, layer.out_features, *args[4:-1],
             dtype, stream, device, tiled=args[-1],
         )
-        torch.matmul(x_rot, w_rot.t(), out=out)
-        return out
-    global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits
+        if addend is None:
+            return torch.matmul(x_rot, w_rot.t(), out=out)
+        # Not written into `out` first: it may be the addend itself.
+        return torch.add(addend, torch.matmul(x_rot, w_rot.t()), out=out)
+    global shared_rotations, overlapped_rotations, grouped_launches, grouped_hits, fused_residuals
     key = (device, stream)
     group = layer.__dict__.get(GROUP_ATTR) if GROUP_MODE != "never" and mt == 0 and splits == 0 else None
-    if group is not None and not _groups_launch(batch, layer.group_size):
+    if group is not None and (addend is not None or not _groups_launch(batch, layer.group_size)):
         group = None
     entry = _rotation_entry(layer, x_in, dtype, key) if _SHARE_ROTATION or group is not None else None
     rotation = entry if _SHARE_ROTATION else None
@@ -719,8 +739,10 @@ def lut_linear(
             rotated=rotated,
             rotated_overlap=rotated and unchanged,
             siblings=sibling_list,
+            addend=0 if addend is None else addend.data_ptr(),
         )
         if need == 0:
+            fused_residuals += addend is not None
             shared_rotations += rotated
             overlapped_rotations += rotated and unchanged
             if siblings:

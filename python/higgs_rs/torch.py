@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cuda as _cuda
 from . import dequantize
 from .checkpoint import HiggsCheckpoint
 from .cuda import GROUP_ATTR, group_projections
@@ -144,6 +145,7 @@ def load(
     group_projections(model)
     fuse_norms(model)
     fuse_mlps(model)
+    fuse_residuals(model)
     return model
 
 
@@ -256,6 +258,7 @@ def patch(
     group_projections(model)
     fuse_norms(model)
     fuse_mlps(model)
+    fuse_residuals(model)
     return model
 
 
@@ -390,17 +393,44 @@ class HiggsLinear(torch.nn.Module):
     # Never traced by torch.compile (its Rust/CUDA calls are opaque to dynamo): a graph break,
     # run as in eager mode, instead of a trace that specializes on every shape (~0.5 µs a call).
     @torch.compiler.disable
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + b``; with ``residual``, ``residual + (x @ W.T + b)`` (a decoder layer's
+        residual add, rounded as PyTorch rounds it), which on a GPU the LUT-GEMM adds as it
+        writes its output: one kernel less."""
+        # A fused decoder layer hands its o projection the residual for the duration of its
+        # attention call (see `fuse_residuals`): taken once, so the layer knows it was added.
+        slot = self.__dict__.get(_RESIDUAL_SLOT)
+        if slot and residual is None:
+            residual = slot.pop()
         # Buffers and the bias through the dicts: `self.codes` goes through nn.Module.__getattr__
         # (~1 µs a lookup), and a decode step makes hundreds of these calls.
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))
         if self._buffers["codes"].is_cuda:
             shape = x.shape
-            y = self._forward_cuda(x.reshape(-1, self.in_features))
-            bias = self._parameters.get("bias", self.__dict__.get("bias"))
+            out_shape = (*shape[:-1], self.out_features)
+            addend = None
+            if (
+                residual is not None
+                and bias is None
+                and residual.shape == out_shape
+                and residual.dtype == x.dtype
+                and residual.device == x.device
+                # The kernel keeps no autograd graph, and gradients flow through a residual.
+                and not (torch.is_grad_enabled() and residual.requires_grad)
+                and _cuda._FUSE_RESIDUAL
+            ):
+                addend = residual.reshape(-1, self.out_features)
+            y = self._forward_cuda(x.reshape(-1, self.in_features), addend)
             if bias is not None:
                 y = y + bias.to(y.dtype)
-            return y.reshape(*shape[:-1], self.out_features)
-        return self._forward_cpu(x)
+            y = y.reshape(out_shape)
+            if residual is None or addend is not None:
+                return y
+            return residual + y
+        y = self._forward_cpu(x)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y if residual is None else residual + y
 
     def _cpu_plan(self, bf16: bool = False) -> tuple[Any, Any, Any]:
         """The Rust plan (kernel and tables resolved once) and NumPy views of codes and scales,
@@ -494,17 +524,13 @@ class HiggsLinear(torch.nn.Module):
                 out = out.view(torch.bfloat16)
         if out.dtype != wanted:
             out = out.to(wanted)
-        # A Parameter, or None (then a plain attribute: nn.Module keeps it in __dict__).
-        bias = self._parameters.get("bias", self.__dict__.get("bias"))
-        if bias is not None:
-            out = out + bias.to(wanted)
         return out
 
-    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_cuda(self, x: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
         # The fused CUDA path (Hadamard kernel + LUT-GEMM on the codes) lives in higgs_rs.cuda.
         from .cuda import lut_linear
 
-        return lut_linear(self, x)
+        return lut_linear(self, x, addend=addend)
 
 
 #: RMSNorm classes computed as ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``
@@ -628,15 +654,17 @@ class HiggsGatedMLP(torch.nn.Module):
 
     # As HiggsRMSNorm.forward: one graph break under torch.compile.
     @torch.compiler.disable
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x``; with ``residual``, ``residual + mlp(x)`` (added by the down
+        projection's kernel, see ``HiggsLinear.forward``)."""
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.is_cuda:
             from .cuda import silu_mul_rotate
 
             product = silu_mul_rotate(gate, up, self.down_proj)
             if product is not None:
-                return self.down_proj(product)
-        return self.down_proj(self.act_fn(gate) * up)
+                return self.down_proj(product, residual)
+        return self.down_proj(self.act_fn(gate) * up, residual)
 
 
 def _is_silu(module: Any) -> bool:
@@ -662,4 +690,95 @@ def fuse_mlps(model: torch.nn.Module, classes: frozenset[str] = GATED_MLPS) -> i
                 continue
             setattr(module, name, HiggsGatedMLP(gate, up, down, act))
             count += 1
+    return count
+
+
+#: Decoder layer classes computed as transformers' Llama layer (``h = x + attn(norm1(x))``,
+#: ``out = h + mlp(norm2(h))``, the attention ending in its ``o_proj``), whose residual adds
+#: ``fuse_residuals`` moves into the o and down projections.
+RESIDUAL_DECODERS = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
+#: Key in an o projection's ``__dict__``: a one-item list holding the residual its next call adds
+#: (set by a fused decoder layer around its attention call).
+_RESIDUAL_SLOT = "_higgs_pending_residual"
+#: Fused subclass of each decoder layer class (built once per class).
+_FUSED_DECODERS: dict[type, type] = {}
+
+
+class _ResidualFusedDecoder:
+    """The forward of a transformers Llama-family decoder layer with both residual adds computed
+    by the projections before them: the attention's ``o_proj`` (handed the residual for the
+    attention call) and the MLP's down projection (``HiggsGatedMLP``). On a GPU their LUT-GEMMs
+    write ``residual + y`` (PyTorch's rounding), two kernels less per layer. Mixed into a
+    subclass of the layer's own class (``fuse_residuals``), so ``isinstance`` and transformers'
+    output recording still see the original class."""
+
+    _higgs_unfused: type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        o_proj = attn._modules.get("o_proj")
+        # Positional extras could mean another signature: the layer's own forward takes them.
+        # Under torch.compile the layer is traced as it was (the hand-over is Python state).
+        if args or not isinstance(o_proj, HiggsLinear) or torch.compiler.is_compiling():
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        slot = [residual]
+        o_proj.__dict__[_RESIDUAL_SLOT] = slot
+        try:
+            hidden_states = attn(hidden_states=hidden_states, **kwargs)[0]
+        finally:
+            o_proj.__dict__.pop(_RESIDUAL_SLOT, None)
+        if slot:  # the o projection did not run: add as the layer would
+            hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if isinstance(mlp, HiggsGatedMLP):
+            return mlp(hidden_states, residual)
+        return residual + mlp(hidden_states)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickles and deep copies are of the layer's own class: a copy adds with PyTorch until
+        ``fuse_residuals`` fuses it again."""
+        # Protocol 2's reduction, (copyreg.__newobj__, (class,), state, ...), rebuilt through
+        # `_new_unfused`: pickle refuses a __newobj__ of another class than the object's.
+        reduced = super().__reduce_ex__(max(2, protocol))
+        return (_new_unfused, (self._higgs_unfused,), *reduced[2:])
+
+
+def _new_unfused(cls: type) -> Any:
+    return cls.__new__(cls)
+
+
+def _fused_decoder_class(cls: type) -> type:
+    fused = _FUSED_DECODERS.get(cls)
+    if fused is None:
+        fused = type(f"Higgs{cls.__name__}", (_ResidualFusedDecoder, cls), {"_higgs_unfused": cls})
+        _FUSED_DECODERS[cls] = fused
+    return fused
+
+
+def fuse_residuals(model: torch.nn.Module, classes: frozenset[str] = RESIDUAL_DECODERS) -> int:
+    """Make each decoder layer of ``model`` whose class is in ``classes`` and whose attention's
+    ``o_proj`` is a ``HiggsLinear`` compute its two residual adds inside the o and down
+    projections (the down one where the MLP is a ``HiggsGatedMLP``): the layer's class becomes a
+    subclass of its own with that forward (same modules, attributes and state dict). Only for
+    layers whose forward returns a tensor (transformers ≥ 4.56's convention). Returns how many
+    were changed."""
+    import inspect
+
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, _ResidualFusedDecoder) or cls.__name__ not in classes:
+            continue
+        attn = module._modules.get("self_attn")
+        if attn is None or not isinstance(attn._modules.get("o_proj"), HiggsLinear):
+            continue
+        if inspect.signature(cls.forward).return_annotation not in (torch.Tensor, "torch.Tensor"):
+            continue
+        module.__class__ = _fused_decoder_class(cls)
+        count += 1
     return count

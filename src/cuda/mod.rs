@@ -352,6 +352,9 @@ pub struct LinearCall {
     /// Up to two more layers computed by the same launch (`out_features` 0: none); their codes
     /// are tiled when `tiled` is set.
     pub siblings: [Sibling; 2],
+    /// `batch × out_features` values (activation dtype) added to the output, rounded as
+    /// `addend + layer(x)` is in PyTorch (0: none). Not with siblings.
+    pub addend: u64,
 }
 
 #[repr(C)]
@@ -393,6 +396,7 @@ struct LutParams {
     out2: u64,
     seg1: i32,
     seg2: i32,
+    addend: u64,
 }
 
 #[repr(C)]
@@ -832,6 +836,11 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
             call.batch, call.shape.group_size, call.tuning
         )));
     }
+    if call.addend != 0 && !siblings.is_empty() {
+        return Err(HiggsError::invalid(
+            "an addend is added to one layer's output: launch the layer without siblings",
+        ));
+    }
     if call.tiled && !siblings.is_empty() && !tiled_layout_applies(&call.shape) {
         return Err(HiggsError::invalid(
             "a layer launched with siblings must have a multiple of 16 rows to use tiled codes",
@@ -956,6 +965,7 @@ pub fn lut_linear(call: &LinearCall) -> Result<usize> {
         // First rows of layers 1 and 2 (the total where there is none).
         seg1: call.shape.out_features as i32,
         seg2: (call.shape.out_features + siblings.first().map_or(0, |s| s.out_features)) as i32,
+        addend: call.addend,
     };
     // Persistent blocks: one wave of as many as fit, looping over the work items.
     let items = plan.row_tiles * plan.splits * plan.batch_chunks;
@@ -1193,6 +1203,7 @@ mod tests {
             tuning,
             tiled: false,
             siblings: [sibling, Sibling::default()],
+            addend: 0,
         };
         // Checked before any device is touched (this runs without a GPU).
         let err = lut_linear(&call(16, Tuning::default(), sibling)).unwrap_err();
@@ -1215,6 +1226,12 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("multiple of 16"), "{err}");
+        let err = lut_linear(&LinearCall {
+            addend: 0x800,
+            ..call(1, Tuning::default(), sibling)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("without siblings"), "{err}");
     }
 
     #[test]

@@ -81,6 +81,9 @@ struct LutParams {
     u16* out2;
     int seg1;
     int seg2;
+    // batch x rows (as `out`, no siblings) added to the outputs as a second rounding step, the
+    // way `addend + layer(x)` rounds in PyTorch (a decoder layer's residual); null: none.
+    const u16* addend;
 };
 
 // Which layer of the launch row r belongs to (0: the first), and its first row. Only modules
@@ -111,6 +114,14 @@ __device__ __forceinline__ u16* out_at(const LutParams& P, int b, int r) {
     u16* base = seg == 0 ? P.out : seg == 1 ? P.out1 : P.out2;
     const int rows = seg == 0 ? P.seg1 : seg == 1 ? P.seg2 - P.seg1 : P.rows - P.seg2;
     return base + (u64)b * rows + (r - segment_start(P, seg));
+}
+
+// The output value of row r, batch column b: the layer's sum rounded to the activation dtype,
+// then (with an addend) the sum with the addend rounded again.
+__device__ __forceinline__ u16 output_value(const LutParams& P, int b, int r, float sum) {
+    const u16 y = f32_to_act(sum);
+    if (P.addend == nullptr) return y;
+    return f32_to_act(act_to_f32(y) + act_to_f32(P.addend[(u64)b * P.rows + r]));
 }
 
 // Table entry e (< LUT_N): the pair code's two values, packed (LutParams or DequantParams).
@@ -409,8 +420,8 @@ __device__ __forceinline__ void reduce_splits4(const LutParams& P, int b, int r)
 #pragma unroll
         for (int q = 0; q < 4; ++q) sum[q] += v[q];
     }
-    const u32 lo = pack_act2(sum[0], sum[1]);
-    const u32 hi = pack_act2(sum[2], sum[3]);
+    const u32 lo = output_value(P, b, r, sum[0]) | ((u32)output_value(P, b, r + 1, sum[1]) << 16);
+    const u32 hi = output_value(P, b, r + 2, sum[2]) | ((u32)output_value(P, b, r + 3, sum[3]) << 16);
     asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(out_at(P, b, r)), "r"(lo), "r"(hi) : "memory");
 }
 
@@ -419,7 +430,7 @@ __device__ __forceinline__ void reduce_splits1(const LutParams& P, int b, int r)
     float sum = 0.f;
     for (int sp = 0; sp < P.splits; ++sp)
         sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
-    *out_at(P, b, r) = f32_to_act(sum);
+    *out_at(P, b, r) = output_value(P, b, r, sum);
 }
 
 __device__ __forceinline__ u32 load_acquire_u32(const u32* p) {
@@ -641,7 +652,7 @@ __device__ __forceinline__ void lut_mma_body(const LutParams& P) {
                         if (split_mode) {
                             P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = acc[mt][nt][i];
                         } else {
-                            *out_at(P, b, r) = f32_to_act(acc[mt][nt][i]);
+                            *out_at(P, b, r) = output_value(P, b, r, acc[mt][nt][i]);
                         }
                     }
                 }
@@ -1017,7 +1028,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         if (split_mode) {
                             P.partials[((u64)split * P.partial_cols + b) * P.rows + r] = v[j];
                         } else {
-                            *out_at(P, b, r) = f32_to_act(v[j]);
+                            *out_at(P, b, r) = output_value(P, b, r, v[j]);
                         }
                     }
                 }
@@ -1041,7 +1052,7 @@ __device__ __forceinline__ void lut_gemv_body(const LutParams& P) {
                         float sum = 0.f;
                         for (int sp = 0; sp < P.splits; ++sp)
                             sum += load_coherent_f32(P.partials + ((u64)sp * P.partial_cols + b) * P.rows + r);
-                        *out_at(P, b, r) = f32_to_act(sum);
+                        *out_at(P, b, r) = output_value(P, b, r, sum);
                     }
                 }
                 if (tid == 0) P.counters[4 * tile] = 0;
