@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import higgs_rs  # noqa: E402
+from higgs_rs import generation  # noqa: E402
 from higgs_rs.generation import generate  # noqa: E402
 
 
@@ -153,3 +154,31 @@ def test_cuda_graph_replay_matches_the_eager_loop(tmp_path: Path, quantized: boo
     chosen = logits.gather(2, compiled[:, 11:, None])[..., 0]
     gap = logits.max(dim=2).values - chosen
     assert (gap < 0.05).all(), f"compiled: logit gaps {gap.tolist()}"
+
+
+@pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+def test_kept_graph_is_reused_until_the_model_or_shape_changes() -> None:
+    model = _tiny_llama(9)
+    higgs_rs.patch(model, bits=4, p=2)
+    model = model.half().cuda()
+    ids = torch.randint(1, 300, (2, 11), generator=torch.Generator().manual_seed(9)).cuda()
+    captures = generation.captures
+    first = generate(model, ids, 24)
+    assert generation.captures == captures + 1
+    assert torch.equal(generate(model, ids, 24), first)
+    # Other prompt and output lengths within the same rounded cache length: the same graph.
+    short = generate(model, ids[:, :5], 30)
+    assert generation.captures == captures + 1
+    assert torch.equal(short, generate(model, ids[:, :5], 30, cuda_graph=False))
+    # Calls without a graph (eager, or one new token) leave the kept one alone.
+    generate(model, ids, 1)
+    assert torch.equal(generate(model, ids, 24), first)
+    assert generation.captures == captures + 1
+    # A replaced tensor (not an in-place edit) or another batch size: captured again.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert torch.equal(generate(model, ids, 24), first)
+    assert generation.captures == captures + 2
+    generate(model, ids[:1], 24)
+    assert generation.captures == captures + 3
+    generate(model, ids, 24, keep_graph=False)
+    assert "_higgs_rs_graph" not in model.__dict__

@@ -8,16 +8,57 @@ causal LM whose forward pass can be captured (Llama, Qwen2, Mistral, SmolLM2, ..
 runs eagerly, then every new token is one graph replay plus a few tiny eager kernels (the next
 token's id, its attention-mask slot, its position). Nothing is read back to the CPU until the end,
 except one end-of-sequence check every ``eos_check_every`` tokens.
+
+The captured step is kept on the model for the next call (``keep_graph``): a call with the same
+batch size, cache length (prompt + new tokens, rounded up to ``CACHE_LEN_STEP``) and step model
+(compiled or not), while the model's parameters and buffers are still the same tensors, resets
+the kept cache and replays the kept graph instead of warming up and capturing again. The graph
+replays the kernels it captured: after changing how the model computes (not its tensors: an
+attention implementation, a ``higgs_rs`` switch, a module swap that keeps every tensor), call once
+with ``keep_graph=False``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+#: The static cache's length (prompt + new tokens) is rounded up to a multiple of this, so calls
+#: with other prompt or output lengths can reuse a kept graph (the extra slots are masked).
+CACHE_LEN_STEP = 128
+#: Key in a model's ``__dict__``: its kept ``_GraphSession``.
+_GRAPH_ATTR = "_higgs_rs_graph"
+#: Graphs captured by ``generate`` (for tests and benches).
+captures = 0
+
+
+@dataclass
+class _GraphSession:
+    """A captured one-token step and the static tensors it reads and writes."""
+
+    key: tuple[Any, ...]
+    tensors: tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]
+    cache: Any
+    mask: torch.Tensor
+    token_in: torch.Tensor
+    position: torch.Tensor
+    slot: torch.Tensor
+    step: Callable[[], torch.Tensor]
+
+
+def _model_tensors(model: torch.nn.Module) -> tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]:
+    """Address, dtype and shape of every parameter and buffer: a kept graph reads them by address,
+    so it is replayed only while all are the same tensors (in-place edits are fine)."""
+    return tuple(
+        (t.data_ptr(), t.dtype, tuple(t.shape))
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 def _select_next(
@@ -63,6 +104,7 @@ def generate(
     cuda_graph: bool | None = None,
     compile: bool = False,
     eos_check_every: int = 16,
+    keep_graph: bool = True,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens after ``input_ids`` (batch × prompt length).
 
@@ -84,6 +126,9 @@ def generate(
             embedding, residuals); ``HiggsLinear`` calls stay as they are (graph breaks). The first
             call compiles (tens of seconds for an 8B-shaped model).
         eos_check_every: tokens between the end-of-sequence checks (each reads one flag back).
+        keep_graph: keep the captured step, its KV cache and static inputs on the model, so the
+            next call with the same batch size and rounded cache length skips the warm-up and
+            capture (tens of milliseconds); ``False`` frees a kept one and keeps nothing.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -128,6 +173,7 @@ def generate(
             generator,
             use_graph,
             eos_check_every,
+            keep_graph,
         )
 
 
@@ -145,23 +191,39 @@ def _generate(
     generator: torch.Generator | None,
     use_graph: bool,
     eos_check_every: int,
+    keep_graph: bool,
 ) -> torch.Tensor:
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    max_len = prompt_len + max_new_tokens
-    # The attention mask covers the whole cache from the start (zeros for slots not yet written),
-    # so its shape, address and the mask the model builds from it never change between steps.
-    mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-    mask[:, :prompt_len] = 1 if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    # Positions count real tokens only (left padding), as model.generate does.
-    positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
-    cache = _static_cache(model, batch, max_len, device)
-    new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    # Rounded up, but not past the model's context length (unless the call itself goes past it).
+    needed = prompt_len + max_new_tokens
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or needed
+    max_len = max(needed, min(-(-needed // CACHE_LEN_STEP) * CACHE_LEN_STEP, limit))
     # transformers renamed `past_key_values` to `cache` (5.2x); older releases also want the
     # written cache slots as `cache_position`, newer ones count them inside the cache.
     params = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
     takes_slots = "cache_position" in params
+    use_graph = use_graph and max_new_tokens > 1
+    key = (id(step_model), batch, max_len, device, cache_kwarg, takes_slots)
+    # A call without a graph leaves the kept one alone (unless told not to keep it); a call with
+    # one takes it if it fits, else drops it (its graph, cache and memory pool are freed).
+    session = model.__dict__.pop(_GRAPH_ATTR, None) if use_graph or not keep_graph else None
+    if session is not None and not (keep_graph and session.key == key):
+        session = None
+    if session is not None:
+        cache, mask = session.cache, session.mask
+        cache.reset()
+        mask.zero_()
+    else:
+        # The attention mask covers the whole cache from the start (zeros for slots not yet
+        # written), so its shape, address and the mask the model builds from it never change.
+        mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        cache = _static_cache(model, batch, max_len, device)
+    mask[:, :prompt_len] = 1 if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    # Positions count real tokens only (left padding), as model.generate does.
+    positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+    new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
 
     def forward(
         ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, run: torch.nn.Module = model
@@ -183,13 +245,27 @@ def _generate(
         )
     next_token = _select_next(logits, do_sample, temperature, top_k, generator)
     new_tokens[:, 0] = next_token
-    token_in = next_token.view(batch, 1).clone()
-    position = positions[:, -1:].clone() + 1
-    slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
     step: Callable[[], torch.Tensor]
-    if use_graph and max_new_tokens > 1:
-        step = _captured_step(lambda: forward(token_in, position, slot, step_model), cache)
+    # Compared after the prompt's pass, which may have replaced buffers (the first GPU call
+    # repacks HIGGS codes): the graph must read the tensors the model holds now.
+    tensors = _model_tensors(model) if use_graph and keep_graph else ()
+    if session is not None and session.tensors != tensors:
+        session = None  # its cache and mask stay in use; its graph is freed
+    if session is not None:
+        token_in, position, slot, step = session.token_in, session.position, session.slot, session.step
+        token_in.copy_(next_token.view(batch, 1))
+        position.copy_(positions[:, -1:] + 1)
+        slot.fill_(prompt_len)
     else:
+        token_in = next_token.view(batch, 1).clone()
+        position = positions[:, -1:].clone() + 1
+        slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+    if use_graph and session is None:
+        global captures
+        step = _captured_step(lambda: forward(token_in, position, slot, step_model), cache)
+        captures += 1
+        session = _GraphSession(key, tensors, cache, mask, token_in, position, slot, step)
+    elif not use_graph:
 
         def step() -> torch.Tensor:
             return forward(token_in, position, slot, step_model)
@@ -212,6 +288,8 @@ def _generate(
         position += 1
         slot += 1
         produced += 1
+    if session is not None and keep_graph:
+        model.__dict__[_GRAPH_ATTR] = session
     return torch.cat([input_ids, new_tokens[:, :produced]], dim=1)
 
 
