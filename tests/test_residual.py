@@ -234,3 +234,15 @@ def test_fused_decoder_in_a_cuda_graph() -> None:
             finally:
                 hcuda._FUSE_RESIDUAL = True
             assert torch.equal(static_y, ref)
+
+
+def test_fused_decoder_traced_by_dynamo_gives_the_same_logits() -> None:
+    """Under torch.compile the attention's add is traced and the MLP's stays in the down
+    projection (a graph break, like every HIGGS module)."""
+    model = _tiny_llama()
+    plain = copy.deepcopy(model)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(ids).logits, plain(ids).logits)

@@ -720,19 +720,23 @@ class _ResidualFusedDecoder:
         attn, mlp = self.self_attn, self.mlp
         o_proj = attn._modules.get("o_proj")
         # Positional extras could mean another signature: the layer's own forward takes them.
-        # Under torch.compile the layer is traced as it was (the hand-over is Python state).
-        if args or not isinstance(o_proj, HiggsLinear) or torch.compiler.is_compiling():
+        if args or not isinstance(o_proj, HiggsLinear):
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        slot = [residual]
-        o_proj.__dict__[_RESIDUAL_SLOT] = slot
-        try:
-            hidden_states = attn(hidden_states=hidden_states, **kwargs)[0]
-        finally:
-            o_proj.__dict__.pop(_RESIDUAL_SLOT, None)
-        if slot:  # the o projection did not run: add as the layer would
-            hidden_states = residual + hidden_states
+        if torch.compiler.is_compiling():
+            # Traced by dynamo: the hand-over to o_proj is Python state it should not trace, so
+            # the attention's add is traced (the MLP's below is still the kernel's).
+            hidden_states = residual + attn(hidden_states=hidden_states, **kwargs)[0]
+        else:
+            slot = [residual]
+            o_proj.__dict__[_RESIDUAL_SLOT] = slot
+            try:
+                hidden_states = attn(hidden_states=hidden_states, **kwargs)[0]
+            finally:
+                o_proj.__dict__.pop(_RESIDUAL_SLOT, None)
+            if slot:  # the o projection did not run: add as the layer would
+                hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if isinstance(mlp, HiggsGatedMLP):
