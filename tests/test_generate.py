@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 import higgs_rs  # noqa: E402
 from higgs_rs import generation  # noqa: E402
+from higgs_rs.cuda import group_projections  # noqa: E402
 from higgs_rs.generation import generate  # noqa: E402
+from higgs_rs.torch import fuse_mlps, fuse_norms, fuse_residuals  # noqa: E402
 
 
 def _tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -180,5 +183,14 @@ def test_kept_graph_is_reused_until_the_model_or_shape_changes() -> None:
     assert generation.captures == captures + 2
     generate(model, ids[:1], 24)
     assert generation.captures == captures + 3
+    # Kept outside the model: a copy is a plain model that captures its own.
+    clone = copy.deepcopy(model)
+    assert clone not in generation._kept and model in generation._kept
+    # (Copies drop the fusions' links to their layers: set them up as `load` does.)
+    group_projections(clone)
+    fuse_norms(clone)
+    fuse_mlps(clone)
+    fuse_residuals(clone)
+    assert torch.equal(generate(clone, ids[:1], 24), generate(model, ids[:1], 24))
     generate(model, ids, 24, keep_graph=False)
-    assert "_higgs_rs_graph" not in model.__dict__
+    assert model not in generation._kept

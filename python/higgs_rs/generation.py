@@ -9,10 +9,11 @@ runs eagerly, then every new token is one graph replay plus a few tiny eager ker
 token's id, its attention-mask slot, its position). Nothing is read back to the CPU until the end,
 except one end-of-sequence check every ``eos_check_every`` tokens.
 
-The captured step is kept on the model for the next call (``keep_graph``): a call with the same
-batch size, cache length (prompt + new tokens, rounded up to ``CACHE_LEN_STEP``) and step model
-(compiled or not), while the model's parameters and buffers are still the same tensors, resets
-the kept cache and replays the kept graph instead of warming up and capturing again. The graph
+The captured step is kept for the model's next call (``keep_graph``; beside the model, not in
+it): a call with the same batch size, cache length (prompt + new tokens, rounded up to
+``CACHE_LEN_STEP``) and step model (compiled or not), while the model's parameters and buffers
+are still the same tensors, resets the kept cache and replays the kept graph instead of warming
+up and capturing again. The graph
 replays the kernels it captured: after changing how the model computes (not its tensors: an
 attention implementation, a ``higgs_rs`` switch, a module swap that keeps every tensor), call once
 with ``keep_graph=False``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +34,6 @@ import torch
 #: The static cache's length (prompt + new tokens) is rounded up to a multiple of this, so calls
 #: with other prompt or output lengths can reuse a kept graph (the extra slots are masked).
 CACHE_LEN_STEP = 128
-#: Key in a model's ``__dict__``: its kept ``_GraphSession``.
-_GRAPH_ATTR = "_higgs_rs_graph"
 #: Graphs captured by ``generate`` (for tests and benches).
 captures = 0
 
@@ -50,6 +50,11 @@ class _GraphSession:
     position: torch.Tensor
     slot: torch.Tensor
     step: Callable[[], torch.Tensor]
+
+
+#: Each model's kept ``_GraphSession``, outside the model (pickles and copies of it stay plain;
+#: nothing in a session refers to its model, so it is freed with the model).
+_kept: weakref.WeakKeyDictionary[torch.nn.Module, _GraphSession] = weakref.WeakKeyDictionary()
 
 
 def _model_tensors(model: torch.nn.Module) -> tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]:
@@ -208,7 +213,7 @@ def _generate(
     key = (id(step_model), batch, max_len, device, cache_kwarg, takes_slots)
     # A call without a graph leaves the kept one alone (unless told not to keep it); a call with
     # one takes it if it fits, else drops it (its graph, cache and memory pool are freed).
-    session = model.__dict__.pop(_GRAPH_ATTR, None) if use_graph or not keep_graph else None
+    session = _kept.pop(model, None) if use_graph or not keep_graph else None
     if session is not None and not (keep_graph and session.key == key):
         session = None
     if session is not None:
@@ -289,7 +294,7 @@ def _generate(
         slot += 1
         produced += 1
     if session is not None and keep_graph:
-        model.__dict__[_GRAPH_ATTR] = session
+        _kept[model] = session
     return torch.cat([input_ids, new_tokens[:, :produced]], dim=1)
 
 
