@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any
@@ -102,7 +103,8 @@ def load(
     path); float32 for exact comparisons). The q/k/v and gate/up projections are grouped
     (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch, and the RMSNorm
     before each group normalizes and rotates in one kernel (``fuse_norms``), as does each MLP's
-    activation for its down projection (``fuse_mlps``).
+    activation for its down projection (``fuse_mlps``); the decoder layers' residual adds run in
+    the o and down projections' kernels (``fuse_residuals``).
     """
     device = torch.device(device)
     ckpt = HiggsCheckpoint(path)
@@ -231,8 +233,9 @@ def patch(
 ) -> torch.nn.Module:
     """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
     of ``skip``), replacing each with a ``HiggsLinear`` on the same device, groups the q/k/v and
-    gate/up projections (one launch each on a GPU) and fuses the norms before them and the MLP
-    activations (``fuse_norms``, ``fuse_mlps``). Returns the model."""
+    gate/up projections (one launch each on a GPU) and fuses the norms before them, the MLP
+    activations and the residual adds (``fuse_norms``, ``fuse_mlps``, ``fuse_residuals``).
+    Returns the model."""
     from . import quantize_tensor
 
     targets = [
@@ -528,9 +531,7 @@ class HiggsLinear(torch.nn.Module):
 
     def _forward_cuda(self, x: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
         # The fused CUDA path (Hadamard kernel + LUT-GEMM on the codes) lives in higgs_rs.cuda.
-        from .cuda import lut_linear
-
-        return lut_linear(self, x, addend=addend)
+        return _cuda.lut_linear(self, x, addend=addend)
 
 
 #: RMSNorm classes computed as ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``
@@ -702,8 +703,6 @@ RESIDUAL_DECODERS = frozenset(
 #: Key in an o projection's ``__dict__``: a one-item list holding the residual its next call adds
 #: (set by a fused decoder layer around its attention call).
 _RESIDUAL_SLOT = "_higgs_pending_residual"
-#: Fused subclass of each decoder layer class (built once per class).
-_FUSED_DECODERS: dict[type, type] = {}
 
 
 class _ResidualFusedDecoder:
@@ -756,12 +755,10 @@ def _new_unfused(cls: type) -> Any:
     return cls.__new__(cls)
 
 
+@functools.cache
 def _fused_decoder_class(cls: type) -> type:
-    fused = _FUSED_DECODERS.get(cls)
-    if fused is None:
-        fused = type(f"Higgs{cls.__name__}", (_ResidualFusedDecoder, cls), {"_higgs_unfused": cls})
-        _FUSED_DECODERS[cls] = fused
-    return fused
+    """The fused subclass of a decoder layer class (one per class)."""
+    return type(f"Higgs{cls.__name__}", (_ResidualFusedDecoder, cls), {"_higgs_unfused": cls})
 
 
 def fuse_residuals(model: torch.nn.Module, classes: frozenset[str] = RESIDUAL_DECODERS) -> int:
