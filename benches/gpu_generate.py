@@ -25,9 +25,11 @@ import torch
 import transformers
 
 import higgs_rs
+from higgs_rs import cuda as hcuda
+from higgs_rs import generation
 from higgs_rs.cuda import group_projections
 from higgs_rs.generation import generate
-from higgs_rs.torch import fuse_mlps, fuse_norms, fuse_residuals
+from higgs_rs.torch import fuse_mlps, fuse_norms, fuse_residuals, fuse_rope
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import random_layer  # noqa: E402
@@ -64,12 +66,14 @@ def quantize_projections(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
     # As higgs_rs.load and patch do: q/k/v and gate/up run as one launch each (HIGGS_CUDA_GROUP=0: not),
     # the norms and the MLP activations compute in one kernel with the rotation for the layers after
-    # them (HIGGS_CUDA_FUSE_NORM=0: in PyTorch), and the residual adds in the o and down projections'
-    # kernels (HIGGS_CUDA_FUSE_RESIDUAL=0: in PyTorch).
+    # them (HIGGS_CUDA_FUSE_NORM=0: in PyTorch), the residual adds in the o and down projections'
+    # kernels (HIGGS_CUDA_FUSE_RESIDUAL=0: in PyTorch), and the rotary embedding in one kernel
+    # (HIGGS_CUDA_FUSE_ROPE=0: transformers' own).
     group_projections(model)
     fuse_norms(model)
     fuse_mlps(model)
     fuse_residuals(model)
+    fuse_rope(model)
 
 
 def seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -99,7 +103,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--modes", default="", help="only the modes whose name contains one of these (comma-separated)"
+        "--modes",
+        default="",
+        help="only the modes whose name contains one of these (comma-separated; '=NAME': exactly NAME)",
     )
     args = parser.parse_args()
 
@@ -123,13 +129,27 @@ def main() -> None:
     }
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
-        modes = {name: run for name, run in modes.items() if any(w in name for w in wanted)}
+        modes = {
+            name: run
+            for name, run in modes.items()
+            if any(name == w[1:] if w.startswith("=") else w in name for w in wanted)
+        }
     rows = []
-    for weights in ("fp16", "HIGGS 4-bit"):
-        if weights != "fp16":
+    # fp16 as transformers runs it, then with the rotary embedding in one kernel (what fuse_rope,
+    # called by higgs_rs.load, does for every Llama model in the process); HIGGS without and with it.
+    weight_sets = ("fp16", "fp16 + fused RoPE", "HIGGS 4-bit, transformers' RoPE", "HIGGS 4-bit")
+    quantized = False
+    for weights in weight_sets:
+        if weights == "fp16 + fused RoPE":
+            fuse_rope(model)
+        if weights.startswith("HIGGS") and not quantized:
             model.__dict__.pop("_higgs_rs_compiled", None)
             torch._dynamo.reset()
             quantize_projections(model)
+            quantized = True
+        hcuda._FUSE_ROPE = weights != "fp16" and "transformers' RoPE" not in weights
+        # A kept graph replays what it captured: the switch above changes no tensor.
+        generation._kept.pop(model, None)
         for mode, run in modes.items():
             with torch.no_grad():
                 rate = decode_rate(run, args.new_tokens, args.repeats)
@@ -141,10 +161,17 @@ def main() -> None:
         f"\nLlama-3-8B-shaped, {args.layers} layers, {torch.cuda.get_device_name()}, "
         f"higgs_rs {higgs_rs.__version__}; decode tokens/s (× fp16 in the same mode)"
     )
-    print("| mode | fp16 | HIGGS 4-bit | × |\n|---|---|---|---|")
+    print(
+        "| mode | fp16 | fp16 + fused RoPE | HIGGS 4-bit, transformers' RoPE | HIGGS 4-bit | × fp16 "
+        "| × fp16 + fused RoPE |\n|---|---|---|---|---|---|---|"
+    )
     for mode in modes:
-        fp16, ours = by[("fp16", mode)], by[("HIGGS 4-bit", mode)]
-        print(f"| {mode} | {fp16:.1f} | {ours:.1f} | {ours / fp16:.2f} |")
+        fp16, fp16_rope = by[("fp16", mode)], by[("fp16 + fused RoPE", mode)]
+        plain, ours = by[("HIGGS 4-bit, transformers' RoPE", mode)], by[("HIGGS 4-bit", mode)]
+        print(
+            f"| {mode} | {fp16:.1f} | {fp16_rope:.1f} | {plain:.1f} | {ours:.1f} | {ours / fp16:.2f} "
+            f"| {ours / fp16_rope:.2f} |"
+        )
     best = by.get(("HIGGS 4-bit", "higgs_rs.generate CUDA graph"))
     default = by.get(("fp16", "transformers generate (eager)"))
     if best and default:

@@ -1021,6 +1021,50 @@ fn cuda_dequantize_rotated(
     .map_err(cuda_err)
 }
 
+/// Launch the rotary embedding of queries `q` and keys `k` (device addresses; `(batch, heads, seq,
+/// head_dim)` with element strides `(b, h, s)`, head_dim contiguous) into `q_out` / `k_out`
+/// (`(batch, seq, heads, head_dim)` contiguous), with `cos` / `sin` (`(batch, seq, head_dim)`,
+/// strides `(b, s)`, 0 where broadcast). See `higgs_rs.cuda.rope`.
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rope(
+    py: Python<'_>,
+    q: (u64, u64, usize, [i64; 3]),
+    k: (u64, u64, usize, [i64; 3]),
+    cos: (u64, [i64; 2]),
+    sin: (u64, [i64; 2]),
+    batch: usize,
+    seq: usize,
+    head_dim: usize,
+    dtype: &str,
+    stream: u64,
+    device: usize,
+) -> PyResult<()> {
+    use crate::cuda;
+    let tensor = |(x, out, heads, strides): (u64, u64, usize, [i64; 3])| cuda::RopeTensor {
+        x,
+        out,
+        heads,
+        strides,
+    };
+    let call = cuda::RopeCall {
+        q: tensor(q),
+        k: tensor(k),
+        cos: cos.0,
+        sin: sin.0,
+        cos_strides: cos.1,
+        sin_strides: sin.1,
+        batch,
+        seq,
+        dim: head_dim,
+        act: cuda::ActType::parse(dtype)?,
+        stream,
+        device,
+    };
+    py.detach(|| cuda::rope(&call)).map_err(cuda_err)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1051,5 +1095,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_groups_launch, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda_dequantize_rotated, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda_rope, m)?)?;
     Ok(())
 }

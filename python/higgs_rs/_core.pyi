@@ -134,7 +134,7 @@ def cpu_openmp_settings(enabled: bool | None = None, min_work: int | None = None
     """Turn the attached team on/off, set the work (code bytes × batch rows) from which a product
     is split; returns (in use, threshold)."""
 
-# CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated exist only in builds with the
+# CUDA (cuda_lut_linear, cuda_hadamard, cuda_dequantize_rotated, cuda_rope exist only in builds with the
 # `cuda` feature; pointers are device addresses from torch's data_ptr()).
 def cuda_available() -> bool: ...
 def cuda_status() -> str: ...
@@ -204,6 +204,18 @@ def cuda_dequantize_rotated(
     stream: int,
     device: int,
     tiled: bool = False,
+) -> None: ...
+def cuda_rope(
+    q: tuple[int, int, int, tuple[int, int, int]],
+    k: tuple[int, int, int, tuple[int, int, int]],
+    cos: tuple[int, tuple[int, int]],
+    sin: tuple[int, tuple[int, int]],
+    batch: int,
+    seq: int,
+    head_dim: int,
+    dtype: str,
+    stream: int,
+    device: int,
 ) -> None: ...
 def allocate(
     costs: list[list[int]],

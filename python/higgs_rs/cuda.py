@@ -875,3 +875,65 @@ def _prologue_rotate(x: torch.Tensor, consumer: Any, **prologue: Any) -> torch.T
     _rotations[key] = (ws, entry, y_rows)
     fused_prologues += 1
     return y
+
+
+#: ``HIGGS_CUDA_FUSE_ROPE=0``: ``rope`` declines, transformers' rotary embedding runs as it is.
+_FUSE_ROPE = os.environ.get("HIGGS_CUDA_FUSE_ROPE", "") != "0"
+#: Fused rotary embedding launches: for tests and benches.
+fused_ropes = 0
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (``unsqueeze_dim=1``) in one kernel,
+    the same bits: ``q·cos + rotate_half(q)·sin`` and the same for ``k``, each product and the
+    sum rounded to the dtype as PyTorch rounds them. ``q`` and ``k`` are ``(batch, heads, seq,
+    head_dim)`` (any strides, head_dim contiguous), ``cos`` and ``sin`` ``(batch or 1, seq,
+    head_dim)``; all float16 or all bfloat16 on one GPU, no autograd. The outputs are laid out as
+    PyTorch lays out those products of a transposed projection output (``(batch, seq, heads,
+    head_dim)`` in memory). Returns None where that does not hold (the caller computes it)."""
+    global fused_ropes
+    import torch
+
+    if not _FUSE_ROPE or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
+        return None
+    batch, q_heads, seq, dim = q.shape
+    tensors = (q, k, cos, sin)
+    if (
+        not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or any(t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1 for t in tensors)
+        or k.shape[0] != batch
+        or k.shape[2:] != (seq, dim)
+        or cos.shape != sin.shape
+        or cos.shape[1:] != (seq, dim)
+        or cos.shape[0] not in (1, batch)
+        or dim % 2
+        or batch * seq == 0
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        return None
+    _require_kernels()
+    k_heads = k.shape[1]
+    q_out = torch.empty(batch, seq, q_heads, dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(batch, seq, k_heads, dim, dtype=q.dtype, device=q.device)
+
+    def position_strides(t: torch.Tensor) -> tuple[int, int]:
+        return (0 if t.shape[0] == 1 else t.stride(0), t.stride(1))
+
+    device = q.device
+    _core.cuda_rope(
+        (q.data_ptr(), q_out.data_ptr(), q_heads, (q.stride(0), q.stride(1), q.stride(2))),
+        (k.data_ptr(), k_out.data_ptr(), k_heads, (k.stride(0), k.stride(1), k.stride(2))),
+        (cos.data_ptr(), position_strides(cos)),
+        (sin.data_ptr(), position_strides(sin)),
+        batch,
+        seq,
+        dim,
+        _dtype_name(q.dtype),
+        _current_stream(device),
+        device.index or 0,
+    )
+    fused_ropes += 1
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)

@@ -104,7 +104,8 @@ def load(
     (``higgs_rs.cuda.group_projections``): on a GPU each group runs as one launch, and the RMSNorm
     before each group normalizes and rotates in one kernel (``fuse_norms``), as does each MLP's
     activation for its down projection (``fuse_mlps``); the decoder layers' residual adds run in
-    the o and down projections' kernels (``fuse_residuals``).
+    the o and down projections' kernels (``fuse_residuals``), and the rotary embedding runs in one
+    kernel (``fuse_rope``).
     """
     device = torch.device(device)
     ckpt = HiggsCheckpoint(path)
@@ -148,6 +149,7 @@ def load(
     fuse_norms(model)
     fuse_mlps(model)
     fuse_residuals(model)
+    fuse_rope(model)
     return model
 
 
@@ -234,7 +236,8 @@ def patch(
     """Quantize an in-memory model's ``nn.Linear`` layers in place (those whose name contains none
     of ``skip``), replacing each with a ``HiggsLinear`` on the same device, groups the q/k/v and
     gate/up projections (one launch each on a GPU) and fuses the norms before them, the MLP
-    activations and the residual adds (``fuse_norms``, ``fuse_mlps``, ``fuse_residuals``).
+    activations, the residual adds and the rotary embedding (``fuse_norms``, ``fuse_mlps``,
+    ``fuse_residuals``, ``fuse_rope``).
     Returns the model."""
     from . import quantize_tensor
 
@@ -262,6 +265,7 @@ def patch(
     fuse_norms(model)
     fuse_mlps(model)
     fuse_residuals(model)
+    fuse_rope(model)
     return model
 
 
@@ -781,5 +785,54 @@ def fuse_residuals(model: torch.nn.Module, classes: frozenset[str] = RESIDUAL_DE
         if inspect.signature(cls.forward).return_annotation not in (torch.Tensor, "torch.Tensor"):
             continue
         module.__class__ = _fused_decoder_class(cls)
+        count += 1
+    return count
+
+
+#: Attention classes whose module's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` is
+#: transformers' Llama rotary embedding, which ``fuse_rope`` computes in one kernel on a GPU.
+ROPE_ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"})
+
+
+def _rope_in_one_kernel(original: Any) -> Any:
+    """``original`` (a transformers ``apply_rotary_pos_emb``) computed by ``higgs_rs.cuda.rope``
+    where that applies (CUDA float16/bfloat16 tensors, ``unsqueeze_dim=1``, no autograd, not
+    being traced by ``torch.compile``, which fuses it itself), else by ``original``: the same
+    bits either way."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q: Any, k: Any, cos: Any, sin: Any, *args: Any, **kwargs: Any) -> Any:
+        plain = not args and (not kwargs or kwargs == {"unsqueeze_dim": 1})
+        if plain and q.is_cuda and not torch.compiler.is_compiling():
+            out = _cuda.rope(q, k, cos, sin)
+            if out is not None:
+                return out
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__higgs_original__ = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+def fuse_rope(model: torch.nn.Module, classes: frozenset[str] = ROPE_ATTENTIONS) -> int:
+    """Compute the rotary embedding of ``model``'s attention layers whose class is in ``classes``
+    in one kernel on a GPU (``higgs_rs.cuda.rope``; about ten small kernels otherwise, which in a
+    captured decode step cost more than the launch they become). transformers calls its modeling
+    module's ``apply_rotary_pos_emb`` by name, so that function is replaced in the module, for
+    every model of those classes in the process; the replacement gives the same bits and falls
+    back to the original wherever the kernel does not apply (CPU, float32, autograd,
+    ``torch.compile``), so other models see no difference. ``HIGGS_CUDA_FUSE_ROPE=0`` keeps the
+    original. Returns how many modeling modules were changed (0 when already done)."""
+    import sys
+
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ not in classes:
+            continue
+        modeling = sys.modules.get(cls.__module__)
+        original = getattr(modeling, "apply_rotary_pos_emb", None)
+        if original is None or hasattr(original, "__higgs_original__"):
+            continue
+        modeling.apply_rotary_pos_emb = _rope_in_one_kernel(original)
         count += 1
     return count

@@ -74,6 +74,9 @@ pub(crate) enum ModuleKey {
         /// Blocks per cluster of `hadamard_cluster`; 0: the one-block `hadamard_rotate`.
         cluster: usize,
     },
+    Rope {
+        act: ActType,
+    },
 }
 
 struct Module {
@@ -632,6 +635,9 @@ mod tests {
                     compile_cubin(&source::hadamard(&shape, act).unwrap(), "hadamard.cu", arch)
                         .unwrap_or_else(|e| panic!("cluster order {order} {act:?}: {e}"));
                 }
+                let cubin = compile_cubin(&source::rope(act), "rope.cu", arch)
+                    .unwrap_or_else(|e| panic!("rope {act:?}: {e}"));
+                assert!(cubin.windows(5).any(|w| w == b"rope\0"));
             }
         }
         let err = compile_cubin("this is not CUDA", "broken.cu", (9, 0)).unwrap_err();

@@ -1081,6 +1081,118 @@ pub fn dequantize_rotated(
     dev.launch(&kernel, (blocks, 1, 1), 256, 0, stream, &params)
 }
 
+/// One tensor of a [`RopeCall`]: `(batch, heads, seq, dim)` activations with element strides
+/// `(b, h, s)` (dim contiguous), and its output, `(batch, seq, heads, dim)` contiguous.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeTensor {
+    pub x: u64,
+    pub out: u64,
+    pub heads: usize,
+    pub strides: [i64; 3],
+}
+
+/// Rotary position embedding of queries and keys in one launch (transformers'
+/// `apply_rotary_pos_emb`, the same bits): `out = x·cos + rotate_half(x)·sin`, rounded as PyTorch
+/// rounds it. `cos` and `sin` are `(batch, seq, dim)` with element strides `(b, s)` (0 where
+/// they broadcast), dim contiguous; all in the activation dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeCall {
+    pub q: RopeTensor,
+    pub k: RopeTensor,
+    pub cos: u64,
+    pub sin: u64,
+    pub cos_strides: [i64; 2],
+    pub sin_strides: [i64; 2],
+    pub batch: usize,
+    pub seq: usize,
+    pub dim: usize,
+    pub act: ActType,
+    pub stream: u64,
+    pub device: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeParams {
+    x: [u64; 2],
+    out: [u64; 2],
+    stride_b: [i64; 2],
+    stride_h: [i64; 2],
+    stride_s: [i64; 2],
+    heads: [i32; 2],
+    cos: u64,
+    sin: u64,
+    cos_stride_b: i64,
+    cos_stride_s: i64,
+    sin_stride_b: i64,
+    sin_stride_s: i64,
+    batch: i32,
+    seq: i32,
+    dim: i32,
+}
+
+/// Launch [`RopeCall`] on its stream (nothing synchronized or allocated).
+pub fn rope(call: &RopeCall) -> Result<()> {
+    let (q, k) = (&call.q, &call.k);
+    require_pointers(&[
+        ("query", q.x),
+        ("query output", q.out),
+        ("key", k.x),
+        ("key output", k.out),
+        ("cos", call.cos),
+        ("sin", call.sin),
+    ])?;
+    let values = (q.heads + k.heads).saturating_mul(call.dim);
+    if call.dim == 0 || !call.dim.is_multiple_of(2) || q.heads == 0 || k.heads == 0 {
+        return Err(HiggsError::invalid(format!(
+            "rotary embedding needs an even head size and heads on both tensors; got head size {}, \
+             {} query and {} key heads",
+            call.dim, q.heads, k.heads
+        )));
+    }
+    let positions = call.batch.saturating_mul(call.seq);
+    if positions == 0 || positions > u32::MAX as usize / 2 || values > i32::MAX as usize / 2 {
+        return Err(HiggsError::invalid(format!(
+            "rotary embedding of {} positions × {values} values is empty or too large",
+            positions
+        )));
+    }
+    let params = RopeParams {
+        x: [q.x, k.x],
+        out: [q.out, k.out],
+        stride_b: [q.strides[0], k.strides[0]],
+        stride_h: [q.strides[1], k.strides[1]],
+        stride_s: [q.strides[2], k.strides[2]],
+        heads: [q.heads as i32, k.heads as i32],
+        cos: call.cos,
+        sin: call.sin,
+        cos_stride_b: call.cos_strides[0],
+        cos_stride_s: call.cos_strides[1],
+        sin_stride_b: call.sin_strides[0],
+        sin_stride_s: call.sin_strides[1],
+        batch: call.batch as i32,
+        seq: call.seq as i32,
+        dim: call.dim as i32,
+    };
+    let dev = device(call.device)?;
+    let act = call.act;
+    let kernel = dev.kernel(ModuleKey::Rope { act }, "rope", || {
+        Ok((source::rope(act), vec!["rope".to_string()]))
+    })?;
+    // A position's values over enough blocks that a decode step (one position, ~5000 values)
+    // spreads over ~20 SMs instead of looping in one.
+    const THREADS: usize = 256;
+    let slices = values.div_ceil(THREADS).min(64) as u32;
+    dev.launch(
+        &kernel,
+        (positions as u32, slices, 1),
+        THREADS as u32,
+        0,
+        call.stream,
+        &params,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1171,6 +1283,41 @@ mod tests {
             lut_shared_bytes(2, LutKernel::Mma { mt: 1, nt: 8 }),
             4096 + source::XS_STAGES * 64 * 256
         );
+    }
+
+    #[test]
+    fn rope_calls_are_checked_before_any_device_is_touched() {
+        let tensor = |x: u64, heads: usize| RopeTensor {
+            x,
+            out: x + 0x100,
+            heads,
+            strides: [4096, 128, 4096],
+        };
+        let call = |q: RopeTensor, dim: usize, batch: usize| RopeCall {
+            q,
+            k: tensor(0x2000, 8),
+            cos: 0x3000,
+            sin: 0x4000,
+            cos_strides: [0, 128],
+            sin_strides: [0, 128],
+            batch,
+            seq: 1,
+            dim,
+            act: ActType::F16,
+            stream: 0,
+            device: 0,
+        };
+        let err = rope(&call(tensor(0, 32), 128, 1)).unwrap_err();
+        assert!(
+            err.to_string().contains("query device pointer is null"),
+            "{err}"
+        );
+        let err = rope(&call(tensor(0x1000, 32), 127, 1)).unwrap_err();
+        assert!(err.to_string().contains("even head size"), "{err}");
+        let err = rope(&call(tensor(0x1000, 0), 128, 1)).unwrap_err();
+        assert!(err.to_string().contains("0 query"), "{err}");
+        let err = rope(&call(tensor(0x1000, 32), 128, 0)).unwrap_err();
+        assert!(err.to_string().contains("empty or too large"), "{err}");
     }
 
     #[test]

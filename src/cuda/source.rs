@@ -11,6 +11,12 @@ use std::fmt::Write;
 const COMMON: &str = include_str!("kernels/common.cuh");
 const LUT_GEMM: &str = include_str!("kernels/lut_gemm.cu");
 const HADAMARD: &str = include_str!("kernels/hadamard.cu");
+const ROPE: &str = include_str!("kernels/rope.cu");
+
+/// The `rope` module for one activation dtype (see `kernels/rope.cu`).
+pub fn rope(act: ActType) -> String {
+    format!("{}{COMMON}\n{ROPE}", act.define())
+}
 
 /// Activation (and output) element type of a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
