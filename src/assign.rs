@@ -1316,16 +1316,19 @@ fn region_is_empty<const P: usize>(
     if violated == 0 {
         return false; // the corner itself is in the region
     }
-    // Tableau: rows (constraints, then y_d ≤ w_d), columns y, one slack per row, one
-    // artificial per violated constraint, right-hand side; then the phase-1 cost row.
+    // Tableau: rows (constraints, then y_d ≤ w_d), columns y, one slack per row, right-hand
+    // side; then the phase-1 cost row. A violated row (negated so its right-hand side is
+    // positive) starts with an artificial variable in the basis; artificials get no column:
+    // once one leaves the basis it is never needed again, and the certificate only reads the
+    // slack columns. Basis entries of artificials are P + m + row (after every real column,
+    // for Bland's order).
     let m = rows + P;
-    let cols = P + m + violated + 1;
+    let cols = P + m + 1;
     let rhs = cols - 1;
     lp.table.clear();
     lp.table.resize((m + 1) * cols, 0.0);
     lp.basis.clear();
     let t = &mut lp.table;
-    let mut artificial = P + m;
     for i in 0..m {
         let row = &mut t[i * cols..(i + 1) * cols];
         if i < rows {
@@ -1336,13 +1339,7 @@ fn region_is_empty<const P: usize>(
             }
             row[P + i] = s;
             row[rhs] = s * b;
-            if b < 0.0 {
-                row[artificial] = 1.0;
-                lp.basis.push(artificial);
-                artificial += 1;
-            } else {
-                lp.basis.push(P + i);
-            }
+            lp.basis.push(if b < 0.0 { P + m + i } else { P + i });
         } else {
             let d = i - rows;
             row[d] = 1.0;
@@ -1352,15 +1349,11 @@ fn region_is_empty<const P: usize>(
         }
     }
     // Cost row: Σ artificials, expressed in the non-basic columns.
-    for i in 0..rows {
-        if lp.basis[i] >= P + m {
-            for j in 0..cols {
-                t[m * cols + j] -= t[i * cols + j];
-            }
+    let (body, cost_row) = t.split_at_mut(m * cols);
+    for (row, &basic) in body.chunks_exact(cols).zip(&lp.basis) {
+        if basic >= P + m {
+            cost_row.iter_mut().zip(row).for_each(|(c, &v)| *c -= v);
         }
-    }
-    for j in P + m..rhs {
-        t[m * cols + j] = 0.0;
     }
     const EPS: f64 = 1e-11;
     for _ in 0..64 * m {
