@@ -8,7 +8,10 @@ Prints M weights/s and ratios. ``--clock cpu`` (the default) times the process's
 meaningful on a machine shared with other jobs (every timed call runs on one thread); ``--clock wall``
 the wall clock.
 
-    python benches/quantize_speed.py [--repeat 3] [--threads 1] [--clock cpu|wall]
+    python benches/quantize_speed.py [--repeat 3] [--threads 1] [--clock cpu|wall] [--only TEXT]
+
+``--only p=4`` times only the rows whose name contains the text (and skips the peers unless it
+matches them), for quick A/B runs of one grid.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--only", default="", help="time only the rows whose name contains this")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -66,7 +70,10 @@ def main() -> None:
         ("HIGGS p=4 n=8192", 3.25, 4, "fast"),
         ("HIGGS p=4 n=8192", 3.25, 4, "full"),
         ("HIGGS p=4 n=8192", 3.25, 4, "rms"),
+        ("HIGGS p=4 n=4096", 3, 4, "fast"),
     ]:
+        if args.only not in f"{name} {search}":
+            continue
         higgs_rs.quantize_tensor(w_bf16[:64], bits=bits, p=p)  # build grid tables outside the timing
         seconds = best_of(
             args.repeat,
@@ -77,6 +84,8 @@ def main() -> None:
         results.append((f"{name} {search} ({args.threads} thread)", seconds))
 
     try:
+        if args.only not in "llama.cpp Q4_0 Q4_K IQ4_NL":
+            raise RuntimeError(f"not selected by --only {args.only!r}")
         import peers
 
         lib = peers.ggml_library()
