@@ -1156,13 +1156,7 @@ fn refine<const P: usize>(
     let dominator_count = if final_level { 32 } else { 48 };
     {
         let centre: [f64; P] = std::array::from_fn(|d| 0.5 * (cell.lo[d] + cell.hi[d]));
-        let mut by_centre: Vec<(f64, u32)> = kept
-            .iter()
-            .map(|&i| {
-                let g = &pts[i as usize];
-                ((0..P).map(|d| (g[d] - centre[d]).powi(2)).sum(), i)
-            })
-            .collect();
+        let mut by_centre = squared_distances(pts, &kept, &centre);
         let order = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if by_centre.len() > dominator_count {
             by_centre.select_nth_unstable_by(dominator_count, order);
@@ -1194,6 +1188,20 @@ fn refine<const P: usize>(
     kept
 }
 
+/// (‖g − centre‖², index) of the points `kept` (in their order).
+fn squared_distances<const P: usize>(
+    pts: &[[f64; P]],
+    kept: &[u32],
+    centre: &[f64; P],
+) -> Vec<(f64, u32)> {
+    kept.iter()
+        .map(|&i| {
+            let g = &pts[i as usize];
+            ((0..P).map(|d| (g[d] - centre[d]).powi(2)).sum(), i)
+        })
+        .collect()
+}
+
 /// Competitors of each candidate in [`prune_by_lp`]'s linear programs: the points of the list
 /// nearest the cell's centre (any subset gives valid exclusions; more drop a few more points,
 /// 16 drops nearly all that the whole list does, at a fraction of the cost).
@@ -1221,13 +1229,7 @@ fn prune_by_lp<const P: usize>(
     }
     let centre: [f64; P] =
         std::array::from_fn(|d| (0.5 * (cell.lo[d] + cell.hi[d])).clamp(-big, big));
-    let mut by_centre: Vec<(f64, u32)> = kept
-        .iter()
-        .map(|&i| {
-            let g = &pts[i as usize];
-            ((0..P).map(|d| (g[d] - centre[d]).powi(2)).sum(), i)
-        })
-        .collect();
+    let mut by_centre = squared_distances(pts, kept, &centre);
     by_centre.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     by_centre.truncate(LP_COMPETITORS);
     // Candidate g keeps x when 2x·(h − g) ≤ ‖h‖² − ‖g‖² + margin for every competitor h.
