@@ -189,3 +189,73 @@ def test_fused_rope_model_gives_the_same_logits_and_tokens(dtype: torch.dtype) -
         hcuda._FUSE_ROPE = flag
     assert torch.equal(got, want)
     assert torch.equal(got_tokens, want_tokens)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _tiny_family(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A 2-layer random model of one of the families whose RoPE ``fuse_rope`` replaces (not
+    quantized: the replacement is the same for fp16 models)."""
+    import transformers
+
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    config = config_class(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval().to(device=device, dtype=dtype)
+
+
+def _restore_original(model: torch.nn.Module) -> None:
+    import sys
+
+    for module in model.modules():
+        modeling = sys.modules.get(type(module).__module__)
+        fn = getattr(modeling, "apply_rotary_pos_emb", None)
+        if fn is not None and hasattr(fn, "__higgs_original__"):
+            modeling.apply_rotary_pos_emb = fn.__higgs_original__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fuse_rope_covers_the_llama_family(family: str) -> None:
+    model = _tiny_family(family)
+    _restore_original(model)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert fuse_rope(model) == 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_rope_gives_each_family_the_same_logits(family: str) -> None:
+    model = _tiny_family(family, "cuda", torch.float16)
+    fuse_rope(model)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    ids = torch.randint(0, 128, (2, 9), device="cuda", generator=g)
+    flag = hcuda._FUSE_ROPE
+    try:
+        with torch.no_grad():
+            hcuda._FUSE_ROPE = False
+            want = model(ids).logits
+            hcuda._FUSE_ROPE = True
+            n = hcuda.fused_ropes
+            got = model(ids).logits
+    finally:
+        hcuda._FUSE_ROPE = flag
+    assert hcuda.fused_ropes == n + 2
+    assert torch.equal(got, want)
