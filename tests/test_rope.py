@@ -154,6 +154,28 @@ def test_rope_kernel_gives_transformers_bits(
 
 
 @needs_gpu
+def test_rope_falls_back_where_the_kernels_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a build without CUDA or NVRTC: transformers' function is replaced process-wide, so
+    # its CUDA calls must fall back to the original, not raise.
+    model = _tiny_family("llama", "cuda", torch.float16)
+    fuse_rope(model)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ids = torch.randint(0, 128, (1, 5), device="cuda", generator=g)
+    with torch.no_grad():
+        want = model(ids).logits
+        monkeypatch.setattr(hcuda, "_ROPE_READY", False)
+        n = hcuda.fused_ropes
+        got = model(ids).logits
+    assert hcuda.fused_ropes == n
+    assert torch.equal(got, want)
+
+
+def test_rope_readiness_matches_the_build() -> None:
+    ready = hasattr(higgs_rs._core, "cuda_rope") and higgs_rs.cuda_available()
+    assert hcuda._rope_ready() == ready
+
+
+@needs_gpu
 def test_rope_declines_what_it_does_not_compute() -> None:
     q, k = _qk(1, 3, 4, 2, 64, torch.float16, True, 0)
     cos, sin = _cos_sin(1, 3, 64, torch.float16, 0)

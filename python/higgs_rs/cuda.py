@@ -881,6 +881,17 @@ def _prologue_rotate(x: torch.Tensor, consumer: Any, **prologue: Any) -> torch.T
 _FUSE_ROPE = os.environ.get("HIGGS_CUDA_FUSE_ROPE", "") != "0"
 #: Fused rotary embedding launches: for tests and benches.
 fused_ropes = 0
+#: Whether ``rope`` can launch its kernel here (None: not checked yet). Checked once, because
+#: ``fuse_rope`` replaces transformers' function for every model in the process: where the
+#: kernels cannot run (a build without CUDA, no NVRTC), every call must fall back, not raise.
+_ROPE_READY: bool | None = None
+
+
+def _rope_ready() -> bool:
+    global _ROPE_READY
+    if _ROPE_READY is None:
+        _ROPE_READY = hasattr(_core, "cuda_rope") and cuda_available()
+    return _ROPE_READY
 
 
 def rope(
@@ -892,7 +903,8 @@ def rope(
     head_dim)`` (any strides, head_dim contiguous), ``cos`` and ``sin`` ``(batch or 1, seq,
     head_dim)``; all float16 or all bfloat16 on one GPU, no autograd. The outputs are laid out as
     PyTorch lays out those products of a transposed projection output (``(batch, seq, heads,
-    head_dim)`` in memory). Returns None where that does not hold (the caller computes it)."""
+    head_dim)`` in memory). Returns None where that does not hold or the kernels cannot run here
+    (the caller computes it)."""
     global fused_ropes
     import torch
 
@@ -912,9 +924,9 @@ def rope(
         or dim % 2
         or batch * seq == 0
         or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or not _rope_ready()
     ):
         return None
-    _require_kernels()
     k_heads = k.shape[1]
     q_out = torch.empty(batch, seq, q_heads, dim, dtype=q.dtype, device=q.device)
     k_out = torch.empty(batch, seq, k_heads, dim, dtype=q.dtype, device=q.device)
