@@ -29,7 +29,8 @@ cat /tmp/ptxas_*.txt | tee "$OUT/ptxas.txt"
 fi
 
 echo "== tests"
-timeout 240 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py tests/test_grouping.py tests/test_generate.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+timeout 330 python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py tests/test_grouping.py tests/test_generate.py \
+  tests/test_linear.py tests/test_norm.py tests/test_residual.py tests/test_rope.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 
 if [ -n "${VARIANTS:-}" ]; then
 echo "== batch <= 16 layers, kernel variants side by side (HIGGS_CUDA_GEMV / HIGGS_CUDA_TILE / ... switches)"
@@ -78,7 +79,8 @@ done
 fi
 
 echo "== compute-sanitizer memcheck (HIGGS_CUDA_QUICK=1)"
-HIGGS_CUDA_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py tests/test_grouping.py > "$OUT/sanitizer.txt" 2>&1
+HIGGS_CUDA_QUICK=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  python3 -m pytest -p no:cacheprovider -x -q tests/test_cuda.py tests/test_grouping.py tests/test_rope.py \
+  > "$OUT/sanitizer.txt" 2>&1
 echo "compute-sanitizer exit code $?"
 grep -E "ERROR SUMMARY|passed|failed|Error" "$OUT/sanitizer.txt" | tail -8
