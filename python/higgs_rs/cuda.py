@@ -901,10 +901,10 @@ def rope(
     the same bits: ``q·cos + rotate_half(q)·sin`` and the same for ``k``, each product and the
     sum rounded to the dtype as PyTorch rounds them. ``q`` and ``k`` are ``(batch, heads, seq,
     head_dim)`` (any strides, head_dim contiguous), ``cos`` and ``sin`` ``(batch or 1, seq,
-    head_dim)``; all float16 or all bfloat16 on one GPU, no autograd. The outputs are laid out as
-    PyTorch lays out those products of a transposed projection output (``(batch, seq, heads,
-    head_dim)`` in memory). Returns None where that does not hold or the kernels cannot run here
-    (the caller computes it)."""
+    head_dim)``; all float16 or all bfloat16 on one GPU, no autograd. The outputs are
+    ``(batch, seq, heads, head_dim)`` in memory, viewed as ``(batch, heads, seq, head_dim)``
+    (the order of a transposed projection output). Returns None where that does not hold or the
+    kernels cannot run here (the caller computes it)."""
     global fused_ropes
     import torch
 

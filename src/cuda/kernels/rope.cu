@@ -5,8 +5,8 @@
 // q and k instead of ten small kernels. Needs common.cuh first.
 //
 // x[t] (t = 0: q, 1: k) is (batch, heads[t], seq, dim) with element strides stride_*[t] (dim
-// contiguous); out[t] is (batch, seq, heads[t], dim) contiguous (the layout PyTorch gives the
-// products of a transposed projection output). cos and sin are (batch, seq, dim), dim contiguous,
+// contiguous); out[t] is (batch, seq, heads[t], dim) contiguous (the order of a transposed
+// projection output). cos and sin are (batch, seq, dim), dim contiguous,
 // stride 0 where they broadcast. Block (x: b * seq + s, y: a slice of that position's values).
 
 struct RopeParams {
