@@ -34,24 +34,49 @@ def _original_rope():
     return getattr(fn, "__higgs_original__", fn)
 
 
-def _tiny_llama(device: str = "cpu", dtype: torch.dtype = torch.float32, quantize: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
-    config = LlamaConfig(
+
+def _tiny_family(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A 2-layer random model of one of the families whose RoPE ``fuse_rope`` replaces (not
+    quantized: the replacement is the same for fp16 models)."""
+    import transformers
+
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    config = config_class(
         vocab_size=128,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        rope_theta=10000.0,
+        head_dim=64,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_config(config).eval().to(device=device, dtype=dtype)
+
+
+def _restore_original(model: torch.nn.Module) -> None:
+    import sys
+
+    for module in model.modules():
+        modeling = sys.modules.get(type(module).__module__)
+        fn = getattr(modeling, "apply_rotary_pos_emb", None)
+        if fn is not None and hasattr(fn, "__higgs_original__"):
+            modeling.apply_rotary_pos_emb = fn.__higgs_original__
+
+
+
+def _tiny_llama(device: str = "cpu", dtype: torch.dtype = torch.float32, quantize: bool = True):
+    model = _tiny_family("llama", device, dtype)
     if quantize:
         higgs_rs.patch(model, bits=4, p=2, group_size=64, seed=0)
     return model
-
 
 def test_fuse_rope_replaces_the_function_once_and_keeps_cpu_results() -> None:
     from transformers.models.llama import modeling_llama
@@ -211,43 +236,6 @@ def test_fused_rope_model_gives_the_same_logits_and_tokens(dtype: torch.dtype) -
         hcuda._FUSE_ROPE = flag
     assert torch.equal(got, want)
     assert torch.equal(got_tokens, want_tokens)
-
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _tiny_family(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A 2-layer random model of one of the families whose RoPE ``fuse_rope`` replaces (not
-    quantized: the replacement is the same for fp16 models)."""
-    import transformers
-
-    config_class = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-    }[family]
-    config = config_class(
-        vocab_size=128,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval().to(device=device, dtype=dtype)
-
-
-def _restore_original(model: torch.nn.Module) -> None:
-    import sys
-
-    for module in model.modules():
-        modeling = sys.modules.get(type(module).__module__)
-        fn = getattr(modeling, "apply_rotary_pos_emb", None)
-        if fn is not None and hasattr(fn, "__higgs_original__"):
-            modeling.apply_rotary_pos_emb = fn.__higgs_original__
 
 
 @pytest.mark.parametrize("family", FAMILIES)
